@@ -1,0 +1,813 @@
+"""EasyAnimate's MagViT-style causal 3-D video VAE (``AutoencoderKLMagvit``): V4 "slice", V5 / V5.1 "mag".
+
+One block graph serves all three released VAEs (spec ``easyanimate_arch.md`` §2); what differs is the
+latent width, the optional mid-block attention and how a video is cut into temporal chunks:
+
+* ``temporal_mode="mag"`` (V5, V5.1; official ``cache_mag_vae``): frame 0 is encoded alone, then chunks
+  of 4 frames; latent 0 is decoded alone, then chunks of latents. Every 3-D convolution is causal and
+  carries the last input frames of the previous chunk (its *cache*), so the whole model is causal and,
+  with ``spatial_group_norm`` (GroupNorm per frame), the chunk size does not change a single number.
+* ``temporal_mode="slice"`` (V4; official ``cache_compression_vae``): the encoder sees independent
+  chunks of 8 frames with zero ("same") temporal padding (frame 0 alone first when the count is odd);
+  the decoder works on pairs of latents, causal with caches across pairs, and its GroupNorm statistics
+  and "3d" attention span the whole pair, so the pair size is part of the model.
+
+Scaling convention: ``encode`` returns the raw posterior moments; the caller multiplies the mean by
+``config.scaling_factor`` before handing it to the DiT, and ``decode`` expects latents that the caller
+has already divided by ``config.scaling_factor``. The VAE never applies the factor itself.
+
+Caches are plain attributes (never buffers, so never in the state dict); they are cleared at the
+start of every ``encode``/``decode`` and again in a ``finally``, so an exception (or an interrupt
+raised from the ``progress`` callback) cannot leak state into the next call.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .ops import default_operations
+
+ProgressFn = Callable[[int, int], None]
+
+SPATIAL_DOWN = "SpatialDownBlock3D"
+SPATIOTEMPORAL_DOWN = "SpatialTemporalDownBlock3D"
+SPATIAL_UP = "SpatialUpBlock3D"
+SPATIOTEMPORAL_UP = "SpatialTemporalUpBlock3D"
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Every hyperparameter of the VAE; build one with a preset, ``replace`` or :meth:`from_dict`."""
+
+    in_channels: int = 3
+    latent_channels: int = 16
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    down_block_types: tuple[str, ...] = (SPATIAL_DOWN, SPATIOTEMPORAL_DOWN, SPATIOTEMPORAL_DOWN, SPATIOTEMPORAL_DOWN)
+    up_block_types: tuple[str, ...] = (SPATIAL_UP, SPATIOTEMPORAL_UP, SPATIOTEMPORAL_UP, SPATIOTEMPORAL_UP)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    act_fn: str = "silu"
+    scaling_factor: float = 0.7125
+    # True: every resnet / output GroupNorm (mid blocks included) normalises each frame on its own.
+    spatial_group_norm: bool = True
+    # None, "spatial" (attention within each frame, V5) or "3d" (over all t*h*w positions, V4).
+    mid_block_attention: str | None = None
+    # "mag" (cache_mag_vae, V5/V5.1) or "slice" (cache_compression_vae, V4); see the module docstring.
+    temporal_mode: str = "mag"
+    # Frames per encoder chunk after frame 0 (mag) / per independent chunk (slice).
+    mini_batch_encoder: int = 4
+    # Latents per decoder chunk after latent 0 (mag) / per cached pair (slice).
+    mini_batch_decoder: int = 1
+    # Pixel height/width must be a multiple of this: 8x VAE compression times the DiT's 2x2 patch.
+    pixel_multiple: int = 16
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
+        object.__setattr__(self, "up_block_types", tuple(self.up_block_types))
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"need one down and one up block type per block_out_channels entry ({n})")
+        if self.mid_block_attention not in (None, "spatial", "3d"):
+            raise ValueError(f"mid_block_attention must be None, 'spatial' or '3d', got {self.mid_block_attention!r}")
+        if self.temporal_mode not in ("mag", "slice"):
+            raise ValueError(f"temporal_mode must be 'mag' or 'slice', got {self.temporal_mode!r}")
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn {self.act_fn!r} is not supported (the released VAEs use 'silu')")
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along height and width (8 for the released VAEs)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        """Frames per latent after the first (4): one factor 2 per spatio-temporal downsampler."""
+        last = len(self.down_block_types) - 1
+        return 2 ** sum(t == SPATIOTEMPORAL_DOWN for i, t in enumerate(self.down_block_types) if i != last)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        """Build from a diffusers or an official ``vae/config.json`` dict; unknown keys are ignored.
+
+        Missing keys take the diffusers defaults (V5.1). A config saved by the official class lists
+        every constructor argument, so its own defaults never have to be guessed here.
+        """
+        d = dict(d)
+        kw: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for key in names:
+            if key in d and d[key] is not None:
+                kw[key] = d[key]
+        for key in ("block_out_channels", "down_block_types", "up_block_types"):
+            if isinstance(kw.get(key), str):  # the official class accepts stringified lists
+                kw[key] = ast.literal_eval(kw[key])
+        if d.get("block_out_channels") is None and "ch_mult" in d:
+            kw["block_out_channels"] = [int(d.get("ch", 128)) * m for m in d["ch_mult"]]
+        n_blocks = len(kw.get("block_out_channels", cls.block_out_channels))
+        if "down_block_types" not in kw and n_blocks != len(cls.down_block_types):
+            kw["down_block_types"] = [SPATIAL_DOWN] + [SPATIOTEMPORAL_DOWN] * (n_blocks - 1)
+        if "up_block_types" not in kw and n_blocks != len(cls.up_block_types):
+            kw["up_block_types"] = [SPATIAL_UP] + [SPATIOTEMPORAL_UP] * (n_blocks - 1)
+        if d.get("mid_block_use_attention", False):
+            if d.get("mid_block_type", "MidBlock3D") != "MidBlock3D":
+                raise ValueError(f"unsupported mid_block_type {d['mid_block_type']!r}")
+            kw["mid_block_attention"] = d.get("mid_block_attention_type", "3d")
+        elif "mid_block_use_attention" in d:
+            kw["mid_block_attention"] = None
+        if d.get("cache_compression_vae", False):
+            kw["temporal_mode"] = "slice"
+        elif d.get("cache_mag_vae", False):
+            kw["temporal_mode"] = "mag"
+        elif d.get("slice_compression_vae", False):
+            raise ValueError("slice_compression_vae (V2/V3 slice VAE without caches) is not supported")
+        return cls(**kw)
+
+
+# V5.1: diffusers' AutoencoderKLMagvit (released vae/config.json), no mid-block attention.
+VAE_V51 = VAEConfig()
+# V5: as V5.1 plus one per-frame ("spatial") attention in each mid block (file size confirms it, §2.2).
+VAE_V5 = replace(VAE_V51, mid_block_attention="spatial")
+# V4 "slice VAE": latent 4, chunk-wide GroupNorm, "3d" mid attention, independent 8-frame encoder chunks,
+# cached 2-latent decoder chunks. scaling_factor is the official class default 0.1825 (spec §10.7);
+# the real V4 vae/config.json was not seen, so always prefer VAEConfig.from_dict on the checkpoint's.
+VAE_V4 = replace(
+    VAE_V51,
+    latent_channels=4,
+    scaling_factor=0.1825,
+    spatial_group_norm=False,
+    mid_block_attention="3d",
+    temporal_mode="slice",
+    mini_batch_encoder=8,
+    mini_batch_decoder=2,
+)
+PRESETS = {"v4": VAE_V4, "v5": VAE_V5, "v5.1": VAE_V51}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkMode:
+    """How the current temporal chunk is processed (the official code's per-module ``padding_flag``)."""
+
+    # True: causal -- prepend each conv's cache (copies of frame 0 when empty) and refresh it.
+    # False: "same" zero padding of one frame on both sides, no cache (slice encoder, single frame).
+    causal: bool
+    # Whether spatio-temporal upsamplers double the frame count (all chunks but a lone first one).
+    upsample_time: bool
+
+
+MAG_FIRST = ChunkMode(causal=True, upsample_time=False)  # official flag 3
+CAUSAL_NEXT = ChunkMode(causal=True, upsample_time=True)  # flags 4, 5, 6 (5 = 6 with an empty cache)
+SAME_SINGLE = ChunkMode(causal=False, upsample_time=False)  # flag 1
+SAME_CHUNK = ChunkMode(causal=False, upsample_time=True)  # flag 2
+
+
+class _CausalTime:
+    """Temporal padding and chunk-to-chunk cache of a kt=3 conv; mixed into each namespace's Conv3d."""
+
+    def _setup_time(self, time_stride: int) -> None:
+        self.time_stride = time_stride
+        self.time_pad = 2  # (kt - 1) * dilation: the conv looks at this many past frames
+        # A stride-2 conv's windows start on even positions, so after a chunk of odd extended length
+        # only its last frame belongs to the next window; a stride-1 conv needs the last two.
+        self.time_keep = self.time_pad if time_stride == 1 else self.time_pad - 1
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode = CAUSAL_NEXT) -> torch.Tensor:  # [B,C,T,H,W]
+        if not mode.causal:
+            x = F.pad(x, (0, 0, 0, 0, 1, 1))  # zeros, one frame each side ("same")
+            return super().forward(x)
+        if self.cache is None:
+            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0), mode="replicate")
+        else:
+            x = torch.cat([self.cache.to(x.dtype), x], dim=2)
+        self.cache = x[:, :, x.shape[2] - self.time_keep :].clone()
+        # One conv over the whole extended chunk == the reference's one-conv-per-window loop.
+        return super().forward(x)
+
+
+@functools.cache
+def causal_conv3d_class(conv3d: type) -> type:
+    """``CausalConv3d`` built on an ``operations.Conv3d`` (so weights stay at ``<name>.weight``)."""
+
+    class CausalConv3d(_CausalTime, conv3d):
+        """kt x 3 x 3 conv with causal, cached temporal padding (spatial padding is the conv's own)."""
+
+        def __init__(self, cin, cout, *, stride=(1, 1, 1), spatial_padding=1, dtype=None, device=None):
+            super().__init__(
+                cin, cout, 3, stride=stride, padding=(0, spatial_padding, spatial_padding), dtype=dtype, device=device
+            )
+            self._setup_time(stride[0])
+
+    return CausalConv3d
+
+
+def _group_norm(norm: nn.Module, x: torch.Tensor, per_frame: bool) -> torch.Tensor:
+    """GroupNorm over the whole chunk, or each frame on its own (time folded into batch)."""
+    if not per_frame:
+        return norm(x)
+    b = x.shape[0]
+    y = norm(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
+    return y.unflatten(0, (b, -1)).transpose(1, 2)  # [B, C, T, H, W]
+
+
+class _Ctx:
+    """Constructor arguments shared by every layer: namespace, dtype, device, norm settings."""
+
+    def __init__(self, ops, dtype, device, cfg: VAEConfig):
+        self.ops, self.dtype, self.device, self.cfg = ops, dtype, device, cfg
+        self.CausalConv3d = causal_conv3d_class(ops.Conv3d)
+
+    def conv(self, cin, cout, stride=(1, 1, 1), spatial_padding=1):
+        return self.CausalConv3d(
+            cin, cout, stride=stride, spatial_padding=spatial_padding, dtype=self.dtype, device=self.device
+        )
+
+    def pointwise(self, cin, cout):
+        return self.ops.Conv3d(cin, cout, 1, dtype=self.dtype, device=self.device)
+
+    def norm(self, channels):
+        cfg = self.cfg
+        return self.ops.GroupNorm(
+            cfg.norm_num_groups, channels, eps=cfg.norm_eps, affine=True, dtype=self.dtype, device=self.device
+        )
+
+    def linear(self, cin, cout):
+        return self.ops.Linear(cin, cout, bias=True, dtype=self.dtype, device=self.device)
+
+
+class ResidualBlock3D(nn.Module):
+    """GroupNorm-SiLU-conv twice plus a (1x1x1 when widths differ) shortcut."""
+
+    def __init__(self, ctx: _Ctx, cin: int, cout: int, per_frame_norm: bool):
+        super().__init__()
+        self.per_frame_norm = per_frame_norm
+        self.norm1 = ctx.norm(cin)
+        self.conv1 = ctx.conv(cin, cout)
+        self.norm2 = ctx.norm(cout)
+        self.conv2 = ctx.conv(cout, cout)
+        self.shortcut = ctx.pointwise(cin, cout) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,Cin,T,H,W] -> [B,Cout,T,H,W]
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        h = F.silu(_group_norm(self.norm1, x, self.per_frame_norm), inplace=True)
+        h = self.conv1(h, mode)
+        h = F.silu(_group_norm(self.norm2, h, self.per_frame_norm), inplace=True)
+        h = self.conv2(h, mode)
+        return h.add_(shortcut)  # output_scale_factor is 1 in every released VAE
+
+
+class MidAttention(nn.Module):
+    """Single-head self-attention with a GroupNorm'd input and a residual (per frame, or over the chunk)."""
+
+    def __init__(self, ctx: _Ctx, channels: int, kind: str):
+        super().__init__()
+        self.kind = kind  # "spatial": tokens are one frame's h*w; "3d": all t*h*w of the chunk
+        self.group_norm = ctx.norm(channels)
+        self.to_q = ctx.linear(channels, channels)
+        self.to_k = ctx.linear(channels, channels)
+        self.to_v = ctx.linear(channels, channels)
+        self.to_out = ctx.linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if self.kind == "spatial":
+            seq = x.transpose(1, 2).reshape(b * t, c, h * w)  # [B*T, C, HW]
+        else:
+            seq = x.reshape(b, c, t * h * w)  # [B, C, THW]
+        tokens = self.group_norm(seq).transpose(1, 2)  # [N, L, C]
+        q = self.to_q(tokens).unsqueeze(1)  # [N, 1 head, L, C]
+        k = self.to_k(tokens).unsqueeze(1)
+        v = self.to_v(tokens).unsqueeze(1)
+        out = self.to_out(attention(q, k, v).squeeze(1))  # [N, L, C]
+        out = out.transpose(1, 2) + seq  # [N, C, L]
+        if self.kind == "spatial":
+            return out.reshape(b, t, c, h, w).transpose(1, 2)
+        return out.reshape(b, c, t, h, w)
+
+
+class MidBlock3D(nn.Module):
+    """``layers`` resnets at the bottleneck width, with an optional attention between consecutive ones."""
+
+    def __init__(self, ctx: _Ctx, channels: int, layers: int, attention_kind: str | None, per_frame_norm: bool):
+        super().__init__()
+        self.convs = nn.ModuleList(ResidualBlock3D(ctx, channels, channels, per_frame_norm) for _ in range(layers))
+        self.attentions = nn.ModuleList(
+            MidAttention(ctx, channels, attention_kind) for _ in range(layers - 1 if attention_kind else 0)
+        )
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        x = self.convs[0](x, mode)
+        for i, resnet in enumerate(self.convs[1:]):
+            if self.attentions:
+                x = self.attentions[i](x, mode)
+            x = resnet(x, mode)
+        return x
+
+
+class Downsampler3D(nn.Module):
+    """Zero-pad right/bottom by one pixel, then a stride-(t,2,2) conv without spatial padding."""
+
+    def __init__(self, ctx: _Ctx, channels: int, time_stride: int):
+        super().__init__()
+        self.conv = ctx.conv(channels, channels, stride=(time_stride, 2, 2), spatial_padding=0)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,C,T,H,W] -> [B,C,T/s,H/2,W/2]
+        return self.conv(F.pad(x, (0, 1, 0, 1)), mode)
+
+
+class Upsampler3D(nn.Module):
+    """Nearest 2x spatial upsample, conv, then (spatio-temporal blocks) 2x in time when the mode asks."""
+
+    def __init__(self, ctx: _Ctx, channels: int, temporal: bool, time_interpolation: str):
+        super().__init__()
+        self.temporal = temporal
+        self.time_interpolation = time_interpolation  # "nearest" with per-frame norm, else "trilinear"
+        self.conv = ctx.conv(channels, channels)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        x = self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"), mode)
+        if self.temporal and mode.upsample_time:
+            x = F.interpolate(x, scale_factor=(2, 1, 1), mode=self.time_interpolation)
+        return x
+
+
+class DownBlock3D(nn.Module):
+    """Resnets, then an optional downsampler (stride 1 or 2 in time)."""
+
+    def __init__(self, ctx, cin, cout, layers, time_stride: int | None, per_frame_norm: bool):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            ResidualBlock3D(ctx, cin if i == 0 else cout, cout, per_frame_norm) for i in range(layers)
+        )
+        self.downsampler = Downsampler3D(ctx, cout, time_stride) if time_stride else None
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        for resnet in self.convs:
+            x = resnet(x, mode)
+        return x if self.downsampler is None else self.downsampler(x, mode)
+
+
+class UpBlock3D(nn.Module):
+    """Resnets, then an optional upsampler at the block's output width."""
+
+    def __init__(self, ctx, cin, cout, layers, upsample: str | None, per_frame_norm: bool):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            ResidualBlock3D(ctx, cin if i == 0 else cout, cout, per_frame_norm) for i in range(layers)
+        )
+        interp = "nearest" if per_frame_norm else "trilinear"
+        self.upsampler = Upsampler3D(ctx, cout, upsample == "spatiotemporal", interp) if upsample else None
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        for resnet in self.convs:
+            x = resnet(x, mode)
+        return x if self.upsampler is None else self.upsampler(x, mode)
+
+
+class Encoder(nn.Module):
+    """Video [B,3,T,H,W] -> 2*latent_channels moments at 1/8 size (before quant_conv)."""
+
+    def __init__(self, ctx: _Ctx):
+        super().__init__()
+        cfg = ctx.cfg
+        chans, sgn = cfg.block_out_channels, cfg.spatial_group_norm
+        self.per_frame_norm = sgn
+        self.conv_in = ctx.conv(cfg.in_channels, chans[0])
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            if kind not in (SPATIAL_DOWN, SPATIOTEMPORAL_DOWN):
+                raise ValueError(f"unknown down block type {kind!r}")
+            time_stride = None if i == len(chans) - 1 else (2 if kind == SPATIOTEMPORAL_DOWN else 1)
+            cin = chans[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock3D(ctx, cin, chans[i], cfg.layers_per_block, time_stride, sgn))
+        self.mid_block = MidBlock3D(ctx, chans[-1], cfg.layers_per_block, cfg.mid_block_attention, sgn)
+        self.conv_norm_out = ctx.norm(chans[-1])
+        self.conv_out = ctx.conv(chans[-1], 2 * cfg.latent_channels)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        x = self.conv_in(x, mode)
+        for block in self.down_blocks:
+            x = block(x, mode)
+        x = self.mid_block(x, mode)
+        x = F.silu(_group_norm(self.conv_norm_out, x, self.per_frame_norm), inplace=True)
+        return self.conv_out(x, mode)
+
+
+class Decoder(nn.Module):
+    """Latents [B,L,T,h,w] (after post_quant_conv) -> video [B,3,T',8h,8w], as a list of stages."""
+
+    def __init__(self, ctx: _Ctx):
+        super().__init__()
+        cfg = ctx.cfg
+        rev, sgn = tuple(reversed(cfg.block_out_channels)), cfg.spatial_group_norm
+        self.per_frame_norm = sgn
+        self.conv_in = ctx.conv(cfg.latent_channels, rev[0])
+        self.mid_block = MidBlock3D(ctx, rev[0], cfg.layers_per_block, cfg.mid_block_attention, sgn)
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.up_block_types):
+            if kind not in (SPATIAL_UP, SPATIOTEMPORAL_UP):
+                raise ValueError(f"unknown up block type {kind!r}")
+            upsample = None if i == len(rev) - 1 else ("spatiotemporal" if kind == SPATIOTEMPORAL_UP else "spatial")
+            cin = rev[max(i - 1, 0)]
+            self.up_blocks.append(UpBlock3D(ctx, cin, rev[i], cfg.layers_per_block + 1, upsample, sgn))
+        self.conv_norm_out = ctx.norm(rev[-1])
+        self.conv_out = ctx.conv(rev[-1], cfg.out_channels)
+
+    def _head(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        x = F.silu(_group_norm(self.conv_norm_out, x, self.per_frame_norm), inplace=True)
+        return self.conv_out(x, mode)
+
+    def stages(self) -> list[Callable[[torch.Tensor, ChunkMode], torch.Tensor]]:
+        """The decoder as consecutive steps, so a caller can split the frames between any two."""
+        return [self.conv_in, self.mid_block, *self.up_blocks, self._head]
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        for stage in self.stages():
+            x = stage(x, mode)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The VAE
+# --------------------------------------------------------------------------------------------------
+
+
+def _nearest_multiples(value: int, step: int, offset: int = 0) -> str:
+    """'a or b': the valid values ``offset + k*step`` nearest ``value`` (just ``a`` when valid)."""
+    lo = max(offset + ((value - offset) // step) * step, offset if offset > 0 else step)
+    return str(lo) if lo == value else f"{lo} or {lo + step}"
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering ``length``; the last tile is aligned to the end instead of shrinking."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _ramp(size: int, overlap_before: int, overlap_after: int, device) -> torch.Tensor:
+    """1-D blend weight of a tile: linear ramps over the overlaps with its neighbours, 1 elsewhere."""
+    w = torch.ones(size, device=device, dtype=torch.float32)
+    if overlap_before > 0:
+        w[:overlap_before] = (torch.arange(overlap_before, device=device) + 0.5) / overlap_before
+    if overlap_after > 0:
+        w[size - overlap_after :] = torch.minimum(
+            w[size - overlap_after :], (torch.arange(overlap_after, 0, -1, device=device) - 0.5) / overlap_after
+        )
+    return w
+
+
+@dataclass
+class _Tile:
+    """One spatial tile: latent window, pixel window and the 2-D blend weight of its pixels."""
+
+    lat: tuple[slice, slice]
+    pix: tuple[slice, slice]
+    weight: torch.Tensor | None = field(default=None)  # [H_tile, W_tile] or None when untiled
+
+
+def _tiles(h: int, w: int, scale: int, tile: int | None, overlap: int | None, device) -> list[_Tile]:
+    """Overlapping latent tiles of side ``tile`` (``None``: one tile), with pixel blend weights."""
+    if tile is None or (h <= tile and w <= tile):
+        return [_Tile((slice(0, h), slice(0, w)), (slice(0, h * scale), slice(0, w * scale)))]
+    overlap = tile // 4 if overlap is None else overlap
+    out = []
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    for iy, y0 in enumerate(ys):
+        th = min(tile, h)
+        for ix, x0 in enumerate(xs):
+            tw = min(tile, w)
+            # Overlap with the previous / next tile, in pixels (the last tile may overlap more).
+            before_y = (ys[iy - 1] + th - y0) * scale if iy > 0 else 0
+            after_y = (y0 + th - ys[iy + 1]) * scale if iy + 1 < len(ys) else 0
+            before_x = (xs[ix - 1] + tw - x0) * scale if ix > 0 else 0
+            after_x = (x0 + tw - xs[ix + 1]) * scale if ix + 1 < len(xs) else 0
+            wy = _ramp(th * scale, before_y, after_y, device)
+            wx = _ramp(tw * scale, before_x, after_x, device)
+            out.append(
+                _Tile(
+                    (slice(y0, y0 + th), slice(x0, x0 + tw)),
+                    (slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale)),
+                    wy[:, None] * wx[None, :],
+                )
+            )
+    return out
+
+
+class MagvitVAE(nn.Module):
+    """EasyAnimate's causal video VAE; state-dict names equal the official and diffusers ones."""
+
+    def __init__(
+        self,
+        config: VAEConfig | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        operations=None,
+        **overrides,
+    ):
+        super().__init__()
+        cfg = replace(config or VAE_V51, **overrides)
+        self.config = cfg
+        ctx = _Ctx(operations or default_operations, dtype, device, cfg)
+        self.encoder = Encoder(ctx)
+        self.decoder = Decoder(ctx)
+        self.quant_conv = ctx.pointwise(2 * cfg.latent_channels, 2 * cfg.latent_channels)
+        self.post_quant_conv = ctx.pointwise(cfg.latent_channels, cfg.latent_channels)
+        # The dtype encode/decode compute in (inputs are cast to it). Storage dtypes such as fp8 need a
+        # ComfyUI operations namespace that casts weights on the fly; set this to the compute dtype then.
+        self.compute_dtype = dtype if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2 else None
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def frame_local(self) -> bool:
+        """Whether every decoder op depends on its own frame plus cached past frames only.
+
+        True for the mag VAE with per-frame GroupNorm and no "3d" attention: then chunk sizes are a
+        pure memory knob and the decoder may run frame by frame with identical numbers.
+        """
+        cfg = self.config
+        return cfg.temporal_mode == "mag" and cfg.spatial_group_norm and cfg.mid_block_attention != "3d"
+
+    def clear_caches(self) -> None:
+        """Forget every conv's temporal cache (the start of a new video)."""
+        for module in self.modules():
+            if isinstance(module, _CausalTime):
+                module.cache = None
+
+    def _dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        stored = self.post_quant_conv.weight.dtype
+        return stored if stored.itemsize >= 2 else torch.float32
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a valid pixel frame count."""
+        if self.config.temporal_mode == "mag":
+            return (frames - 1) // self.config.temporal_compression + 1
+        return 1 if frames == 1 else frames // self.config.temporal_compression  # 8 frames -> 2 latents
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from ``latent_frames`` latents."""
+        tc = self.config.temporal_compression
+        if self.config.temporal_mode == "mag":
+            return tc * (latent_frames - 1) + 1
+        return 1 if latent_frames == 1 else tc * latent_frames
+
+    def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None) -> int:
+        cfg = self.config
+        if video.ndim != 5:
+            raise ValueError(f"video must be [B, C, F, H, W] (5 dims), got {video.ndim} dims {tuple(video.shape)}")
+        b, c, f, h, w = video.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"video has {c} channels, expected {cfg.in_channels} (RGB in [-1, 1])")
+        if cfg.temporal_mode == "mag" and (f - 1) % cfg.temporal_compression != 0:
+            tc = cfg.temporal_compression
+            raise ValueError(
+                f"{f} frames: the mag VAE expects {tc}k+1 frames; nearest valid: {_nearest_multiples(f, tc, 1)}"
+            )
+        if cfg.temporal_mode == "slice" and f != 1 and f % cfg.mini_batch_encoder != 0:
+            m = cfg.mini_batch_encoder
+            raise ValueError(
+                f"{f} frames: the slice VAE expects a multiple of {m} frames (or 1); "
+                f"nearest valid: {_nearest_multiples(f, m)}"
+            )
+        for name, size in (("height", h), ("width", w)):
+            if size % cfg.pixel_multiple != 0 or size == 0:
+                raise ValueError(
+                    f"{name} {size} is not a multiple of {cfg.pixel_multiple}; "
+                    f"nearest valid: {_nearest_multiples(size, cfg.pixel_multiple)}"
+                )
+        if tile is not None and tile < 1:
+            raise ValueError(f"tile_latent_size must be >= 1, got {tile}")
+        return self._chunk(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
+
+    def _chunk(self, chunk: int | None, released: int, name: str, multiple: int) -> int:
+        """Validated chunk size: free (a multiple of ``multiple``) when frame-local, else the released one."""
+        if chunk is None:
+            return released
+        if chunk < 1 or chunk % multiple != 0:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {chunk}")
+        if chunk != released and not self.frame_local:
+            raise ValueError(
+                f"{name}={chunk}: this VAE's GroupNorm/attention statistics span a chunk, so its chunk size "
+                f"is part of the model and must be {released}"
+            )
+        return chunk
+
+    # ---- encode ----------------------------------------------------------------------------------
+
+    def _encode_plan(self, frames: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
+        """(first frame, end frame, mode) of each encoder call."""
+        cfg = self.config
+        if cfg.temporal_mode == "mag":
+            yield 0, 1, MAG_FIRST
+            start = 1
+            mode = CAUSAL_NEXT
+        else:
+            start = frames % 2  # an odd count (only 1 passes validation) starts with frame 0 alone
+            if start:
+                yield 0, 1, SAME_SINGLE
+            mode = SAME_CHUNK
+        for s in range(start, frames, chunk):
+            yield s, min(s + chunk, frames), mode
+
+    @torch.no_grad()
+    def encode(
+        self,
+        video: torch.Tensor,
+        *,
+        chunk_frames: int | None = None,
+        tile_latent_size: int | None = None,
+        tile_overlap: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video [B,3,F,H,W] in [-1,1] -> posterior (mean, logvar), each [B,L,T,H/8,W/8] float32.
+
+        Multiply ``mean`` by ``config.scaling_factor`` to get DiT latents. ``chunk_frames`` (mag VAE
+        with per-frame norm only; a multiple of 4) sets how many frames after frame 0 go through the
+        encoder at once; ``tile_latent_size``/``tile_overlap`` (latent pixels) enable spatial tiling
+        with linear blending of the moments.
+        """
+        chunk = self._check_video(video, chunk_frames, tile_latent_size)
+        cfg = self.config
+        b, _, f, h, w = video.shape
+        s = cfg.spatial_compression
+        lh, lw = h // s, w // s
+        moments = torch.zeros(b, 2 * cfg.latent_channels, self.latent_frames(f), lh, lw, device=video.device)
+        tiles = _tiles(lh, lw, 1, tile_latent_size, tile_overlap, video.device)
+        plan = list(self._encode_plan(f, chunk))
+        total, done = len(tiles) * len(plan), 0
+        dtype = self._dtype()
+        self.clear_caches()
+        try:
+            weight_sum = torch.zeros(lh, lw, device=video.device) if len(tiles) > 1 else None
+            for tile in tiles:
+                ys, xs = tile.lat
+                pys, pxs = slice(ys.start * s, ys.stop * s), slice(xs.start * s, xs.stop * s)
+                t0 = 0
+                for start, end, mode in plan:
+                    x = video[:, :, start:end, pys, pxs].to(dtype)
+                    m = self.quant_conv(self.encoder(x, mode)).float()  # [B, 2L, t, th, tw]
+                    t1 = t0 + m.shape[2]
+                    if tile.weight is None:
+                        moments[:, :, t0:t1] = m
+                    else:
+                        moments[:, :, t0:t1, ys, xs] += m * tile.weight
+                    t0 = t1
+                    del x, m
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                if weight_sum is not None:
+                    weight_sum[ys, xs] += tile.weight
+                self.clear_caches()
+            if weight_sum is not None:
+                moments /= weight_sum
+        finally:
+            self.clear_caches()
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def _decode_plan(self, latents: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
+        """(first latent, end latent, mode) of each decoder call."""
+        if self.config.temporal_mode == "mag":
+            yield 0, 1, MAG_FIRST
+            start = 1
+        elif latents == 1:
+            yield 0, 1, SAME_SINGLE
+            return
+        else:
+            start = 0  # first pair: causal with empty caches (replicate padding), later pairs cached
+        for s in range(start, latents, chunk):
+            yield s, min(s + chunk, latents), CAUSAL_NEXT
+
+    def _run_decoder(
+        self, x: torch.Tensor, mode: ChunkMode, emit: Callable[[torch.Tensor], None], frame_by_frame: bool, first=0
+    ) -> None:
+        """Decoder stages from ``first`` on; with ``frame_by_frame``, every multi-frame tensor between
+        stages is split into single frames run one after another (caches carry the past, so the numbers
+        do not change while the peak shrinks to one high-resolution frame)."""
+        stages = self.decoder.stages()
+        for i in range(first, len(stages)):
+            if frame_by_frame and x.shape[2] > 1:
+                for t in range(x.shape[2]):
+                    self._run_decoder(x[:, :, t : t + 1], mode, emit, frame_by_frame, i)
+                return
+            x = stages[i](x, mode)
+        emit(x)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        chunk_latents: int | None = None,
+        tile_latent_size: int | None = None,
+        tile_overlap: int | None = None,
+        frame_by_frame: bool | None = None,
+        out: torch.Tensor | None = None,
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
+        """Latents [B,L,T,h,w], ALREADY divided by ``config.scaling_factor`` -> video [B,3,F,8h,8w].
+
+        The output is unclamped (roughly [-1, 1]) and written into ``out`` (preallocated, any float
+        dtype) or a new float32 tensor on the latents' device; F = 4(T-1)+1 (mag) or 4T (slice, T>1).
+        ``chunk_latents``: latents per decoder call after latent 0 (mag with per-frame norm: any value
+        >= 1, identical output; otherwise fixed by the model). ``frame_by_frame`` (default: whenever it
+        is exact) runs the high-resolution stages one frame at a time. ``tile_latent_size`` and
+        ``tile_overlap`` (latent pixels, default a quarter tile) decode overlapping spatial tiles and
+        blend them linearly. ``progress(done, total)`` is called after every chunk; raising from it
+        interrupts the decode cleanly.
+        """
+        cfg = self.config
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [B, C, T, h, w] (5 dims), got {latents.ndim} dims")
+        b, c, t, lh, lw = latents.shape
+        if c != cfg.latent_channels:
+            raise ValueError(f"latents have {c} channels, expected latent_channels={cfg.latent_channels}")
+        if t < 1 or lh < 1 or lw < 1:
+            raise ValueError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
+        if tile_latent_size is not None and tile_latent_size < 1:
+            raise ValueError(f"tile_latent_size must be >= 1, got {tile_latent_size}")
+        chunk = self._chunk(chunk_latents, cfg.mini_batch_decoder, "chunk_latents", 1)
+        if frame_by_frame is None:
+            frame_by_frame = self.frame_local
+        elif frame_by_frame and not self.frame_local:
+            raise ValueError("frame_by_frame needs the mag VAE with spatial_group_norm and no '3d' attention")
+        s = cfg.spatial_compression
+        shape = (b, cfg.out_channels, self.video_frames(t), lh * s, lw * s)
+        if out is None:
+            out = torch.empty(shape, device=latents.device, dtype=torch.float32)
+        elif tuple(out.shape) != shape or not out.dtype.is_floating_point:
+            raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+
+        tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
+        plan = list(self._decode_plan(t, chunk))
+        total, done = len(tiles) * len(plan), 0
+        dtype = self._dtype()
+        weight_sum = None
+        if len(tiles) > 1:
+            out.zero_()
+            weight_sum = torch.zeros(shape[3:], device=out.device)
+        self.clear_caches()
+        try:
+            for tile in tiles:
+                frame = 0
+
+                def emit(frames: torch.Tensor, tile=tile) -> None:
+                    nonlocal frame
+                    n = frames.shape[2]
+                    if tile.weight is None:
+                        out[:, :, frame : frame + n] = frames
+                    else:
+                        out[:, :, frame : frame + n, tile.pix[0], tile.pix[1]] += frames.float() * tile.weight
+                    frame += n
+
+                for start, end, mode in plan:
+                    z = latents[:, :, start:end, tile.lat[0], tile.lat[1]].to(dtype)
+                    self._run_decoder(self.post_quant_conv(z), mode, emit, frame_by_frame)
+                    del z
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                if weight_sum is not None:
+                    weight_sum[tile.pix[0], tile.pix[1]] += tile.weight
+                self.clear_caches()
+            if weight_sum is not None:
+                out /= weight_sum.to(out.dtype)
+        finally:
+            self.clear_caches()
+        return out
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``video`` through the posterior mean (a convenience for checks)."""
+        mean, _ = self.encode(video)
+        return self.decode(mean)
