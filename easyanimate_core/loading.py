@@ -1,0 +1,466 @@
+"""Loading EasyAnimate checkpoints: one entry point for the transformer, one for the VAE.
+
+    load_transformer(path, dtype=..., device=..., operations=...) -> EasyAnimateTransformer3D
+    load_vae(path, dtype=..., device=..., operations=...)         -> MagvitVAE
+    inspect_checkpoint(path)                                      -> CheckpointInfo (no tensors read)
+
+``path`` may be a model root (with ``transformer/`` and ``vae/`` folders, official or diffusers
+layout), the ``transformer/`` or ``vae/`` folder itself (single or sharded safetensors), or one
+``.safetensors`` file, with or without a ``config.json`` (or ``<name>.json``) beside it.
+
+Version (V4 / V5 / V5.1), size and variant are read from tensor names and shapes; a config.json only
+supplies what tensors cannot show (norm eps, flags). Every check runs on the safetensors headers
+before a single weight is read; the model is built on the meta device and each tensor is assigned
+in the target dtype as it is read, so peak RAM stays near one copy of the weights.
+Only safetensors are read: pickle-based files (.bin, .pt, .ckpt, .pth) can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .keys import diffusers_to_official, is_diffusers_layout, strip_wrapper_prefix
+from .transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from .vae import VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, read from its tensors: enough to pick the model class and config."""
+
+    kind: str  # "transformer" | "vae"
+    version: str  # "V4" | "V5" | "V5.1"
+    variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: "slice" | "mag"
+    size: str  # "12B", "7B", or a parameter count for other geometries
+    layout: str  # "official" | "diffusers"
+    stored_dtype: str
+    num_params: int
+    files: list[Path]
+    config: TransformerConfig | VAEConfig | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        files = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
+        lines = [
+            f"EasyAnimate {self.version} {self.kind}",
+            f"  variant: {self.variant}",
+            f"  size:    {self.size} ({self.num_params / 1e6:.1f} M parameters)",
+            f"  layout:  {self.layout}",
+            f"  dtype:   {self.stored_dtype}",
+            f"  files:   {files}",
+        ]
+        lines += [f"  note:    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+class _Header:
+    """The tensor names, shapes, dtypes and byte ranges of one or more safetensors files.
+
+    Parsed directly (the format is an 8-byte length, a JSON header, then raw little-endian data) so
+    that every check runs before any weight is read, and tensors are read one at a time with plain
+    file reads instead of a memory map whose pages would all stay resident.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.file_of: dict[str, Path] = {}
+        self.ranges: dict[str, tuple[int, int]] = {}  # absolute byte offsets in file_of[key]
+        for f in files:
+            for key, (dtype, shape, begin, end) in _parse_safetensors_header(f).items():
+                if key in self.file_of:
+                    raise ValueError(f"{f}: tensor {key} is also in {self.file_of[key]}; remove the duplicate file")
+                self.shapes[key], self.dtypes[key], self.file_of[key] = shape, dtype, f
+                self.ranges[key] = (begin, end)
+
+    def read(self, fh, key: str) -> torch.Tensor:
+        """Read one tensor from the open file ``fh`` (its ``file_of``) into fresh memory."""
+        begin, end = self.ranges[key]
+        buf = bytearray(end - begin)
+        fh.seek(begin)
+        if fh.readinto(buf) != len(buf):
+            raise ValueError(f"{self.file_of[key]}: could not read tensor {key}: the file is truncated")
+        dtype = _SAFETENSORS_DTYPES[self.dtypes[key]]
+        if not buf:
+            return torch.empty(self.shapes[key], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shapes[key])
+
+
+def _parse_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{key: (dtype, shape, begin, end)} of a safetensors file; raises ValueError naming the file."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("the header length is past the end of the file")
+            header = json.loads(fh.read(n))
+        entries = {}
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = v["data_offsets"]
+            if v["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {key} has dtype {v['dtype']}, which no EasyAnimate model uses")
+            entries[key] = (v["dtype"], tuple(v["shape"]), 8 + n + begin, 8 + n + end)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{f}: not a readable safetensors file ({e}). It may be corrupt or not a safetensors file: "
+            "download it again."
+        ) from e
+    data_end = max((end for *_, end in entries.values()), default=8 + n)
+    if size < data_end:
+        raise ValueError(
+            f"{f}: truncated: its header describes {data_end} bytes but the file has {size}. Download it again."
+        )
+    return entries
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"{path}: refusing to load a pickle-based checkpoint ({path.suffix}): unpickling can run arbitrary "
+        "code. Use the .safetensors release of this model, or convert it once in a trusted environment "
+        "with safetensors.torch.save_file."
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding one model in a folder (sharded or not)."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        return sorted({folder / name for name in weight_map.values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            _refuse_pickle(pickles[0])
+        raise ValueError(f"{folder}: no .safetensors weights found in this folder")
+    return files
+
+
+def resolve_files(path: str | Path, subfolder: str) -> tuple[list[Path], dict]:
+    """Weight files and config dict for the model in ``subfolder`` ("transformer" or "vae") of ``path``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: expected a .safetensors file")
+        config = {}
+        for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
+            if candidate.is_file():
+                config = json.loads(candidate.read_text())
+                break
+        return [path], config
+    folder = path / subfolder if (path / subfolder).is_dir() else path
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return _weight_files(folder), config
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe_unknown(shapes: dict[str, tuple], files: list[Path], wanted: str) -> str:
+    keys = sorted(shapes)
+    hint = ""
+    if any(k.startswith(("lora_unet_", "lora_te")) or "lora_A" in k or "lora_down" in k for k in keys):
+        hint = " It looks like a LoRA: load it with a LoRA loader on top of a base model."
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys) and wanted == "transformer":
+        hint = " It looks like a VAE: load it with the VAE loader."
+    elif any(k.startswith("transformer_blocks.") for k in keys) and wanted == "vae":
+        hint = " It looks like a transformer: load it with the transformer loader."
+    elif any(
+        k.startswith(("model.layers.", "encoder.block.", "embeddings.word_embeddings", "text_model.")) for k in keys
+    ):
+        hint = " It looks like a text encoder."
+    return (
+        f"{', '.join(map(str, files))}: these {len(keys)} tensors match no known EasyAnimate {wanted} "
+        f"(found e.g. {', '.join(keys[:4])}).{hint}"
+    )
+
+
+def _block_indices(shapes: dict, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def detect_transformer(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
+    """Version, variant, size and config of a transformer from its (official-layout) tensor shapes."""
+    if "text_embedding_padding" in shapes or any(k.startswith("blocks.") for k in shapes):
+        raise ValueError(
+            f"{files[0]}: this is an EasyAnimate V4 (HunyuanDiT-based) transformer; V4 transformers are not "
+            "supported by this version yet. V5 and V5.1 transformers load."
+        )
+    needed = (
+        "proj.weight",
+        "proj_out.weight",
+        "time_embedding.linear_1.weight",
+        "transformer_blocks.0.norm1.linear.weight",
+    )
+    if not all(k in shapes for k in needed):
+        raise ValueError(_describe_unknown(shapes, files, "transformer"))
+    blocks = _block_indices(shapes, r"transformer_blocks\.(\d+)\.")
+    dual = _block_indices(shapes, r"transformer_blocks\.(\d+)\.attn2\.")
+    num_layers = len(blocks)
+    if blocks != list(range(num_layers)) or dual != list(range(len(dual))):
+        raise ValueError(f"{files[0]}: transformer blocks are not numbered 0..N-1 with dual-stream blocks first")
+    inner, in_channels, p, _ = shapes["proj.weight"]
+    head_dim = shapes["transformer_blocks.0.attn1.norm_q.weight"][0]
+    if "text_proj.0.weight" in shapes:
+        add_norm, text_dim = True, shapes["text_proj.1.weight"][1]
+    elif "text_proj.weight" in shapes:
+        add_norm, text_dim = False, shapes["text_proj.weight"][1]
+    else:
+        raise ValueError(_describe_unknown(shapes, files, "transformer"))
+    t5_key = "text_proj_t5.1.weight" if add_norm else "text_proj_t5.weight"
+    detected = {
+        "num_attention_heads": inner // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": shapes["proj_out.weight"][0] // (p * p),
+        "patch_size": p,
+        "num_layers": num_layers,
+        "mmdit_layers": len(dual),
+        "time_embed_dim": shapes["time_embedding.linear_1.weight"][0],
+        "text_embed_dim": text_dim,
+        "text_embed_dim_t5": shapes[t5_key][1] if t5_key in shapes else None,
+        "add_norm_text_encoder": add_norm,
+        "after_norm": "transformer_blocks.0.norm3.weight" in shapes,
+        "norm_elementwise_affine": "norm_final.weight" in shapes,
+    }
+    notes = []
+    for k, v in detected.items():
+        if k in config and config[k] is not None and config[k] != v and k != "mmdit_layers":
+            notes.append(f"config.json says {k}={config[k]!r} but the tensors say {v!r}; using the tensors")
+    cfg = TransformerConfig.from_dict({**config, **detected})
+    version = "V5.1" if add_norm else "V5"
+    variant = {c: name for name, c in VARIANT_IN_CHANNELS[version].items()}.get(in_channels, "custom")
+    num_params = sum(_numel(s) for s in shapes.values())
+    size = {(48, 48, 3072): "12B", (36, 18, 3072): "7B"}.get((num_layers, len(dual), inner), f"{num_params / 1e9:.2f}B")
+    return CheckpointInfo("transformer", version, variant, size, "official", "", num_params, files, cfg, notes)
+
+
+def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
+    """Version and config of a MagViT VAE from its tensor shapes (a config.json adds norm groups, scaling)."""
+    if not all(k in shapes for k in ("post_quant_conv.weight", "quant_conv.weight", "encoder.conv_in.weight")):
+        raise ValueError(_describe_unknown(shapes, files, "VAE"))
+    latent = shapes["post_quant_conv.weight"][0]
+    downs = _block_indices(shapes, r"encoder\.down_blocks\.(\d+)\.")
+    block_out = [shapes[f"encoder.down_blocks.{i}.convs.0.conv1.weight"][0] for i in downs]
+    layers = len(_block_indices(shapes, r"encoder\.down_blocks\.0\.convs\.(\d+)\."))
+    has_attention = "encoder.mid_block.attentions.0.to_q.weight" in shapes
+    if latent == 4:
+        version, preset = "V4", VAE_V4
+    elif has_attention:
+        version, preset = "V5", VAE_V5
+    else:
+        version, preset = "V5.1", VAE_V51
+    base = VAEConfig.from_dict(config) if config else preset
+    cfg = dataclasses.replace(
+        base,
+        latent_channels=latent,
+        block_out_channels=tuple(block_out),
+        layers_per_block=layers,
+        in_channels=shapes["encoder.conv_in.weight"][1],
+        out_channels=shapes["decoder.conv_out.weight"][0],
+    )
+    if has_attention and not cfg.mid_block_attention:
+        cfg = dataclasses.replace(cfg, mid_block_attention=preset.mid_block_attention or "spatial")
+    if not has_attention and cfg.mid_block_attention:
+        cfg = dataclasses.replace(cfg, mid_block_attention=None)
+    num_params = sum(_numel(s) for s in shapes.values())
+    notes = [] if config else [f"no config.json found; using the released {version} VAE settings"]
+    return CheckpointInfo(
+        "vae", version, cfg.temporal_mode, f"{num_params / 1e6:.0f}M", "official", "", num_params, files, cfg, notes
+    )
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_header(path, subfolder: str) -> tuple[_Header, dict, dict[str, str], str]:
+    """Header, config and the map official key -> file key, plus the file layout."""
+    files, config = resolve_files(path, subfolder)
+    header = _Header(files)
+    prefix = strip_wrapper_prefix(header.shapes)
+    file_keys = [k for k in header.shapes]
+    layout = "diffusers" if is_diffusers_layout(file_keys) else "official"
+    to_file = {}
+    for k in file_keys:
+        official = diffusers_to_official(k[len(prefix) :]) if subfolder == "transformer" else k[len(prefix) :]
+        to_file[official] = k
+    return header, config, to_file, layout
+
+
+def inspect_checkpoint(path, kind: str | None = None) -> CheckpointInfo:
+    """Describe the transformer or VAE at ``path`` from its headers alone; ``kind`` None tries both."""
+    kinds = [kind] if kind else ["transformer", "vae"]
+    errors = []
+    for k in kinds:
+        try:
+            header, config, to_file, layout = _read_header(path, k)
+            shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
+            detect = detect_transformer if k == "transformer" else detect_vae
+            info = detect(shapes, header.files, config)
+            info.layout = layout
+            info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
+            return info
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(errors[0] if len(errors) == 1 else "\n".join(errors))
+
+
+def _check_keys(model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, str], header: _Header) -> None:
+    """Raise, naming key and file, unless the checkpoint has exactly the model's keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    where = ", ".join(map(str, header.files))
+    if missing:
+        raise ValueError(
+            f"{where}: missing {len(missing)} tensor(s) the detected model needs, e.g. {missing[:3]}. "
+            "The file may be incomplete (a shard missing?) or a different model."
+        )
+    if unexpected:
+        raise ValueError(
+            f"{header.file_of[to_file[unexpected[0]]]}: {len(unexpected)} unexpected tensor(s), e.g. "
+            f"{[to_file[k] for k in unexpected[:3]]}; they belong to no layer of the detected model."
+        )
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise ValueError(
+                f"{header.file_of[to_file[k]]}: tensor {to_file[k]} has shape {list(shapes[k])}, "
+                f"the detected model needs {list(shape)}"
+            )
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer named ``key``."""
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor
+
+
+def _load_weights(
+    build: Callable[[], nn.Module],
+    header: _Header,
+    to_file: dict[str, str],
+    dtype: torch.dtype | None,
+    device,
+    progress: Callable[[int, int], None] | None,
+) -> nn.Module:
+    with torch.device("meta"):
+        model = build()
+    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
+    _check_keys(model, shapes, to_file, header)
+    keys = list(model.state_dict())
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(header.file_of[to_file[k]], []).append(k)
+    done = 0
+    for f, file_keys in by_file.items():
+        with open(f, "rb") as fh:
+            for k in file_keys:
+                t = header.read(fh, to_file[k])
+                _assign(model, k, t.to(device=device, dtype=dtype or t.dtype))
+                del t
+                done += 1
+                if progress:
+                    progress(done, len(keys))
+    return model.eval()
+
+
+def load_transformer(
+    path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    operations=None,
+    compat: str = "official",
+    progress: Callable[[int, int], None] | None = None,
+) -> EasyAnimateTransformer3D:
+    """Load a V5 / V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is."""
+    header, config, to_file, layout = _read_header(path, "transformer")
+    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
+    info = detect_transformer(shapes, header.files, config)
+    info.layout = layout
+    info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
+    cfg = info.config.replace(compat=compat)
+    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[to_file["proj.weight"]], torch.float32)
+
+    def build():
+        return EasyAnimateTransformer3D(cfg, dtype=model_dtype, operations=operations)
+
+    model = _load_weights(build, header, to_file, model_dtype, device, progress)
+    model.info = info
+    return model
+
+
+def load_vae(
+    path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    operations=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MagvitVAE:
+    """Load a MagViT VAE (V4 slice or V5 / V5.1 mag); ``dtype`` None keeps the stored dtype."""
+    header, config, to_file, layout = _read_header(path, "vae")
+    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
+    info = detect_vae(shapes, header.files, config)
+    info.layout = layout
+    info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
+    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[to_file["post_quant_conv.weight"]], torch.float32)
+
+    def build():
+        return MagvitVAE(info.config, dtype=model_dtype, operations=operations)
+
+    model = _load_weights(build, header, to_file, model_dtype, device, progress)
+    model.info = info
+    return model
