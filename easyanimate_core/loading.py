@@ -201,7 +201,7 @@ def _describe_unknown(shapes: dict[str, tuple], files: list[Path], wanted: str) 
         hint = " It looks like a LoRA: load it with a LoRA loader on top of a base model."
     elif any(k.startswith(("encoder.", "decoder.")) for k in keys) and wanted == "transformer":
         hint = " It looks like a VAE: load it with the VAE loader."
-    elif any(k.startswith("transformer_blocks.") for k in keys) and wanted == "vae":
+    elif any(k.startswith("transformer_blocks.") for k in keys) and wanted == "VAE":
         hint = " It looks like a transformer: load it with the transformer loader."
     elif any(
         k.startswith(("model.layers.", "encoder.block.", "embeddings.word_embeddings", "text_model.")) for k in keys
@@ -283,13 +283,9 @@ def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> Che
     block_out = [shapes[f"encoder.down_blocks.{i}.convs.0.conv1.weight"][0] for i in downs]
     layers = len(_block_indices(shapes, r"encoder\.down_blocks\.0\.convs\.(\d+)\."))
     has_attention = "encoder.mid_block.attentions.0.to_q.weight" in shapes
-    if latent == 4:
-        version, preset = "V4", VAE_V4
-    elif has_attention:
-        version, preset = "V5", VAE_V5
-    else:
-        version, preset = "V5.1", VAE_V51
-    base = VAEConfig.from_dict(config) if config else preset
+    # The released settings for these tensors, overridden by whatever the config.json states.
+    preset = VAE_V4 if latent == 4 else VAE_V5 if has_attention else VAE_V51
+    base = VAEConfig.from_dict({**dataclasses.asdict(preset), **config})
     cfg = dataclasses.replace(
         base,
         latent_channels=latent,
@@ -297,11 +293,16 @@ def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> Che
         layers_per_block=layers,
         in_channels=shapes["encoder.conv_in.weight"][1],
         out_channels=shapes["decoder.conv_out.weight"][0],
+        mid_block_attention=(base.mid_block_attention or preset.mid_block_attention or "spatial")
+        if has_attention
+        else None,
     )
-    if has_attention and not cfg.mid_block_attention:
-        cfg = dataclasses.replace(cfg, mid_block_attention=preset.mid_block_attention or "spatial")
-    if not has_attention and cfg.mid_block_attention:
-        cfg = dataclasses.replace(cfg, mid_block_attention=None)
+    version = "V4" if cfg.temporal_mode == "slice" else "V5" if has_attention else "V5.1"
+    if any(c % cfg.norm_num_groups for c in block_out):
+        raise ValueError(
+            f"{files[0]}: GroupNorm with {cfg.norm_num_groups} groups cannot normalise {block_out} channels; "
+            "this is not a released VAE geometry, so put its config.json (with norm_num_groups) beside the file"
+        )
     num_params = sum(_numel(s) for s in shapes.values())
     notes = [] if config else [f"no config.json found; using the released {version} VAE settings"]
     return CheckpointInfo(

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyanimate_core.loading import inspect_checkpoint, load_transformer
+from easyanimate_core.loading import detect_vae, inspect_checkpoint, load_transformer, load_vae
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
+from tests.manifest import manifest
 
 CFG = TransformerConfig(
     num_attention_heads=2,
@@ -180,20 +181,82 @@ def test_peak_ram_stays_near_one_copy_in_the_target_dtype(tmp_path):
     path = write(tmp_path / "big.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()})
     bf16_bytes = sum(v.numel() for v in model.state_dict().values()) * 2
     del model
+    # VmHWM (not ru_maxrss, which Linux carries across exec from the forking pytest process).
     script = textwrap.dedent(
         f"""
-        import resource, torch
+        import torch
         from easyanimate_core.loading import load_transformer
-        def rss():
+        def status(field):
             with open("/proc/self/status") as f:
-                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-        before = rss()
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+        before = status("VmRSS")
         m = load_transformer({str(path)!r}, dtype=torch.bfloat16)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(peak - before)
+        print(status("VmHWM") - before)
         """
     )
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     assert growth < 1.3 * bf16_bytes, f"peak RSS grew {growth / 2**20:.0f} MiB for {bf16_bytes / 2**20:.0f} MiB of bf16"
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------------
+
+VAE_MANIFESTS = {
+    "vae_v4_guess": ("V4", "slice", "3d"),
+    "vae_v5": ("V5", "mag", "spatial"),
+    "vae_v51": ("V5.1", "mag", None),
+}
+
+
+@pytest.mark.parametrize("name", list(VAE_MANIFESTS))
+def test_vae_detection_from_release_shapes(name):
+    version, mode, attention = VAE_MANIFESTS[name]
+    info = detect_vae(manifest(name), [Path("vae.safetensors")], {})
+    assert (info.version, info.variant, info.config.mid_block_attention) == (version, mode, attention)
+    assert info.config.block_out_channels == (128, 256, 512, 512)
+    assert info.config.latent_channels == (4 if version == "V4" else 16)
+
+
+def test_vae_config_json_overrides_the_release_defaults():
+    config = {"scaling_factor": 0.5, "cache_compression_vae": True, "spatial_group_norm": False}
+    info = detect_vae(manifest("vae_v51"), [Path("vae.safetensors")], config)
+    assert (info.config.scaling_factor, info.config.temporal_mode, info.config.spatial_group_norm) == (
+        0.5,
+        "slice",
+        False,
+    )
+
+
+def test_vae_loads_from_diffusers_official_and_single_file(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the parity reference")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLMagvit(
+        latent_channels=16, block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=4
+    ).eval()
+    ref.save_pretrained(tmp_path / "diffusers" / "vae")
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    write(tmp_path / "official" / "vae" / "diffusion_pytorch_model.safetensors", sd)
+    (tmp_path / "official" / "vae" / "config.json").write_text(
+        json.dumps({**dict(ref.config), "cache_mag_vae": True, "mini_batch_encoder": 4, "mini_batch_decoder": 1})
+    )
+    single = write(tmp_path / "single" / "vae.safetensors", sd)
+    with pytest.raises(ValueError, match="put its config.json \\(with norm_num_groups\\) beside the file"):
+        load_vae(single)
+    (tmp_path / "single" / "vae.json").write_text(json.dumps(dict(ref.config)))
+    z = torch.randn(1, 16, 2, 4, 4)
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+    for path in (tmp_path / "diffusers", tmp_path / "official", single):
+        vae = load_vae(path)
+        assert vae.info.kind == "vae" and vae.info.version == "V5.1"
+        with torch.no_grad():
+            got = vae.decode(z)
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), path
+
+
+def test_vae_loader_refuses_a_transformer(tmp_path, state_dict):
+    with pytest.raises(ValueError, match="looks like a transformer"):
+        load_vae(write(tmp_path / "t.safetensors", state_dict))
