@@ -48,7 +48,15 @@ def _register_core() -> None:
 
 _register_core()
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+# Inside ComfyUI, `comfy` is importable and the nodes load (an import error there must surface as
+# ComfyUI's "IMPORT FAILED", so it is not caught). Outside it this file is still imported, e.g. by
+# pytest as the parent package of tests/ (tests/__init__.py + this __init__.py make the checkout a
+# package); the nodes, which need ComfyUI, are then not loaded.
+if importlib.util.find_spec("comfy") is not None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    NODE_CLASS_MAPPINGS: dict[str, type] = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 WEB_DIRECTORY = "./web"
 
