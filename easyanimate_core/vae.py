@@ -191,19 +191,33 @@ class _CausalTime:
         # A stride-2 conv's windows start on even positions, so after a chunk of odd extended length
         # only its last frame belongs to the next window; a stride-1 conv needs the last two.
         self.time_keep = self.time_pad if time_stride == 1 else self.time_pad - 1
-        self.cache: torch.Tensor | None = None
+        # The last `time_keep` input frames, each [B,C,1,H,W]. Plain attribute: never in the state dict.
+        self.cache: tuple[torch.Tensor, ...] = ()
 
-    def forward(self, x: torch.Tensor, mode: ChunkMode = CAUSAL_NEXT) -> torch.Tensor:  # [B,C,T,H,W]
+    def pad_time(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        """``x`` [B,C,T,H,W] with its temporal context in front (and behind, "same"); refreshes the cache."""
         if not mode.causal:
-            x = F.pad(x, (0, 0, 0, 0, 1, 1))  # zeros, one frame each side ("same")
-            return super().forward(x)
-        if self.cache is None:
-            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0), mode="replicate")
-        else:
-            x = torch.cat([self.cache.to(x.dtype), x], dim=2)
-        self.cache = x[:, :, x.shape[2] - self.time_keep :].clone()
-        # One conv over the whole extended chunk == the reference's one-conv-per-window loop.
+            return F.pad(x, (0, 0, 0, 0, 1, 1))  # zeros, one frame each side
+        # A single frame that owns its storage is cached by reference (no copy; a frame fed twice, as
+        # after nearest time doubling, is held once). Anything else is copied so it cannot pin a larger
+        # tensor.
+        owned = x.shape[2] == 1 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        if self.cache:
+            past = [f.to(x.dtype) for f in self.cache]
+        else:  # causal start: copies of the first frame (the reference's replicate padding)
+            first = x[:, :, :1] if owned else x[:, :, :1].clone()
+            past = [first] * self.time_pad
+        ext = torch.cat([*past, x], dim=2)  # [B, C, len(past) + T, H, W]
+        new = [x[:, :, t : t + 1] if owned else x[:, :, t : t + 1].clone() for t in range(x.shape[2])]
+        self.cache = tuple((past + new)[-self.time_keep :])
+        return ext
+
+    def conv_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain conv over an already time-padded input (one call, not one per window)."""
         return super().forward(x)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode = CAUSAL_NEXT) -> torch.Tensor:
+        return self.conv_padded(self.pad_time(x, mode))
 
 
 @functools.cache
@@ -345,11 +359,22 @@ class Upsampler3D(nn.Module):
         self.time_interpolation = time_interpolation  # "nearest" with per-frame norm, else "trilinear"
         self.conv = ctx.conv(channels, channels)
 
+    def spatial(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,C,T,H,W] -> [B,C,T,2H,2W]
+        # Pad/cache in time BEFORE the nearest upsample: the same tensor as upsampling first (nearest
+        # works frame by frame), but the conv's cache is kept at a quarter of the size.
+        return self.conv.conv_padded(F.interpolate(self.conv.pad_time(x, mode), scale_factor=(1, 2, 2)))
+
+    def doubles_time(self, mode: ChunkMode) -> bool:
+        """Whether this chunk is upsampled 2x in time (every chunk but a lone first one)."""
+        return self.temporal and mode.upsample_time
+
+    def double_time(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,C,T,..] -> [B,C,2T,..]
+        if not self.doubles_time(mode):
+            return x
+        return F.interpolate(x, scale_factor=(2, 1, 1), mode=self.time_interpolation)
+
     def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
-        x = self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"), mode)
-        if self.temporal and mode.upsample_time:
-            x = F.interpolate(x, scale_factor=(2, 1, 1), mode=self.time_interpolation)
-        return x
+        return self.double_time(self.spatial(x, mode), mode)
 
 
 class DownBlock3D(nn.Module):
@@ -379,10 +404,15 @@ class UpBlock3D(nn.Module):
         interp = "nearest" if per_frame_norm else "trilinear"
         self.upsampler = Upsampler3D(ctx, cout, upsample == "spatiotemporal", interp) if upsample else None
 
-    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+    def body(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        """Everything but the temporal doubling."""
         for resnet in self.convs:
             x = resnet(x, mode)
-        return x if self.upsampler is None else self.upsampler(x, mode)
+        return x if self.upsampler is None else self.upsampler.spatial(x, mode)
+
+    def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
+        x = self.body(x, mode)
+        return x if self.upsampler is None else self.upsampler.double_time(x, mode)
 
 
 class Encoder(nn.Module):
@@ -439,8 +469,17 @@ class Decoder(nn.Module):
         return self.conv_out(x, mode)
 
     def stages(self) -> list[Callable[[torch.Tensor, ChunkMode], torch.Tensor]]:
-        """The decoder as consecutive steps, so a caller can split the frames between any two."""
-        return [self.conv_in, self.mid_block, *self.up_blocks, self._head]
+        """The decoder as consecutive steps, so a caller can split the frames between any two.
+
+        Temporal doubling is a step of its own (an ``Upsampler3D.double_time`` bound method), so a
+        frame-by-frame caller can run the rest twice on one frame instead of materialising two copies.
+        """
+        steps: list = [self.conv_in, self.mid_block]
+        for block in self.up_blocks:
+            steps.append(block.body)
+            if block.upsampler is not None and block.upsampler.temporal:
+                steps.append(block.upsampler.double_time)
+        return [*steps, self._head]
 
     def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
         for stage in self.stages():
@@ -557,7 +596,7 @@ class MagvitVAE(nn.Module):
         """Forget every conv's temporal cache (the start of a new video)."""
         for module in self.modules():
             if isinstance(module, _CausalTime):
-                module.cache = None
+                module.cache = ()
 
     def _dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:
@@ -711,16 +750,27 @@ class MagvitVAE(nn.Module):
     def _run_decoder(
         self, x: torch.Tensor, mode: ChunkMode, emit: Callable[[torch.Tensor], None], frame_by_frame: bool, first=0
     ) -> None:
-        """Decoder stages from ``first`` on; with ``frame_by_frame``, every multi-frame tensor between
-        stages is split into single frames run one after another (caches carry the past, so the numbers
-        do not change while the peak shrinks to one high-resolution frame)."""
+        """Decoder stages from ``first`` on, handing the result to ``emit``.
+
+        With ``frame_by_frame`` every multi-frame tensor between stages is split into single frames run
+        one after another (the conv caches carry the past, so the numbers do not change), and a nearest
+        temporal doubling runs the remaining stages twice on the same frame instead of copying it: the
+        peak is then one high-resolution frame, not a chunk.
+        """
         stages = self.decoder.stages()
         for i in range(first, len(stages)):
-            if frame_by_frame and x.shape[2] > 1:
-                for t in range(x.shape[2]):
-                    self._run_decoder(x[:, :, t : t + 1], mode, emit, frame_by_frame, i)
-                return
-            x = stages[i](x, mode)
+            stage = stages[i]
+            if frame_by_frame:
+                if x.shape[2] > 1:
+                    for t in range(x.shape[2]):
+                        self._run_decoder(x[:, :, t : t + 1], mode, emit, frame_by_frame, i)
+                    return
+                upsampler = getattr(stage, "__self__", None)
+                if isinstance(upsampler, Upsampler3D) and upsampler.doubles_time(mode):
+                    for _ in range(2):
+                        self._run_decoder(x, mode, emit, frame_by_frame, i + 1)
+                    return
+            x = stage(x, mode)
         emit(x)
 
     @torch.no_grad()

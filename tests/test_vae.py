@@ -241,7 +241,7 @@ def test_exception_mid_decode_leaves_no_dirty_cache(v51):
 
     with pytest.raises(KeyboardInterrupt):
         v51.decode(z, progress=interrupt)
-    assert all(getattr(m, "cache", None) is None for m in v51.modules())
+    assert all(len(getattr(m, "cache", ())) == 0 for m in v51.modules())
     assert torch.equal(v51.decode(z), expected)
     assert v51.decode(z[:, :, :1]).shape[2] == 1  # diffusers' bug gave 4 frames here
 
