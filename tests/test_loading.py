@@ -247,14 +247,19 @@ def test_vae_loads_from_diffusers_official_and_single_file(tmp_path):
         load_vae(single)
     (tmp_path / "single" / "vae.json").write_text(json.dumps(dict(ref.config)))
     z = torch.randn(1, 16, 2, 4, 4)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     with torch.no_grad():
-        expected = ref.decode(z).sample
+        posterior = ref.encode(video).latent_dist
+        expected = {"mean": posterior.mean, "logvar": posterior.logvar, "decode": ref.decode(z).sample}
     for path in (tmp_path / "diffusers", tmp_path / "official", single):
         vae = load_vae(path)
         assert vae.info.kind == "vae" and vae.info.version == "V5.1"
         with torch.no_grad():
-            got = vae.decode(z)
-        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), path
+            mean, logvar = vae.encode(video)
+            got = {"mean": mean, "logvar": logvar, "decode": vae.decode(z)}
+        for name, ref_value in expected.items():
+            err, scale = (got[name] - ref_value).abs().max(), ref_value.abs().max()
+            assert err <= 1e-5 * scale, f"{path} {name}: max|ours-ref| {err:.3g} > 1e-5 * {scale:.3g}"
 
 
 def test_vae_loader_refuses_a_transformer(tmp_path, state_dict):
