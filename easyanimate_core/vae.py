@@ -182,6 +182,30 @@ SAME_SINGLE = ChunkMode(causal=False, upsample_time=False)  # flag 1
 SAME_CHUNK = ChunkMode(causal=False, upsample_time=True)  # flag 2
 
 
+def _stack_time(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [B,C,t,H,W] parts along time; channels-last on CPU.
+
+    oneDNN convolves channels-last input directly, while a contiguous (NCDHW) input is first
+    reordered into a scratch copy as large as the input: written this way the conv input exists once
+    (measured on 256x256 frames: the peak of the largest conv drops from 2x to 1x its input).
+    """
+    b, c, _, h, w = parts[0].shape
+    t = sum(p.shape[2] for p in parts)
+    if parts[0].device.type != "cpu" or b * c * t * h * w < _CHANNELS_LAST_MIN_NUMEL:
+        return torch.cat(parts, dim=2)
+    ext = torch.empty((b, c, t, h, w), dtype=parts[0].dtype, device=parts[0].device, memory_format=_CHANNELS_LAST)
+    start = 0
+    for p in parts:
+        ext[:, :, start : start + p.shape[2]] = p
+        start += p.shape[2]
+    return ext
+
+
+_CHANNELS_LAST = torch.channels_last_3d
+# Below this size the scratch copy is small and the plain layout convolves faster.
+_CHANNELS_LAST_MIN_NUMEL = 1 << 22
+
+
 class _CausalTime:
     """Temporal padding and chunk-to-chunk cache of a kt=3 conv; mixed into each namespace's Conv3d."""
 
@@ -207,7 +231,7 @@ class _CausalTime:
         else:  # causal start: copies of the first frame (the reference's replicate padding)
             first = x[:, :, :1] if owned else x[:, :, :1].clone()
             past = [first] * self.time_pad
-        ext = torch.cat([*past, x], dim=2)  # [B, C, len(past) + T, H, W]
+        ext = _stack_time([*past, x])  # [B, C, len(past) + T, H, W]
         new = [x[:, :, t : t + 1] if owned else x[:, :, t : t + 1].clone() for t in range(x.shape[2])]
         self.cache = tuple((past + new)[-self.time_keep :])
         return ext
