@@ -222,9 +222,8 @@ class _CausalTime:
         """``x`` [B,C,T,H,W] with its temporal context in front (and behind, "same"); refreshes the cache."""
         if not mode.causal:
             return F.pad(x, (0, 0, 0, 0, 1, 1))  # zeros, one frame each side
-        # A single frame that owns its storage is cached by reference (no copy; a frame fed twice, as
-        # after nearest time doubling, is held once). Anything else is copied so it cannot pin a larger
-        # tensor.
+        # A single frame that owns its storage (the frame-by-frame decoder's case) is cached by
+        # reference, without a copy; slices of anything larger are copied so they cannot pin it.
         owned = x.shape[2] == 1 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
         if self.cache:
             past = [f.to(x.dtype) for f in self.cache]
@@ -232,7 +231,8 @@ class _CausalTime:
             first = x[:, :, :1] if owned else x[:, :, :1].clone()
             past = [first] * self.time_pad
         ext = _stack_time([*past, x])  # [B, C, len(past) + T, H, W]
-        new = [x[:, :, t : t + 1] if owned else x[:, :, t : t + 1].clone() for t in range(x.shape[2])]
+        last = range(max(0, x.shape[2] - self.time_keep), x.shape[2])
+        new = [x[:, :, t : t + 1] if owned else x[:, :, t : t + 1].clone() for t in last]
         self.cache = tuple((past + new)[-self.time_keep :])
         return ext
 
@@ -552,6 +552,16 @@ class _Tile:
     weight: torch.Tensor | None = field(default=None)  # [H_tile, W_tile] or None when untiled
 
 
+def _check_tiling(tile: int | None, overlap: int | None) -> None:
+    """Tile side >= 1 latent and 0 <= overlap < tile (ValueError otherwise)."""
+    if tile is None:
+        return
+    if tile < 1:
+        raise ValueError(f"tile_latent_size must be >= 1, got {tile}")
+    if overlap is not None and not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile_latent_size={tile}), got {overlap}")
+
+
 def _tiles(h: int, w: int, scale: int, tile: int | None, overlap: int | None, device) -> list[_Tile]:
     """Overlapping latent tiles of side ``tile`` (``None``: one tile), with pixel blend weights."""
     if tile is None or (h <= tile and w <= tile):
@@ -641,7 +651,7 @@ class MagvitVAE(nn.Module):
             return tc * (latent_frames - 1) + 1
         return 1 if latent_frames == 1 else tc * latent_frames
 
-    def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None) -> int:
+    def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None, overlap: int | None) -> int:
         cfg = self.config
         if video.ndim != 5:
             raise ValueError(f"video must be [B, C, F, H, W] (5 dims), got {video.ndim} dims {tuple(video.shape)}")
@@ -665,8 +675,7 @@ class MagvitVAE(nn.Module):
                     f"{name} {size} is not a multiple of {cfg.pixel_multiple}; "
                     f"nearest valid: {_nearest_multiples(size, cfg.pixel_multiple)}"
                 )
-        if tile is not None and tile < 1:
-            raise ValueError(f"tile_latent_size must be >= 1, got {tile}")
+        _check_tiling(tile, overlap)
         return self._chunk(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
 
     def _chunk(self, chunk: int | None, released: int, name: str, multiple: int) -> int:
@@ -716,7 +725,7 @@ class MagvitVAE(nn.Module):
         encoder at once; ``tile_latent_size``/``tile_overlap`` (latent pixels) enable spatial tiling
         with linear blending of the moments.
         """
-        chunk = self._check_video(video, chunk_frames, tile_latent_size)
+        chunk = self._check_video(video, chunk_frames, tile_latent_size, tile_overlap)
         cfg = self.config
         b, _, f, h, w = video.shape
         s = cfg.spatial_compression
@@ -828,8 +837,7 @@ class MagvitVAE(nn.Module):
             raise ValueError(f"latents have {c} channels, expected latent_channels={cfg.latent_channels}")
         if t < 1 or lh < 1 or lw < 1:
             raise ValueError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
-        if tile_latent_size is not None and tile_latent_size < 1:
-            raise ValueError(f"tile_latent_size must be >= 1, got {tile_latent_size}")
+        _check_tiling(tile_latent_size, tile_overlap)
         chunk = self._chunk(chunk_latents, cfg.mini_batch_decoder, "chunk_latents", 1)
         if frame_by_frame is None:
             frame_by_frame = self.frame_local

@@ -285,6 +285,8 @@ def no_compute(v51, v4, monkeypatch):
         ("mag", lambda v: v.decode(latents(2)[0]), "5 dims"),
         ("mag", lambda v: v.decode(latents(2), out=torch.empty(1, 3, 4, 16, 16)), "out must be a float tensor"),
         ("slice", lambda v: v.encode(video(8), chunk_frames=4), "part of the model and must be 8"),
+        ("mag", lambda v: v.decode(latents(2), tile_latent_size=2, tile_overlap=2), "tile_overlap must be in [0, "),
+        ("mag", lambda v: v.encode(video(5), tile_latent_size=0), "tile_latent_size must be >= 1"),
         ("slice", lambda v: v.decode(latents(2), frame_by_frame=True), "frame_by_frame needs the mag VAE"),
     ],
 )
