@@ -135,8 +135,9 @@ class VAEConfig:
             kw["temporal_mode"] = "slice"
         elif d.get("cache_mag_vae", False):
             kw["temporal_mode"] = "mag"
-        elif d.get("slice_compression_vae", False):
-            raise ValueError("slice_compression_vae (V2/V3 slice VAE without caches) is not supported")
+        elif d.get("slice_compression_vae", False) or "cache_mag_vae" in d or "cache_compression_vae" in d:
+            # The official class then falls back to its V2/V3 paths (slice_compression_vae / slice_mag_vae).
+            raise ValueError("only cache_mag_vae (V5/V5.1) and cache_compression_vae (V4) VAEs are supported")
         return cls(**kw)
 
 

@@ -332,6 +332,8 @@ def test_config_from_official_and_diffusers_dicts():
     v4 = dict(official_v5, latent_channels=4, mid_block_attention_type="3d", spatial_group_norm=False)
     v4.update(cache_mag_vae=False, cache_compression_vae=True, mini_batch_encoder=8, mini_batch_decoder=2)
     assert VAEConfig.from_dict(v4) == replace(VAE_V4, scaling_factor=0.7125)
+    with pytest.raises(ValueError, match="only cache_mag_vae"):
+        VAEConfig.from_dict(dict(v4, cache_compression_vae=False, slice_mag_vae=True))
 
 
 def test_every_layer_comes_from_the_injected_operations():
