@@ -57,9 +57,8 @@ class PromptEmbeds:
 
     def _map(self, fn) -> PromptEmbeds:
         """Apply ``fn(name, tensor)`` to every tensor field that is set."""
-        return replace(
-            self, **{f.name: fn(f.name, v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: fn(name, v) for name, v in values.items() if v is not None})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> PromptEmbeds:
         """Move to ``device``; ``dtype`` applies to the embeddings only (masks keep their integer type)."""
@@ -164,6 +163,14 @@ def _has_chat_template(path: Path) -> bool:
     return bool(_read_json(path / "tokenizer_config.json").get("chat_template"))
 
 
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package ("google" for "google.protobuf")
+        return False
+
+
 def _needs_sentencepiece(root: Path, folder: str) -> bool:
     """Whether the T5 tokenizer exists only as spiece.model, which transformers converts with sentencepiece."""
     path = root / folder
@@ -194,7 +201,7 @@ def check_text_encoder_files(root: str | Path, version: str) -> None:
             "(from_pretrained(...).save_pretrained(..., safe_serialization=True))."
         )
     if two_towers and _needs_sentencepiece(root, "tokenizer_2"):
-        absent = [name for name in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(name) is None]
+        absent = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
         if absent:
             raise ValueError(
                 f"{root}/tokenizer_2 holds only spiece.model; transformers needs the sentencepiece and protobuf "
