@@ -32,6 +32,11 @@ CPU. That includes diffusers' quirks, kept on purpose so that outputs match the 
 * PNDM has no zero-terminal-SNR option, so for V5 it uses the plain (un-rescaled) betas.
 * DDIM steps to t - 1000 // N, which for trailing spacing is not always the next scheduled timestep.
 * With strength < 1, PNDM's Runge-Kutta warm-up runs on the first timesteps kept, as diffusers does.
+Deliberate differences, both where diffusers misbehaves:
+* Trailing spacing (V5) keeps exactly N steps. For some N (61, 103, 121, ...) diffusers' float arange adds an
+  (N+1)-th timestep -1, which for V5 DDIM turns the finished sample into -v.
+* V4 schedules reaching timestep 1000 (N = 1000, DPM++ N = 999) look tables up at 999; diffusers' Euler/DPM
+  do the same via np.interp, its DDIM/PNDM raise IndexError.
 """
 
 from __future__ import annotations
