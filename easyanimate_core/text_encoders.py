@@ -13,7 +13,9 @@ What each version feeds the transformer (official EasyAnimate pipelines, which d
           embeds_2 [B, 256, H2], mask_2 [B, 256].
     V5    the same, but both encoders run WITHOUT the mask (the V5 config sets enable_text_attention_mask
           false), so padding tokens are attended to. The tokenizer masks are still returned.
-Sequence lengths are min(tokenizer.model_max_length, 256), as in the official code.
+Sequence lengths are min(tokenizer.model_max_length, 256), as in the official code at HEAD (diffusers: 256 for
+Qwen). The V4-era official code instead re-tokenised the decoded first 140 tokens (special tokens included); the
+released code no longer does, and neither do we.
 
 Only ``transformers`` is used (with ``local_files_only=True``); nothing is downloaded, and pickle weights
 are refused.
@@ -217,7 +219,7 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
 
 
 def _frozen(model: torch.nn.Module, device) -> torch.nn.Module:
-    """An inference-only copy of ``model`` on ``device`` (eval mode, no gradients)."""
+    """``model`` set up for inference (eval mode, no gradients) and moved to ``device``."""
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -308,7 +310,8 @@ class TextEncoders:
         """Cache one encoding, evicting the least recently used beyond ``cache_size``."""
         if self.cache_size <= 0:
             return
-        self._cache[text] = row
+        # A copy, so the cache does not keep the whole batch tensor alive through a view.
+        self._cache[text] = row._map(lambda _, t: t.clone())
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
@@ -402,7 +405,8 @@ def load_text_encoders(
 
     ``version=None`` detects V5.1 from a Qwen2-VL config (V4 and V5 must be named: they differ only in mask
     use). ``dtype=None`` keeps transformers' default. ``text_only`` frees Qwen2-VL's vision tower and LM head
-    after loading (they are never used for prompts). Files are checked before any weights are read.
+    after loading (they are never used for prompts). ``cache_size`` prompt texts are remembered (0 disables).
+    Files are checked before any weights are read.
     """
     root = Path(root)
     version = detect_version(root) if version is None else normalize_version(version)
@@ -412,6 +416,7 @@ def load_text_encoders(
     if detected != expected:
         raise ValueError(f"{root}/text_encoder is {detected!r}, but {version} uses {expected}")
     common = dict(local_files_only=True, **_dtype_kwargs(dtype))
+    options = dict(cache_size=cache_size)
     if version == "v5.1":
         tokenizer = transformers.Qwen2Tokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
@@ -419,11 +424,9 @@ def load_text_encoders(
         )
         if text_only:
             _drop_unused_qwen_parts(model)
-        return TextEncoders(version, tokenizer, _frozen(model, device), cache_size=cache_size)
+        return TextEncoders(version, tokenizer, _frozen(model, device), **options)
     tokenizer = transformers.BertTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     tokenizer_2 = transformers.T5Tokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
     bert = transformers.BertModel.from_pretrained(root / "text_encoder", use_safetensors=True, **common)
     mt5 = transformers.T5EncoderModel.from_pretrained(root / "text_encoder_2", use_safetensors=True, **common)
-    return TextEncoders(
-        version, tokenizer, _frozen(bert, device), tokenizer_2, _frozen(mt5, device), cache_size=cache_size
-    )
+    return TextEncoders(version, tokenizer, _frozen(bert, device), tokenizer_2, _frozen(mt5, device), **options)
