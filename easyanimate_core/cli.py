@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from .loading import inspect_checkpoint
 
@@ -37,19 +40,164 @@ def info(path: str) -> int:
     return 0
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _generation_inputs(args) -> dict:
+    """Read and check every input of ``generate``; raises ValueError before any weight is loaded."""
+    from . import sampling
+    from .text_encoders import check_text_encoder_files
+    from .video_io import VIDEO_SUFFIXES, read_image, read_video
+
+    root = Path(args.model).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{root}: --model must be a model folder (with transformer/, vae/, text_encoder/, ...)")
+    missing = [part for part in ("transformer", "vae") if not (root / part).is_dir()]
+    if missing:
+        raise ValueError(f"{', '.join(p + '/' for p in missing)} missing under {root}; download the full model folder")
+    info = inspect_checkpoint(root / "transformer", kind="transformer")
+    check_text_encoder_files(root, info.version.lower())
+    suffix = Path(args.out).suffix.lower()
+    if suffix and suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
+
+    sampler_name, steps, guidance = sampling.DEFAULTS[info.version]
+    sampler_name = args.sampler or sampler_name
+    steps = args.steps or steps
+    strength = args.strength if args.video else 1.0
+    sampler = sampling.make_sampler(sampler_name, info.version, steps, strength=strength, shift=args.shift)
+
+    is_control = info.variant == "Control"
+    if (args.control or args.ref_image) and not is_control:
+        raise ValueError(f"--control / --ref-image need a Control model; {root} is a {info.variant} model")
+    if is_control and (args.image or args.end_image):
+        raise ValueError("a Control model takes no --image / --end-image; give --control (and --ref-image)")
+    if args.ref_image and info.version != "V5.1":
+        raise ValueError("--ref-image needs a V5.1 Control model")
+    if info.variant == "T2V" and (args.image or args.end_image):
+        raise ValueError(f"{root} is a text-to-video model; --image / --end-image need an InP model")
+    inputs = {
+        "start_image": read_image(args.image) if args.image else None,
+        "end_image": read_image(args.end_image) if args.end_image else None,
+        "ref_image": read_image(args.ref_image) if args.ref_image else None,
+        "video": read_video(args.video, args.frames) if args.video else None,
+        "control_video": read_video(args.control, args.frames) if args.control else None,
+    }
+    for name in ("video", "control_video"):
+        clip = inputs[name]
+        if clip is not None and clip.shape[0] < args.frames:
+            raise ValueError(
+                f"--{name.split('_')[0]} has {clip.shape[0]} frames; --frames {args.frames} were requested"
+            )
+    guidance = args.guidance if args.guidance is not None else guidance
+    return {"root": root, "info": info, "sampler": sampler, "guidance": guidance, "inputs": inputs}
+
+
+def generate(args) -> int:
+    """Run a generation from parsed CLI arguments and write the video."""
+    from tqdm import tqdm
+
+    from .loading import load_transformer, load_vae
+    from .pipeline import generate as run_pipeline
+    from .text_encoders import load_text_encoders
+    from .video_io import write_video
+
+    job = _generation_inputs(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    offload = args.memory_mode == "model_cpu_offload"
+    root, info = job["root"], job["info"]
+
+    text = load_text_encoders(root, info.version.lower(), dtype=dtype, device=device)
+    prompts = text.encode(args.prompt, args.negative_prompt)
+    del text  # the text encoders are never needed again in this run
+
+    transformer = load_transformer(root, dtype=dtype, device="cpu" if offload else device)
+    vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, device=device)
+    transformer.to(device)
+    started = time.perf_counter()
+    with tqdm(total=job["sampler"].num_steps, desc="sampling", unit="step") as bar:
+        frames = run_pipeline(
+            transformer,
+            vae,
+            prompts,
+            job["sampler"],
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            guidance=job["guidance"],
+            seed=args.seed,
+            cfg_batched=not args.sequential_cfg,
+            progress=lambda done, total: bar.update(done - bar.n),
+            **job["inputs"],
+        )
+    metadata = {
+        "model": str(root),
+        "version": info.version,
+        "variant": info.variant,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "sampler": job["sampler"].name,
+        "steps": job["sampler"].num_steps,
+        "guidance": job["guidance"],
+        "seed": args.seed,
+        "frames": frames.shape[0],
+        "height": frames.shape[1],
+        "width": frames.shape[2],
+        "dtype": args.dtype,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
+        if getattr(args, name, None) and (name != "strength" or args.video):
+            metadata[name] = str(getattr(args, name))
+    out = write_video(args.out, frames, fps=args.fps, metadata=metadata)
+    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    return 0
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--image", help="start image (InP models)")
+    p.add_argument("--end-image", help="end image (InP models)")
+    p.add_argument("--video", help="input video for video-to-video")
+    p.add_argument("--strength", type=float, default=0.7, help="video-to-video: share of the steps to run")
+    p.add_argument("--control", help="control video (canny, depth, pose, ...) for Control models")
+    p.add_argument("--ref-image", help="reference image for V5.1 Control models")
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--width", type=int, default=672)
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--steps", type=int, help="default: the version's released default")
+    p.add_argument("--guidance", type=float, help="default: the version's released default")
+    p.add_argument("--sampler", help="default: the version's released default (Flow for V5.1, DDIM for V5)")
+    p.add_argument("--shift", type=float, help="V5.1 Flow time shift (default e, as released)")
+    p.add_argument("--seed", type=int, default=43)
+    p.add_argument("--memory-mode", choices=["full", "model_cpu_offload"], default="model_cpu_offload")
+    p.add_argument("--sequential-cfg", action="store_true", help="run the unconditional pass separately")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--out", required=True, help="output .mp4 / .gif / .webp, or a folder for PNG frames")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="easyanimate", description="EasyAnimate video models on plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate_arguments(commands.add_parser("generate", help="generate a video"))
     p_info = commands.add_parser("info", help="describe a checkpoint (folder or .safetensors file)")
     p_info.add_argument("path")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             return info(args.path)
+        return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

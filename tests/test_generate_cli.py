@@ -1,0 +1,97 @@
+"""`easyanimate generate` end to end on tiny random checkpoints written in the official layout."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from easyanimate_core.cli import main
+from easyanimate_core.video_io import read_metadata, read_video, write_video
+from tests.tiny_checkpoint import write_tiny_v51_checkpoint
+
+FRAMES, HEIGHT, WIDTH = 5, 32, 48
+COMMON = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {v: write_tiny_v51_checkpoint(root / v, v) for v in ("InP", "Control")}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    g = torch.Generator().manual_seed(0)
+    write_video(folder / "clip.mp4", torch.rand(FRAMES + 2, HEIGHT, WIDTH, 3, generator=g))
+    write_video(folder / "short.mp4", torch.rand(2, HEIGHT, WIDTH, 3, generator=g))
+    for name in ("start", "end"):
+        write_video(folder / name, torch.rand(1, HEIGHT, WIDTH, 3, generator=g))  # a folder with one PNG
+    return folder
+
+
+def run(model, out, *extra):
+    return main(["generate", "--model", str(model), "--prompt", "a red circle", "--out", str(out), *COMMON, *extra])
+
+
+@pytest.mark.parametrize(
+    "mode, variant, extra",
+    [
+        ("t2v", "InP", []),
+        ("i2v", "InP", ["--image", "{media}/start/00000.png", "--end-image", "{media}/end/00000.png"]),
+        ("v2v", "InP", ["--video", "{media}/clip.mp4", "--strength", "0.5"]),
+        ("control", "Control", ["--control", "{media}/clip.mp4", "--ref-image", "{media}/start/00000.png"]),
+    ],
+)
+def test_every_mode_writes_a_playable_video(models, media, tmp_path, mode, variant, extra):
+    out = tmp_path / f"{mode}.mp4"
+    assert run(models[variant], out, *[e.format(media=media) for e in extra]) == 0
+    frames = read_video(out)
+    assert tuple(frames.shape) == (FRAMES, HEIGHT, WIDTH, 3)
+    meta = read_metadata(out)
+    assert meta["prompt"] == "a red circle" and meta["variant"] == variant and meta["sampler"] == "Flow"
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp", ""])
+def test_other_output_formats(models, tmp_path, suffix):
+    out = tmp_path / f"clip{suffix}"
+    assert run(models["InP"], out) == 0
+    assert read_video(out).shape[0] == FRAMES and read_metadata(out)["seed"] == 1
+
+
+def test_info_identifies_the_checkpoint(models, capsys):
+    assert main(["info", str(models["Control"])]) == 0
+    out = capsys.readouterr().out
+    assert "EasyAnimate V5.1 transformer" in out and "variant: Control" in out and "tokenizer: present" in out
+
+
+@pytest.mark.parametrize(
+    "variant, extra, message",
+    [
+        ("InP", ["--sampler", "Heun"], "unknown sampler 'Heun'; valid for V5.1: Flow"),
+        ("InP", ["--image", "{media}/clip.mp4"], "cannot read image"),
+        ("InP", ["--image", "{media}/missing.png"], "cannot read image"),
+        ("InP", ["--video", "{media}/short.mp4"], "--video has 2 frames; --frames 5 were requested"),
+        ("InP", ["--control", "{media}/clip.mp4"], "need a Control model; .* is a InP model"),
+        ("Control", ["--image", "{media}/start/00000.png"], "a Control model takes no --image"),
+    ],
+)
+def test_bad_inputs_fail_before_loading(models, media, tmp_path, capsys, variant, extra, message):
+    out = tmp_path / "x.mp4"
+    assert run(models[variant], out, *[e.format(media=media) for e in extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_missing_text_encoder_files_are_listed(models, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["InP"], broken)
+    shutil.rmtree(broken / "tokenizer")
+    (broken / "text_encoder" / "model.safetensors").unlink()
+    assert run(broken, tmp_path / "x.mp4") == 2
+    err = capsys.readouterr().err
+    assert "text_encoder/model.safetensors" in err and "tokenizer/tokenizer_config.json" in err
