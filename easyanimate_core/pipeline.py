@@ -169,7 +169,8 @@ def control_latents(
             raise ValueError("this Control model (V5) takes no reference image; pass ref_image=None")
         return control
     ref = zeros.clone()
-    if ref_image is not None:
+    if ref_image is not None and latent_shape[2] != 1:
+        # As the official pipeline: a single-latent (one-frame) generation ignores the reference.
         ref[:, :, :1] = encode_mean(vae, to_model_pixels(ref_image[None], size), device)
     return torch.cat([control, ref], dim=1)
 
@@ -244,9 +245,11 @@ def generate(
     cfg_batched: bool = True,
     latents: torch.Tensor | None = None,
     decode_chunk: int | None = None,
+    decode: bool = True,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """Generate one video; returns frames [F, H, W, 3] in [0, 1] on the CPU (see the module docstring)."""
+    """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
+    DiT-space latents [1, C, T, h, w] (see the module docstring)."""
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     if control_ch and (start_image is not None or end_image is not None):
         raise ValueError("a Control model takes no start/end image; use ref_image for a V5.1 Control model")
@@ -291,5 +294,7 @@ def generate(
         )
 
     latents = denoise(transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress)
+    if not decode:
+        return latents
     pixels = vae.decode(latents.float() / vae.config.scaling_factor, chunk_latents=decode_chunk)
     return ((pixels[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]
