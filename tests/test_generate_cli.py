@@ -9,7 +9,7 @@ import torch
 
 from easyanimate_core.cli import main
 from easyanimate_core.video_io import read_metadata, read_video, write_video
-from tests.tiny_checkpoint import write_tiny_v51_checkpoint
+from tests.tiny_checkpoint import write_tiny_checkpoint
 
 FRAMES, HEIGHT, WIDTH = 5, 32, 48
 COMMON = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2", "--seed", "1"]
@@ -18,7 +18,7 @@ COMMON = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {v: write_tiny_v51_checkpoint(root / v, v) for v in ("InP", "Control")}
+    return {v: write_tiny_checkpoint(root / v, v) for v in ("InP", "Control")}
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,13 @@ def test_missing_text_encoder_files_are_listed(models, tmp_path, capsys):
     assert run(broken, tmp_path / "x.mp4") == 2
     err = capsys.readouterr().err
     assert "text_encoder/model.safetensors" in err and "tokenizer/tokenizer_config.json" in err
+
+
+@pytest.mark.parametrize("variant, extra", [("InP", ["--image", "{media}/start/00000.png"]), ("Control", [])])
+def test_v5_bert_mt5_models_generate_with_their_ddim_default(tmp_path, media, variant, extra):
+    root = write_tiny_checkpoint(tmp_path / "v5", variant, version="V5")
+    out = tmp_path / "v5.mp4"
+    assert run(root, out, *[e.format(media=media) for e in extra]) == 0
+    assert tuple(read_video(out).shape) == (FRAMES, HEIGHT, WIDTH, 3)
+    meta = read_metadata(out)
+    assert (meta["version"], meta["variant"], meta["sampler"]) == ("V5", variant, "DDIM")

@@ -1,4 +1,4 @@
-"""A tiny random V5.1 checkpoint written to disk in the official layout (transformer/, vae/, text encoder)."""
+"""Tiny random V5 / V5.1 checkpoints written to disk in the official layout (transformer/, vae/, text encoders)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from easyanimate_core.transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
 from easyanimate_core.vae import MagvitVAE, VAEConfig
-from tests.tiny_text_models import write_tiny_v51_text_encoder
+from tests.tiny_text_models import write_tiny_v5_text_encoders, write_tiny_v51_text_encoder
 
 TEXT_HIDDEN = 32  # hidden size of the tiny Qwen2-VL in tiny_text_models
 VAE_CONFIG = {
@@ -27,29 +27,36 @@ VAE_CONFIG = {
 }
 
 
-def write_tiny_v51_checkpoint(root: str | Path, variant: str = "InP", seed: int = 0) -> Path:
-    """Write transformer/ (official keys), vae/ and the tiny text encoder under ``root``; return ``root``."""
+def write_tiny_checkpoint(root: str | Path, variant: str = "InP", seed: int = 0, version: str = "V5.1") -> Path:
+    """Write transformer/ (official keys), vae/ and the tiny text encoder(s) under ``root``; return ``root``."""
     root = Path(root)
     torch.manual_seed(seed)
+    text = {"text_embed_dim": TEXT_HIDDEN, "add_norm_text_encoder": True}
+    if version == "V5":  # BERT + mT5 streams, no RMSNorm before the projections
+        text = {"text_embed_dim": TEXT_HIDDEN, "text_embed_dim_t5": TEXT_HIDDEN, "add_norm_text_encoder": False}
     config = TransformerConfig(
         num_attention_heads=2,
         attention_head_dim=16,
-        in_channels=VARIANT_IN_CHANNELS["V5.1"][variant],
+        in_channels=VARIANT_IN_CHANNELS[version][variant],
         out_channels=16,
         num_layers=2,
         mmdit_layers=1,
         time_embed_dim=8,
-        text_embed_dim=TEXT_HIDDEN,
-        add_norm_text_encoder=True,
+        **text,
     )
     transformer = EasyAnimateTransformer3D(config)
     with torch.no_grad():
         for p in transformer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     _save(root / "transformer", transformer.state_dict(), {**vars(config), "compat": None})
-    vae = MagvitVAE(VAEConfig.from_dict(VAE_CONFIG))
-    _save(root / "vae", vae.state_dict(), VAE_CONFIG)
-    write_tiny_v51_text_encoder(root)
+    vae_config = (
+        VAE_CONFIG
+        if version == "V5.1"
+        else {**VAE_CONFIG, "mid_block_use_attention": True, "mid_block_attention_type": "spatial"}
+    )
+    vae = MagvitVAE(VAEConfig.from_dict(vae_config))
+    _save(root / "vae", vae.state_dict(), vae_config)
+    (write_tiny_v51_text_encoder if version == "V5.1" else write_tiny_v5_text_encoders)(root)
     return root
 
 
