@@ -336,22 +336,28 @@ def _read_header(path, subfolder: str) -> tuple[_Header, dict, dict[str, str], s
     return header, config, to_file, layout
 
 
+_DETECTORS = {"transformer": detect_transformer, "vae": detect_vae}
+
+
+def _inspect(path, kind: str) -> tuple[_Header, dict[str, str], CheckpointInfo]:
+    """Header, official-key -> file-key map and detected description of the ``kind`` model at ``path``."""
+    header, config, to_file, layout = _read_header(path, kind)
+    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
+    info = _DETECTORS[kind](shapes, header.files, config)
+    info.layout = layout
+    info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
+    return header, to_file, info
+
+
 def inspect_checkpoint(path, kind: str | None = None) -> CheckpointInfo:
     """Describe the transformer or VAE at ``path`` from its headers alone; ``kind`` None tries both."""
-    kinds = [kind] if kind else ["transformer", "vae"]
     errors = []
-    for k in kinds:
+    for k in [kind] if kind else ["transformer", "vae"]:
         try:
-            header, config, to_file, layout = _read_header(path, k)
-            shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
-            detect = detect_transformer if k == "transformer" else detect_vae
-            info = detect(shapes, header.files, config)
-            info.layout = layout
-            info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
-            return info
+            return _inspect(path, k)[2]
         except ValueError as e:
             errors.append(str(e))
-    raise ValueError(errors[0] if len(errors) == 1 else "\n".join(errors))
+    raise ValueError("\n".join(errors))
 
 
 def _check_keys(model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, str], header: _Header) -> None:
@@ -417,6 +423,16 @@ def _load_weights(
     return model.eval()
 
 
+def _load(path, kind: str, build: Callable[[CheckpointInfo, torch.dtype], nn.Module], dtype, device, progress):
+    """Detect, build on meta, check keys, then read and assign every tensor in the target dtype."""
+    header, to_file, info = _inspect(path, kind)
+    probe = to_file["proj.weight" if kind == "transformer" else "post_quant_conv.weight"]
+    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[probe], torch.float32)
+    model = _load_weights(lambda: build(info, model_dtype), header, to_file, model_dtype, device, progress)
+    model.info = info
+    return model
+
+
 def load_transformer(
     path,
     *,
@@ -427,20 +443,11 @@ def load_transformer(
     progress: Callable[[int, int], None] | None = None,
 ) -> EasyAnimateTransformer3D:
     """Load a V5 / V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is."""
-    header, config, to_file, layout = _read_header(path, "transformer")
-    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
-    info = detect_transformer(shapes, header.files, config)
-    info.layout = layout
-    info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
-    cfg = info.config.replace(compat=compat)
-    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[to_file["proj.weight"]], torch.float32)
 
-    def build():
-        return EasyAnimateTransformer3D(cfg, dtype=model_dtype, operations=operations)
+    def build(info: CheckpointInfo, model_dtype: torch.dtype) -> EasyAnimateTransformer3D:
+        return EasyAnimateTransformer3D(info.config.replace(compat=compat), dtype=model_dtype, operations=operations)
 
-    model = _load_weights(build, header, to_file, model_dtype, device, progress)
-    model.info = info
-    return model
+    return _load(path, "transformer", build, dtype, device, progress)
 
 
 def load_vae(
@@ -452,16 +459,8 @@ def load_vae(
     progress: Callable[[int, int], None] | None = None,
 ) -> MagvitVAE:
     """Load a MagViT VAE (V4 slice or V5 / V5.1 mag); ``dtype`` None keeps the stored dtype."""
-    header, config, to_file, layout = _read_header(path, "vae")
-    shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
-    info = detect_vae(shapes, header.files, config)
-    info.layout = layout
-    info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
-    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[to_file["post_quant_conv.weight"]], torch.float32)
 
-    def build():
+    def build(info: CheckpointInfo, model_dtype: torch.dtype) -> MagvitVAE:
         return MagvitVAE(info.config, dtype=model_dtype, operations=operations)
 
-    model = _load_weights(build, header, to_file, model_dtype, device, progress)
-    model.info = info
-    return model
+    return _load(path, "vae", build, dtype, device, progress)

@@ -195,13 +195,14 @@ class TimestepEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class LayerNormZero(nn.Module):
-    """adaLN for both streams: one fp32 LayerNorm, six modulations (shift, scale, gate) x (video, text)."""
+class AdaptiveLayerNorm(nn.Module):
+    """A LayerNorm plus a Linear that turns the timestep embedding into ``num_mods`` modulation vectors."""
 
     def __init__(
         self,
         cond_dim: int,
         dim: int,
+        num_mods: int,
         eps: float,
         affine: bool,
         dtype=None,
@@ -209,13 +210,24 @@ class LayerNormZero(nn.Module):
         operations=None,
     ):
         super().__init__()
-        self.linear = operations.Linear(cond_dim, 6 * dim, dtype=dtype, device=device)
+        self.linear = operations.Linear(cond_dim, num_mods * dim, dtype=dtype, device=device)
         self.norm = operations.LayerNorm(dim, eps=eps, elementwise_affine=affine, dtype=dtype, device=device)
+        self.num_mods = num_mods
+
+    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """temb [B, T] -> ``num_mods`` tensors [B, 1, D]."""
+        return self.linear(F.silu(temb))[:, None, :].chunk(self.num_mods, dim=-1)
+
+
+class LayerNormZero(AdaptiveLayerNorm):
+    """adaLN for both streams: one fp32 LayerNorm, six modulations (shift, scale, gate) x (video, text)."""
+
+    def __init__(self, cond_dim: int, dim: int, eps: float, affine: bool, **kw):
+        super().__init__(cond_dim, dim, 6, eps, affine, **kw)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor):
         # x [B, N, D], context [B, S, D], temb [B, T] -> modulated x, context and their gates [B, 1, D]
-        mods = self.linear(F.silu(temb))[:, None, :].chunk(6, dim=-1)
-        shift, scale, gate, ctx_shift, ctx_scale, ctx_gate = mods
+        shift, scale, gate, ctx_shift, ctx_scale, ctx_gate = self.modulations(temb)
         x = layer_norm_fp32(self.norm, x) * (1 + scale) + shift
         context = layer_norm_fp32(self.norm, context) * (1 + ctx_scale) + ctx_shift
         return x, context, gate, ctx_gate
@@ -359,25 +371,14 @@ class EasyAnimateBlock(nn.Module):
         return x + gate * ff_x, context + ctx_gate * ff_c
 
 
-class AdaLayerNormOut(nn.Module):
+class AdaLayerNormOut(AdaptiveLayerNorm):
     """Final adaLN: LayerNorm modulated by (shift, scale) from the timestep embedding."""
 
-    def __init__(
-        self,
-        cond_dim: int,
-        dim: int,
-        eps: float,
-        affine: bool,
-        dtype=None,
-        device=None,
-        operations=None,
-    ):
-        super().__init__()
-        self.linear = operations.Linear(cond_dim, 2 * dim, dtype=dtype, device=device)
-        self.norm = operations.LayerNorm(dim, eps=eps, elementwise_affine=affine, dtype=dtype, device=device)
+    def __init__(self, cond_dim: int, dim: int, eps: float, affine: bool, **kw):
+        super().__init__(cond_dim, dim, 2, eps, affine, **kw)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.linear(F.silu(temb))[:, None, :].chunk(2, dim=-1)
+        shift, scale = self.modulations(temb)
         return self.norm(x) * (1 + scale) + shift
 
 
