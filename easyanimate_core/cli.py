@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .loading import inspect_checkpoint
+from .offload import MEMORY_MODES, ModelPlacement
 
 # Parts a full model folder carries beside the transformer and the VAE, per version.
 _PIPELINE_PARTS = {
@@ -105,16 +106,18 @@ def generate(args) -> int:
     job = _generation_inputs(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    offload = args.memory_mode == "model_cpu_offload"
+    placement = ModelPlacement(args.memory_mode, device, dtype)
     root, info = job["root"], job["info"]
 
-    text = load_text_encoders(root, info.version.lower(), dtype=dtype, device=device)
-    prompts = text.encode(args.prompt, args.negative_prompt)
+    text = load_text_encoders(root, info.version.lower(), dtype=dtype, device=placement.load_device)
+    with placement.using("text_encoder", text):
+        prompts = text.encode(args.prompt, args.negative_prompt)
     del text  # the text encoders are never needed again in this run
 
-    transformer = load_transformer(root, dtype=dtype, device="cpu" if offload else device)
-    vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, device=device)
-    transformer.to(device)
+    where = {"device": placement.load_device, "operations": placement.operations}
+    transformer = placement.prepare_transformer(load_transformer(root, dtype=dtype, **where))
+    # fp16 overflows in the VAE (black frames): it computes in fp32 then, as the official tools.
+    vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, **where)
     started = time.perf_counter()
     with tqdm(total=job["sampler"].num_steps, desc="sampling", unit="step") as bar:
         frames = run_pipeline(
@@ -129,8 +132,12 @@ def generate(args) -> int:
             seed=args.seed,
             cfg_batched=not args.sequential_cfg,
             progress=lambda done, total: bar.update(done - bar.n),
+            device=placement.device,
+            stage=placement.using,
             **job["inputs"],
         )
+    if args.verbose:
+        print(placement.describe())
     metadata = {
         "model": str(root),
         "version": info.version,
@@ -174,7 +181,15 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="default: the version's released default (Flow for V5.1, DDIM for V5)")
     p.add_argument("--shift", type=float, help="V5.1 Flow time shift (default e, as released)")
     p.add_argument("--seed", type=int, default=43)
-    p.add_argument("--memory-mode", choices=["full", "model_cpu_offload"], default="model_cpu_offload")
+    p.add_argument(
+        "--memory-mode",
+        choices=MEMORY_MODES,
+        default="model_cpu_offload",
+        help="full: all on the GPU; model_cpu_offload: each model on the GPU only while it runs; "
+        "model_cpu_offload_and_qfloat8: also store the transformer blocks in fp8; "
+        "sequential_cpu_offload: stream each layer's weights (least memory, slowest)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print which models were on the device at each stage")
     p.add_argument("--sequential-cfg", action="store_true", help="run the unconditional pass separately")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")

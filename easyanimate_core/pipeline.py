@@ -20,6 +20,7 @@ Conditioning follows the official pipelines (spec §3.8, §4.5):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,13 @@ from .vae import MagvitVAE
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+StageFn = Callable[[str, torch.nn.Module], contextlib.AbstractContextManager]
 NOISE_AUG_STRENGTH = 0.0563  # σ of the noise added to kept pixels of InP inputs (official default)
+
+
+def _no_stage(name: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The default stage: models stay where they are."""
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -247,9 +254,16 @@ def generate(
     decode_chunk: int | None = None,
     decode: bool = True,
     progress: ProgressFn | None = None,
+    device: torch.device | str | None = None,
+    stage: StageFn | None = None,
 ) -> torch.Tensor:
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
-    DiT-space latents [1, C, T, h, w] (see the module docstring)."""
+    DiT-space latents [1, C, T, h, w] (see the module docstring).
+
+    ``device``: where to compute (default: where the transformer's weights are; give it when they are
+    streamed from the CPU). ``stage(name, model)``: a context manager around each use of a model
+    ("vae" encode, "transformer" sampling, "vae" decode), e.g. ``offload.ModelPlacement.using``.
+    """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     if control_ch and (start_image is not None or end_image is not None):
         raise ValueError("a Control model takes no start/end image; use ref_image for a V5.1 Control model")
@@ -260,8 +274,9 @@ def generate(
     if video is not None and video.shape[0] < frames:
         raise ValueError(f"the input video has {video.shape[0]} frames; {frames} were requested")
     size = snap_size(frames, height, width, vae)
-    device = next(transformer.parameters()).device
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = transformer.dtype
+    stage = stage or _no_stage
     generator = torch.Generator("cpu").manual_seed(seed)
 
     shape = (
@@ -273,28 +288,31 @@ def generate(
     )
     noise = torch.randn(shape, generator=generator) if latents is None else latents.float().cpu()
     x0 = None
-    if video is not None:
-        x0 = encode_mean(vae, to_model_pixels(video[: size.frames], size), device).cpu()
+    extra = {}
+    encodes = any(t is not None for t in (video, start_image, end_image, control_video, ref_image))
+    with stage("vae", vae) if encodes else contextlib.nullcontext():
+        if video is not None:
+            x0 = encode_mean(vae, to_model_pixels(video[: size.frames], size), device).cpu()
+        if inpaint_ch:
+            # Nothing kept (text- or video-to-video through an InP model) gives all-zero inpaint latents.
+            pixels, mask = (
+                (None, None)
+                if start_image is None and end_image is None
+                else (image_to_video_inputs(start_image, end_image, size))
+            )
+            extra["inpaint_latents"] = inpaint_latents(
+                vae, pixels, mask, shape, generator, noise_aug_strength, device
+            ).to(dtype)
+        if control_ch:
+            extra["control_latents"] = control_latents(
+                vae, control_video, ref_image, shape, control_ch, size, device
+            ).to(dtype)
     latents = sampler.initial_latents(noise, x0).to(device, dtype)
 
-    extra = {}
-    if inpaint_ch:
-        # Nothing kept (text- or video-to-video through an InP model) gives all-zero inpaint latents.
-        pixels, mask = (
-            (None, None)
-            if start_image is None and end_image is None
-            else (image_to_video_inputs(start_image, end_image, size))
-        )
-        extra["inpaint_latents"] = inpaint_latents(vae, pixels, mask, shape, generator, noise_aug_strength, device).to(
-            dtype
-        )
-    if control_ch:
-        extra["control_latents"] = control_latents(vae, control_video, ref_image, shape, control_ch, size, device).to(
-            dtype
-        )
-
-    latents = denoise(transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress)
+    with stage("transformer", transformer):
+        latents = denoise(transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress)
     if not decode:
         return latents
-    pixels = vae.decode(latents.float() / vae.config.scaling_factor, chunk_latents=decode_chunk)
+    with stage("vae", vae):
+        pixels = vae.decode(latents.float() / vae.config.scaling_factor, chunk_latents=decode_chunk)
     return ((pixels[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]

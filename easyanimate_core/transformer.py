@@ -278,6 +278,21 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def fp16_safe(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with inf clamped to the fp16 range and NaN zeroed, in fp16 only (other dtypes untouched).
+
+    The residual stream and the 4x-wide feed-forward of a large DiT can exceed fp16's 65504; one inf
+    turns into NaN at the next LayerNorm and the whole video goes black. ComfyUI does the same for
+    its fp16 models (Flux, HunyuanVideo). bf16 and fp32 have the range and are returned as they are.
+    """
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
 class EasyAnimateBlock(nn.Module):
     """One transformer block: joint attention over [text ; video] then feed-forward, both adaLN-gated.
 
@@ -363,12 +378,12 @@ class EasyAnimateBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope):
         nx, nc, gate, ctx_gate = self.norm1(x, context, temb)
         attn_x, attn_c = self.joint_attention(nx, nc, rope)
-        x = x + gate * attn_x
-        context = context + ctx_gate * attn_c
+        x = fp16_safe(x + gate * attn_x)
+        context = fp16_safe(context + ctx_gate * attn_c)
 
         nx, nc, gate, ctx_gate = self.norm2(x, context, temb)
         ff_x, ff_c = self.feed_forward(nx, nc)
-        return x + gate * ff_x, context + ctx_gate * ff_c
+        return fp16_safe(x + gate * fp16_safe(ff_x)), fp16_safe(context + ctx_gate * fp16_safe(ff_c))
 
 
 class AdaLayerNormOut(AdaptiveLayerNorm):
