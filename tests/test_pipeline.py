@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from easyanimate_core.keys import diffusers_to_official
-from easyanimate_core.pipeline import generate, resize_mask
+from easyanimate_core.pipeline import generate, resize_mask, snap_size
 from easyanimate_core.sampling import make_sampler
 from easyanimate_core.text_encoders import load_text_encoders
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
@@ -59,7 +59,11 @@ def diffusers_text_encoder(text_root):
 
 
 def ours_from(transformer, vae):
-    """Our transformer and VAE carrying the reference's weights."""
+    """Our transformer and VAE carrying the reference's weights.
+
+    compat="diffusers" reproduces diffusers 0.42's RoPE positions (which differ from the code the
+    released weights were trained with when the token grid does not fill the base grid, as here) and
+    its unprojected single-stream text; the CLI and nodes run the official behaviour."""
     ours = EasyAnimateTransformer3D(TransformerConfig.from_dict(dict(transformer.config)), compat="diffusers")
     ours.load_state_dict({diffusers_to_official(k): v for k, v in transformer.state_dict().items()})
     our_vae = MagvitVAE(VAEConfig.from_dict(VAE_CONFIG))
@@ -239,3 +243,25 @@ def test_control_path_matches_diffusers_control_pipeline_parts(text_root, with_r
         sampler = make_sampler("Flow", "V5.1", STEPS)
         kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, guidance=4.0, seed=11, control_video=control)
         assert not torch.equal(latents, generate(ours, our_vae, prompts, sampler, decode=False, **kw))
+
+
+def test_sequential_cfg_equals_batched_cfg(text_root):
+    transformer, vae, *_ = reference_parts(text_root, LATENT)
+    ours, our_vae = ours_from(transformer, vae)
+    prompts = load_text_encoders(text_root, "v5.1").encode("a cat", "dark")
+    kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, guidance=5.0, seed=2, decode=False)
+    batched = generate(ours, our_vae, prompts, make_sampler("Flow", "V5.1", 2), cfg_batched=True, **kw)
+    sequential = generate(ours, our_vae, prompts, make_sampler("Flow", "V5.1", 2), cfg_batched=False, **kw)
+    assert (batched - sequential).abs().max() <= 1e-5 * batched.abs().max()
+
+
+def test_sizes_snap_with_a_warning_that_says_what_changed(caplog):
+    vae = MagvitVAE(VAEConfig.from_dict(VAE_CONFIG), device="meta")
+    with caplog.at_level("WARNING"):
+        size = snap_size(50, 390, 680, vae)
+    assert (size.frames, size.height, size.width) == (49, 384, 672)
+    assert (
+        "size 680x390 -> 672x384 (multiples of 16)" in caplog.text and "frames 50 -> 49 (must be 4k+1)" in caplog.text
+    )
+    caplog.clear()
+    assert snap_size(49, 384, 672, vae) == size and not caplog.text
