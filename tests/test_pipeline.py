@@ -85,35 +85,46 @@ def assert_frames_close(ours: torch.Tensor, ref: torch.Tensor):
     print(f"max|ours - diffusers| = {err:.3g}, reference std {ref.std():.3g}")
 
 
+def run_reference(pipe, prompt: str, guidance: float, seed: int, **kw):
+    """diffusers' pipeline at the shared tiny size and step count."""
+    return pipe(
+        prompt,
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+def run_ours(transformer, vae, prompts, guidance: float, seed: int, steps: int = STEPS, **kw):
+    """Our pipeline at the shared tiny size with the V5.1 Flow sampler."""
+    sampler = make_sampler("Flow", "V5.1", steps)
+    return generate(
+        transformer,
+        vae,
+        prompts,
+        sampler,
+        frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        guidance=guidance,
+        seed=seed,
+        **kw,
+    )
+
+
 def test_text_to_video_matches_diffusers_pipeline(text_root):
     transformer, vae, scheduler, text_encoder = reference_parts(text_root, LATENT)
     tokenizer = load_text_encoders(text_root, "v5.1").tokenizer
     pipe = diffusers.EasyAnimatePipeline(vae, text_encoder, tokenizer, transformer, scheduler)
     prompt, negative = "a red circle moving right", "blurry"
-    ref = pipe(
-        prompt,
-        num_frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        negative_prompt=negative,
-        num_inference_steps=STEPS,
-        guidance_scale=6.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="pt",
-    )
+    ref = run_reference(pipe, prompt, 6.0, 7, negative_prompt=negative, output_type="pt")
     ours, our_vae = ours_from(transformer, vae)
     prompts = load_text_encoders(text_root, "v5.1").encode(prompt, negative)
-    frames = generate(
-        ours,
-        our_vae,
-        prompts,
-        make_sampler("Flow", "V5.1", STEPS),
-        frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        guidance=6.0,
-        seed=7,
-    )
+    frames = run_ours(ours, our_vae, prompts, 6.0, 7)
     assert_frames_close(frames, reference_frames(ref))
 
 
@@ -135,34 +146,12 @@ def test_image_to_video_matches_diffusers_inpaint_pipeline(text_root, with_end):
     if with_end:
         video[:, :, -1] = end.permute(2, 0, 1)
         mask[:, :, -1] = 0
-    ref = pipe(
-        "a blue square",
-        num_frames=FRAMES,
-        video=video,
-        mask_video=mask,
-        height=HEIGHT,
-        width=WIDTH,
-        negative_prompt="",
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-        output_type="pt",
+    ref = run_reference(
+        pipe, "a blue square", 5.0, 3, video=video, mask_video=mask, negative_prompt="", output_type="pt"
     )
     ours, our_vae = ours_from(transformer, vae)
     prompts = load_text_encoders(text_root, "v5.1").encode("a blue square", "")
-    frames = generate(
-        ours,
-        our_vae,
-        prompts,
-        make_sampler("Flow", "V5.1", STEPS),
-        frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        guidance=5.0,
-        seed=3,
-        start_image=start,
-        end_image=end,
-    )
+    frames = run_ours(ours, our_vae, prompts, 5.0, 3, start_image=start, end_image=end)
     assert_frames_close(frames, reference_frames(ref))
 
 
@@ -178,11 +167,8 @@ def test_seed_reproduces_bit_for_bit_and_inputs_matter(text_root):
     ours, our_vae = ours_from(transformer, vae)
     prompts = load_text_encoders(text_root, "v5.1").encode("a green triangle", "")
 
-    def run(seed=5, start=None, steps=2):
-        sampler = make_sampler("Flow", "V5.1", steps)
-        return generate(
-            ours, our_vae, prompts, sampler, frames=FRAMES, height=HEIGHT, width=WIDTH, seed=seed, start_image=start
-        )
+    def run(seed=5, start=None):
+        return run_ours(ours, our_vae, prompts, 6.0, seed, steps=2, start_image=start)
 
     first = run()
     assert torch.equal(first, run())
@@ -207,51 +193,32 @@ def test_control_path_matches_diffusers_control_pipeline_parts(text_root, with_r
     pipe = ControlPipelineWithoutCrashes(vae, text_encoder, tokenizer, transformer, scheduler)
     control = torch.rand(FRAMES, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(4))
     ref_image = image(9) if with_ref else None
-    ref = pipe(
+    ref = run_reference(
+        pipe,
         "a dancer",
-        num_frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
+        4.0,
+        11,
         control_video=control.permute(3, 0, 1, 2)[None],
         ref_image=ref_image.permute(2, 0, 1)[None, :, None] if with_ref else None,
         negative_prompt="",
-        num_inference_steps=STEPS,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(11),
         output_type="latent",
     )
     ours, our_vae = ours_from(transformer, vae)
     prompts = load_text_encoders(text_root, "v5.1").encode("a dancer", "")
-    latents = generate(
-        ours,
-        our_vae,
-        prompts,
-        make_sampler("Flow", "V5.1", STEPS),
-        frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        guidance=4.0,
-        seed=11,
-        control_video=control,
-        ref_image=ref_image,
-        decode=False,
-    )
+    latents = run_ours(ours, our_vae, prompts, 4.0, 11, control_video=control, ref_image=ref_image, decode=False)
     expected = ref.frames
     err = (latents - expected).abs().max().item()
     assert err <= 1e-5 * expected.abs().max().item(), f"max|ours - diffusers| = {err:.3g}"
     if with_ref:  # the reference image really reaches the model
-        sampler = make_sampler("Flow", "V5.1", STEPS)
-        kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, guidance=4.0, seed=11, control_video=control)
-        assert not torch.equal(latents, generate(ours, our_vae, prompts, sampler, decode=False, **kw))
+        assert not torch.equal(latents, run_ours(ours, our_vae, prompts, 4.0, 11, control_video=control, decode=False))
 
 
 def test_sequential_cfg_equals_batched_cfg(text_root):
     transformer, vae, *_ = reference_parts(text_root, LATENT)
     ours, our_vae = ours_from(transformer, vae)
     prompts = load_text_encoders(text_root, "v5.1").encode("a cat", "dark")
-    kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, guidance=5.0, seed=2, decode=False)
-    batched = generate(ours, our_vae, prompts, make_sampler("Flow", "V5.1", 2), cfg_batched=True, **kw)
-    sequential = generate(ours, our_vae, prompts, make_sampler("Flow", "V5.1", 2), cfg_batched=False, **kw)
+    batched = run_ours(ours, our_vae, prompts, 5.0, 2, steps=2, cfg_batched=True, decode=False)
+    sequential = run_ours(ours, our_vae, prompts, 5.0, 2, steps=2, cfg_batched=False, decode=False)
     assert (batched - sequential).abs().max() <= 1e-5 * batched.abs().max()
 
 
