@@ -3,20 +3,37 @@
 Entry points:
     load_transformer(path, dtype=..., device=..., operations=...)  V5 / V5.1 transformer
     load_vae(path, dtype=..., device=..., operations=...)          V4 slice / V5 / V5.1 mag VAE
+    load_text_encoders(root, version)                              Qwen2-VL (V5.1) or BERT + mT5 (V4 / V5)
+    make_sampler(name, version, steps, strength=...)               the released samplers of each version
+    generate(transformer, vae, prompts, sampler, ...)              text / image / video / control to video
     inspect_checkpoint(path)                                       what a checkpoint is, from its headers
 """
 
 from .loading import CheckpointInfo, inspect_checkpoint, load_transformer, load_vae
+from .pipeline import generate
+from .sampling import DEFAULTS, SAMPLERS, make_sampler
+from .text_encoders import PromptEmbeds, PromptPair, TextEncoders, load_text_encoders
 from .transformer import EasyAnimateTransformer3D, TransformerConfig
-from .vae import MagvitVAE, VAEConfig
+from .vae import VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
 
 __all__ = [
+    "DEFAULTS",
+    "SAMPLERS",
+    "VAE_V4",
+    "VAE_V5",
+    "VAE_V51",
     "CheckpointInfo",
     "EasyAnimateTransformer3D",
     "MagvitVAE",
+    "PromptEmbeds",
+    "PromptPair",
+    "TextEncoders",
     "TransformerConfig",
     "VAEConfig",
+    "generate",
     "inspect_checkpoint",
+    "load_text_encoders",
     "load_transformer",
     "load_vae",
+    "make_sampler",
 ]
