@@ -217,8 +217,8 @@ class EasyAnimateEmptyLatentVideo:
         m, step = vae.pixel_multiple, vae.temporal_compression
         for name, size in (("width", width), ("height", height)):
             if size % m or size <= 0:
-                lower, upper = max(m, size // m * m), (size // m + 1) * m
-                return f"{name} {size} is not a multiple of {m}; nearest valid: {lower} or {upper}"
+                nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), (size // m + 1) * m)))
+                return f"{name} {size} is not a multiple of {m}; nearest valid: {nearest}"
         if frames < 1 or (frames - 1) % step:
             lower, upper = max(1, (frames - 1) // step * step + 1), ((frames - 1) // step + 1) * step + 1
             return f"frames {frames} must be {step}k+1 for {version}; nearest valid: {lower} or {upper}"

@@ -1,0 +1,328 @@
+"""The EasyAnimate nodes without ComfyUI: a small stand-in for the comfy functions they use.
+
+The stand-in keeps the real signatures (ComfyUI 0.3.64) and CPU behaviour: ``unet_dtype`` gives float32 on
+CPU, ``unet_manual_cast`` casts only non-float32 weights, ``pick_operations`` returns plain layers without a
+compute cast and casting layers with one (here core's ``manual_cast``, ComfyUI's is checked in
+tests/integration/test_comfy_ops.py). The nodes package is imported as ComfyUI imports it: by file path.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import easyanimate_core.ops
+from easyanimate_core.transformer import EasyAnimateTransformer3D
+from tests.tiny_checkpoint import write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
+    """sys.modules entries for the comfy modules and functions the nodes call."""
+    loads = []
+
+    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
+        return torch.float32  # CPU: ComfyUI runs diffusion models in float32
+
+    def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=()):
+        return None if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+    def load_models_gpu(
+        models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False
+    ):
+        loads.append(list(models))
+
+    def cpu():
+        return CPU
+
+    mm = _module(
+        "comfy.model_management",
+        get_torch_device=cpu,
+        unet_offload_device=cpu,
+        vae_device=cpu,
+        vae_offload_device=cpu,
+        text_encoder_device=cpu,
+        text_encoder_offload_device=cpu,
+        intermediate_device=cpu,
+        text_encoder_dtype=lambda device=None: torch.float32,
+        unet_dtype=unet_dtype,
+        unet_manual_cast=unet_manual_cast,
+        load_models_gpu=load_models_gpu,
+        loads=loads,
+    )
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    def pick_operations(
+        weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False, scaled_fp8=None
+    ):
+        return torch.nn if compute_dtype is None else easyanimate_core.ops.manual_cast
+
+    class ModelType(enum.Enum):
+        EPS = 1
+        V_PREDICTION = 2
+        FLOW = 6
+
+    class CONDRegular:
+        def __init__(self, cond):
+            self.cond = cond
+
+    class CONDCrossAttn(CONDRegular):
+        pass
+
+    class LatentFormat:
+        scale_factor = 1.0
+        latent_channels = 4
+        latent_dimensions = 2
+
+    class BaseModel(torch.nn.Module):
+        def __init__(self, model_config, model_type=ModelType.EPS, device=None, unet_model=None):
+            super().__init__()
+            assert model_config.unet_config.get("disable_unet_model_creation")  # no network built here
+            self.latent_format, self.model_config = model_config.latent_format, model_config
+            self.manual_cast_dtype, self.device, self.model_type = model_config.manual_cast_dtype, device, model_type
+
+        def extra_conds(self, **kwargs):
+            cross_attn = kwargs.get("cross_attn")
+            return {} if cross_attn is None else {"c_crossattn": CONDCrossAttn(cross_attn)}
+
+    class BASE:
+        unet_config: dict = {}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 64}
+        sampling_settings: dict = {}
+        latent_format = LatentFormat
+        manual_cast_dtype = None
+
+        def __init__(self, unet_config):
+            self.unet_config = unet_config.copy()
+            self.sampling_settings = self.sampling_settings.copy()
+            self.latent_format = self.latent_format()
+            for x in self.unet_extra_config:
+                self.unet_config[x] = self.unet_extra_config[x]
+
+        def set_inference_dtype(self, dtype, manual_cast_dtype):
+            self.unet_config["dtype"] = dtype
+            self.manual_cast_dtype = manual_cast_dtype
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.current, self.total = value, total or self.total
+
+    folders: dict[str, list[str]] = {}
+
+    def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+        folders.setdefault(folder_name, []).insert(
+            0 if is_default else len(folders.get(folder_name, [])), full_folder_path
+        )
+
+    modules = {
+        "comfy.model_management": mm,
+        "comfy.model_patcher": _module("comfy.model_patcher", ModelPatcher=ModelPatcher),
+        "comfy.ops": _module("comfy.ops", pick_operations=pick_operations),
+        "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, BaseModel=BaseModel),
+        "comfy.conds": _module("comfy.conds", CONDRegular=CONDRegular, CONDCrossAttn=CONDCrossAttn),
+        "comfy.latent_formats": _module("comfy.latent_formats", LatentFormat=LatentFormat),
+        "comfy.supported_models_base": _module("comfy.supported_models_base", BASE=BASE),
+        "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar),
+    }
+    comfy = _module("comfy", __path__=[], **{name.split(".")[1]: m for name, m in modules.items()})
+    folder_paths = _module(
+        "folder_paths",
+        models_dir=str(models_dir),
+        add_model_folder_path=add_model_folder_path,
+        get_folder_paths=lambda folder_name: list(folders.get(folder_name, [])),
+    )
+    return {"comfy": comfy, "folder_paths": folder_paths, **modules}
+
+
+@pytest.fixture
+def nodes(tmp_path, monkeypatch):
+    """The pack's nodes package imported against the stand-in, with an empty models/EasyAnimate/."""
+    for name, module in standin_comfy(tmp_path / "models").items():
+        monkeypatch.setitem(sys.modules, name, module)
+    (tmp_path / "models" / "EasyAnimate").mkdir(parents=True)
+    package = "easyanimate_nodes_under_test"
+    spec = importlib.util.spec_from_file_location(
+        package, REPO / "nodes" / "__init__.py", submodule_search_locations=[str(REPO / "nodes")]
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, package, module)
+    spec.loader.exec_module(module)
+    yield types.SimpleNamespace(
+        package=module,
+        nodes=sys.modules[f"{package}.nodes"],
+        native=sys.modules[f"{package}.native_model"],
+        models=tmp_path / "models" / "EasyAnimate",
+        mm=sys.modules["comfy.model_management"],
+    )
+    for name in [n for n in sys.modules if n.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """Tiny random InP checkpoints for V5.1 and V5 (written once, symlinked into each test's models folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: write_tiny_checkpoint(root / v.replace(".", ""), "InP", version=v) for v in ("V5.1", "V5")}
+
+
+def install(nodes, tiny_folders, version: str) -> str:
+    name = f"tiny-{version}"
+    (nodes.models / name).symlink_to(tiny_folders[version], target_is_directory=True)
+    return name
+
+
+def mappings_are_complete(nodes) -> None:
+    mapping = nodes.package.NODE_CLASS_MAPPINGS
+    assert set(mapping) == set(nodes.package.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in mapping.items():
+        assert name.startswith("EasyAnimate") and cls.CATEGORY == "EasyAnimate", name
+        assert callable(getattr(cls, cls.FUNCTION)), name
+
+
+def test_every_node_is_registered_with_a_prefixed_name_and_category(nodes):
+    mappings_are_complete(nodes)
+    assert {"EasyAnimateModelLoader", "EasyAnimateVAEDecode", "EasyAnimateTextEncode"} <= set(
+        nodes.package.NODE_CLASS_MAPPINGS
+    )
+
+
+def test_loaders_list_only_folders_that_hold_the_part(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V5.1")
+    (nodes.models / "empty").mkdir()
+    (nodes.models / "stray.safetensors").write_bytes(b"")
+    (nodes.models / "vae-only" / "vae").mkdir(parents=True)
+    n = nodes.nodes
+    assert n.EasyAnimateModelLoader.INPUT_TYPES()["required"]["model_folder"][0] == [name]
+    assert n.EasyAnimateVAELoader.INPUT_TYPES()["required"]["model_folder"][0] == [name, "vae-only"]
+    assert n.EasyAnimateTextEncoderLoader.INPUT_TYPES()["required"]["model_folder"][0] == [name]
+
+
+@pytest.mark.parametrize(
+    ("version", "model_type", "settings"),
+    [
+        ("V5.1", "FLOW", {"shift": math.e, "multiplier": 1000}),
+        ("V5", "V_PREDICTION", {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "zsnr": True}),
+    ],
+)
+def test_sampling_settings_per_version(nodes, version, model_type, settings):
+    kind, got = nodes.native.sampling_settings(version)
+    assert kind.name == model_type
+    assert got == pytest.approx(settings)
+
+
+@pytest.mark.parametrize("version", ["V5.1", "V5"])
+def test_model_loader_returns_a_patcher_over_our_transformer(nodes, tiny_folders, version):
+    name = install(nodes, tiny_folders, version)
+    patcher, info = nodes.nodes.EasyAnimateModelLoader().load(name, "default")
+    model = patcher.model
+    assert isinstance(model, nodes.native.EasyAnimateModel)
+    assert isinstance(model.diffusion_model.transformer, EasyAnimateTransformer3D)
+    assert f"EasyAnimate {version} transformer" in info and "InP" in info
+    assert model.model_config.unet_config == {"disable_unet_model_creation": True, "dtype": torch.float32}
+    assert model.latent_format.latent_channels == 16 and model.latent_format.scale_factor == 0.7125
+    assert (patcher.load_device, patcher.offload_device) == (CPU, CPU)
+
+
+def test_bf16_weights_load_with_casting_layers(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V5.1")
+    patcher, _ = nodes.nodes.EasyAnimateModelLoader().load(name, "bf16")
+    assert patcher.model.diffusion_model.dtype == torch.bfloat16
+    assert patcher.model.manual_cast_dtype == torch.float32
+    assert isinstance(patcher.model.diffusion_model.transformer.proj_out, easyanimate_core.ops.CastLinear)
+
+
+def test_wrapper_feeds_zero_inpaint_latents_and_maps_extra_conds(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V5")
+    model = nodes.nodes.EasyAnimateModelLoader().load(name, "default")[0].model
+    net, transformer = model.diffusion_model, model.diffusion_model.transformer
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 2, 4, 4, generator=g), torch.tensor([900.0, 900.0])
+    text, text_2 = torch.randn(2, 5, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        expected = transformer(x, t, text, text_2, inpaint_latents=torch.zeros(2, 17, 2, 4, 4))[:, :16]
+        got = net(x, t, context=text, encoder_hidden_states_t5=text_2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    conds = model.extra_conds(cross_attn=text, easyanimate_text_2=text_2)
+    assert set(conds) == {"c_crossattn", "encoder_hidden_states_t5"}
+    assert conds["encoder_hidden_states_t5"].cond is text_2
+
+
+def test_text_encoder_loader_refuses_a_folder_without_transformer(nodes, tiny_folders):
+    folder = nodes.models / "text-only"
+    folder.mkdir()
+    (folder / "text_encoder").symlink_to(tiny_folders["V5"] / "text_encoder", target_is_directory=True)
+    with pytest.raises(ValueError, match="V5 / V5.1 folders"):
+        nodes.nodes.EasyAnimateTextEncoderLoader().load("text-only")
+
+
+@pytest.mark.parametrize(("version", "extras"), [("V5.1", set()), ("V5", {"easyanimate_text_2"})])
+def test_text_encode_gives_conditioning_and_loads_the_encoders_first(nodes, tiny_folders, version, extras):
+    name = install(nodes, tiny_folders, version)
+    handle = nodes.nodes.EasyAnimateTextEncoderLoader().load(name)[0]
+    (conditioning,) = nodes.nodes.EasyAnimateTextEncode().encode(handle, "a red fox")
+    assert nodes.mm.loads == [[handle.patcher]]
+    [[embeds, extra]] = conditioning
+    assert embeds.shape[0] == 1 and embeds.shape[-1] == 32 and embeds.device == CPU
+    assert set(extra) == extras
+    expected = handle.encoders.encode_texts(["a red fox"])
+    torch.testing.assert_close(embeds, expected.embeds)
+
+
+def test_empty_latent_video_shape(nodes):
+    (latent,) = nodes.nodes.EasyAnimateEmptyLatentVideo().generate("V5.1", 672, 384, 49, 2)
+    assert latent["samples"].shape == (2, 16, 13, 48, 84)
+    assert not latent["samples"].any()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "frames", "message"),
+    [
+        (672, 384, 50, "frames 50 must be 4k+1 for V5; nearest valid: 49 or 53"),
+        (670, 384, 49, "width 670 is not a multiple of 16; nearest valid: 656 or 672"),
+        (672, 8, 49, "height 8 is not a multiple of 16; nearest valid: 16"),
+    ],
+)
+def test_empty_latent_video_rejects_sizes_naming_the_nearest_valid(nodes, width, height, frames, message):
+    validate = nodes.nodes.EasyAnimateEmptyLatentVideo.VALIDATE_INPUTS
+    assert validate("V5", width, height, frames) == message
+    assert validate("V5", 672, 384, 49) is True
+
+
+def test_vae_decode_gives_image_frames_in_unit_range(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V5.1")
+    handle = nodes.nodes.EasyAnimateVAELoader().load(name)[0]
+    latents = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": latents}, handle)
+    assert nodes.mm.loads == [[handle.patcher]]
+    assert image.shape == (9, 32, 48, 3)
+    assert 0 <= image.min() and image.max() <= 1
+    with torch.no_grad():
+        expected = ((handle.vae.decode(latents) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close(image, expected)
+
+
+def test_vae_decode_refuses_image_latents(nodes, tiny_folders):
+    handle = nodes.nodes.EasyAnimateVAELoader().load(install(nodes, tiny_folders, "V5.1"))[0]
+    with pytest.raises(ValueError, match=r"expected video latents \[B, 16, T, h, w\], got \[1, 4, 8, 8\]"):
+        nodes.nodes.EasyAnimateVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, handle)
