@@ -117,7 +117,7 @@ sys.modules["easyanimate_pack"] = pack
 spec.loader.exec_module(pack)
 from easyanimate_core.loading import load_transformer
 from easyanimate_core.pipeline import denoise
-from easyanimate_core.sampling import flow_sigmas, make_sampler
+from easyanimate_core.sampling import SCHEDULES, alphas_cumprod, flow_sigmas, make_sampler
 from easyanimate_core.text_encoders import PromptPair, load_text_encoders
 
 from easyanimate_pack.nodes.native_model import load_native_model
@@ -146,6 +146,13 @@ with torch.no_grad():
     core_latents = denoise(transformer, noise.clone(), make_sampler("Flow", "V5.1", STEPS), prompts, GUIDANCE,
                            inpaint, torch.Generator().manual_seed(0))
 
+# V5: ComfyUI's discrete v-prediction table with zero terminal SNR against core's alphas_cumprod.
+root_v5 = tempfile.mkdtemp() + "/tiny_v5"
+write_tiny_checkpoint(root_v5, "T2V", version="V5")
+ms_v5 = load_native_model(root_v5).get_model_object("model_sampling")
+abar = alphas_cumprod(SCHEDULES["V5"])
+core_sigmas = ((1 - abar) / abar).sqrt()[:-1]  # the last is infinite (ComfyUI clamps it to a finite value)
+
 ms = model.get_model_object("model_sampling")
 raw = torch.linspace(1000, 1, STEPS) / 1000  # not the schedule's points: any t checks the shift formula
 core_shift = torch.e * raw / (1 + (torch.e - 1) * raw)
@@ -155,6 +162,9 @@ print(json.dumps({
     "timestep_of_sigma": ms.timestep(torch.tensor(0.5)).item(),
     "latent_max_abs": core_latents.abs().max().item(),
     "latent_max_diff": (comfy_latents - core_latents).abs().max().item(),
+    "v5_sampling_classes": [c.__name__ for c in type(ms_v5).__mro__],
+    "v5_sigma_max_rel_diff": ((ms_v5.sigmas[:-1] - core_sigmas).abs() / core_sigmas).max().item(),
+    "v5_sigma_max": ms_v5.sigmas[-1].item(),
 }))
 """
 
@@ -187,3 +197,11 @@ def test_comfy_euler_on_our_model_reproduces_core_flow_sampler(flow_sampling_res
     scale = flow_sampling_results["latent_max_abs"]
     assert scale > 0.1  # a real sample, not zeros
     assert flow_sampling_results["latent_max_diff"] <= 1e-5 * scale
+
+
+def test_v5_model_sampling_is_v_prediction_with_zero_terminal_snr(flow_sampling_results):
+    """ComfyUI's zsnr table equals core's rescaled scaled_linear schedule: measured 1.9e-5 relative (core
+    computes in float32, ComfyUI in float64)."""
+    assert {"ModelSamplingDiscrete", "V_PREDICTION"} <= set(flow_sampling_results["v5_sampling_classes"])
+    assert flow_sampling_results["v5_sigma_max_rel_diff"] <= 1e-4
+    assert flow_sampling_results["v5_sigma_max"] > 1000  # ComfyUI's finite stand-in for infinite (zero SNR)
