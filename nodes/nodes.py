@@ -12,6 +12,7 @@ import folder_paths
 import torch
 
 from easyanimate_core.loading import inspect_checkpoint, load_vae
+from easyanimate_core.sampling import DEFAULTS, make_sampler
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 from easyanimate_core.vae import VAE_V5, VAE_V51, MagvitVAE
 
@@ -231,6 +232,32 @@ class EasyAnimateEmptyLatentVideo:
         return ({"samples": torch.zeros(shape, device=mm.intermediate_device())},)
 
 
+class EasyAnimateFlowSigmas:
+    """The released V5.1 Flow schedule as SIGMAS, for SamplerCustomAdvanced to reproduce the official sampler."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "steps": ("INT", {"default": DEFAULTS["V5.1"][1], "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
+                "denoise": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Strength (1: from noise)."},
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+
+    def get_sigmas(self, steps, denoise):
+        if denoise <= 0.0:
+            return (torch.zeros(0),)  # as ComfyUI's schedulers: nothing to sample
+        # The official pipeline's strength: the last int(steps * denoise) steps of the full schedule.
+        return (make_sampler("Flow", "V5.1", steps, strength=denoise).sigmas.clone(),)
+
+
 NODE_CLASS_MAPPINGS = {
     "EasyAnimateModelLoader": EasyAnimateModelLoader,
     "EasyAnimateVAELoader": EasyAnimateVAELoader,
@@ -238,6 +265,7 @@ NODE_CLASS_MAPPINGS = {
     "EasyAnimateTextEncoderLoader": EasyAnimateTextEncoderLoader,
     "EasyAnimateTextEncode": EasyAnimateTextEncode,
     "EasyAnimateEmptyLatentVideo": EasyAnimateEmptyLatentVideo,
+    "EasyAnimateFlowSigmas": EasyAnimateFlowSigmas,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -247,4 +275,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EasyAnimateTextEncoderLoader": "EasyAnimate Text Encoder Loader",
     "EasyAnimateTextEncode": "EasyAnimate Text Encode",
     "EasyAnimateEmptyLatentVideo": "EasyAnimate Empty Latent Video",
+    "EasyAnimateFlowSigmas": "EasyAnimate Flow Sigmas (V5.1)",
 }

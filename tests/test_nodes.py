@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import easyanimate_core.ops
+from easyanimate_core.sampling import flow_sigmas
 from easyanimate_core.transformer import EasyAnimateTransformer3D
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
@@ -326,3 +327,13 @@ def test_vae_decode_refuses_image_latents(nodes, tiny_folders):
     handle = nodes.nodes.EasyAnimateVAELoader().load(install(nodes, tiny_folders, "V5.1"))[0]
     with pytest.raises(ValueError, match=r"expected video latents \[B, 16, T, h, w\], got \[1, 4, 8, 8\]"):
         nodes.nodes.EasyAnimateVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, handle)
+
+
+def test_flow_sigmas_are_the_core_v51_schedule(nodes):
+    (sigmas,) = nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 1.0)
+    torch.testing.assert_close(sigmas, flow_sigmas(8), rtol=0, atol=0)
+    (partial,) = nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 0.5)
+    torch.testing.assert_close(partial, flow_sigmas(8)[4:], rtol=0, atol=0)
+    assert nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 0.0)[0].numel() == 0
+    with pytest.raises(ValueError, match="keeps no step of 8"):
+        nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 0.1)

@@ -25,6 +25,7 @@ OUR_NODES = {
     "EasyAnimateTextEncoderLoader",
     "EasyAnimateTextEncode",
     "EasyAnimateEmptyLatentVideo",
+    "EasyAnimateFlowSigmas",
 }
 FOLDERS = {"V5.1": "tiny-v51-inp", "V5": "tiny-v5-inp"}
 
@@ -89,6 +90,54 @@ def test_text_to_video_with_stock_ksampler_saves_frames(comfy_server, tiny_model
     files = comfy_server.output_files(entry)
     assert len(files) == 9, entry["outputs"]  # 9 frames -> 3 latent frames -> 9 decoded frames
     assert all(f.is_file() and f.stat().st_size > 0 and f.name.startswith(prefix) for f in files)
+
+
+def test_model_sampling_sd3_shift_patch_works_with_ksampler(comfy_server, tiny_models):
+    prompt = text_to_video_prompt(tiny_models["V5.1"], "V5.1", frames=5, prefix="easyanimate_sd3_shift")
+    prompt["10"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 5.0}}
+    prompt["6"]["inputs"]["model"] = ["10", 0]
+    files = comfy_server.output_files(comfy_server.run_prompt(prompt, timeout=300))
+    assert len(files) == 5 and all(f.stat().st_size > 0 for f in files)
+
+
+def test_sampler_custom_advanced_with_flow_sigmas_saves_an_animated_webp(comfy_server, tiny_models):
+    prompt = text_to_video_prompt(tiny_models["V5.1"], "V5.1", frames=9)
+    del prompt["6"], prompt["9"]
+    prompt.update(
+        {
+            "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 11}},
+            "21": {
+                "class_type": "CFGGuider",
+                "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0], "cfg": 6.0},
+            },
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "23": {"class_type": "EasyAnimateFlowSigmas", "inputs": {"steps": 4, "denoise": 1.0}},
+            "24": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["20", 0],
+                    "guider": ["21", 0],
+                    "sampler": ["22", 0],
+                    "sigmas": ["23", 0],
+                    "latent_image": ["5", 0],
+                },
+            },
+            "25": {
+                "class_type": "SaveAnimatedWEBP",
+                "inputs": {
+                    "images": ["8", 0],
+                    "filename_prefix": "easyanimate_custom",
+                    "fps": 8.0,
+                    "lossless": False,
+                    "quality": 80,
+                    "method": "default",
+                },
+            },
+        }
+    )
+    prompt["8"]["inputs"]["samples"] = ["24", 0]
+    files = comfy_server.output_files(comfy_server.run_prompt(prompt, timeout=300))
+    assert len(files) == 1 and files[0].suffix == ".webp" and files[0].stat().st_size > 0
 
 
 def test_frames_not_4k_plus_1_are_rejected_with_nearest_values(comfy_server, tiny_models):
