@@ -2,6 +2,7 @@
 
     read_lora(path_or_state_dict, model) -> {module path: LoraLayer}
     merge_lora(model, lora, strength)   /  unmerge_lora(model, lora, strength)
+    UnmergedLora(model, lora, strength)    forward hooks instead of merged weights; .remove()
 
 Layouts (spec §6.2):
 * official (kohya ``LoRANetwork``): ``lora_unet__transformer_blocks_0_attn1_to_q.lora_down.weight``
@@ -153,3 +154,31 @@ def merge_lora(model: nn.Module, lora: dict[str, LoraLayer], strength: float = 1
 def unmerge_lora(model: nn.Module, lora: dict[str, LoraLayer], strength: float = 1.0) -> None:
     """Undo :func:`merge_lora` with the same strength."""
     merge_lora(model, lora, -strength)
+
+
+class UnmergedLora:
+    """A LoRA applied through forward hooks, leaving the weights untouched; ``remove()`` takes it off.
+
+    Each hooked layer adds ``strength * alpha/rank * up(down(x))`` to its output: the weights stay
+    shareable (and fp8-storable) at the cost of two thin matmuls per layer.
+    """
+
+    def __init__(self, model: nn.Module, lora: dict[str, LoraLayer], strength: float = 1.0):
+        self.handles = []
+        for path, layer in lora.items():
+            scale = strength * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank
+            self.handles.append(model.get_submodule(path).register_forward_hook(self._hook(layer, scale)))
+
+    @staticmethod
+    def _hook(layer: LoraLayer, scale: float):
+        def add_update(module, inputs, output):
+            x = inputs[0]
+            down, up = layer.down.to(x.device, x.dtype), layer.up.to(x.device, x.dtype)
+            return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+        return add_update
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from easyanimate_core.keys import official_to_diffusers
-from easyanimate_core.lora import merge_lora, read_lora, unmerge_lora
+from easyanimate_core.lora import UnmergedLora, merge_lora, read_lora, unmerge_lora
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
 
 CFG = TransformerConfig(
@@ -164,3 +164,18 @@ def test_wrong_shapes_name_the_layer(model, tensors):
 def test_pickle_files_are_refused(model, tmp_path):
     with pytest.raises(ValueError, match="safetensors files only"):
         read_lora(tmp_path / "lora.pt", model)
+
+
+def test_unmerged_hooks_equal_merged_weights_and_come_off(model, tensors):
+    x, t, text = torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 12)
+    lora = read_lora(official_file(tensors, alpha=RANK / 2), model)
+    with torch.no_grad():
+        before = model(x, t, text)
+        hooks = UnmergedLora(model, lora, 0.02)
+        unmerged = model(x, t, text)
+        hooks.remove()
+        assert torch.equal(model(x, t, text), before)
+        merge_lora(model, lora, 0.02)
+        merged = model(x, t, text)
+    assert (merged - before).abs().max() > 1e-3
+    torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)
