@@ -196,13 +196,14 @@ class EasyAnimateEmptyLatentVideo:
     def INPUT_TYPES(cls):
         vae = VAE_V51
         step, multiple = vae.temporal_compression, vae.pixel_multiple
+        size, frames = f"Pixels, a multiple of {multiple}.", f"Video frames, {step}k+1 (1, 5, 9, ..., 49)."
         return {
             "required": {
                 "version": (list(VAE_CONFIGS), {"tooltip": "The model version (sets the size and frame rules)."}),
-                "width": ("INT", {"default": 672, "min": multiple, "max": 4096, "step": multiple}),
-                "height": ("INT", {"default": 384, "min": multiple, "max": 4096, "step": multiple}),
-                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": step, "tooltip": f"{step}k+1"}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "width": ("INT", {"default": 672, "min": multiple, "max": 4096, "step": multiple, "tooltip": size}),
+                "height": ("INT", {"default": 384, "min": multiple, "max": 4096, "step": multiple, "tooltip": size}),
+                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": step, "tooltip": frames}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
             }
         }
 

@@ -199,6 +199,8 @@ def mappings_are_complete(nodes) -> None:
     for name, cls in mapping.items():
         assert name.startswith("EasyAnimate") and cls.CATEGORY == "EasyAnimate", name
         assert callable(getattr(cls, cls.FUNCTION)), name
+        for input_name, spec in cls.INPUT_TYPES()["required"].items():
+            assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
 def test_every_node_is_registered_with_a_prefixed_name_and_category(nodes):
