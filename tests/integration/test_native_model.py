@@ -204,6 +204,21 @@ patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator()
 patched_latents = comfy_sample(patched)
 restored_latents = comfy_sample(model)
 
+# A forced partial load (1-byte weight budget: every comfy.ops layer streams its weights) against a full load.
+x, t = noise * 0.5, torch.tensor([0.7])
+def apply(m):
+    with torch.no_grad():
+        return m.model.apply_model(x, t, c_crossattn=positive[0][0])
+cpu = torch.device("cpu")
+model.patch_model(device_to=cpu, lowvram_model_memory=0)
+full_out = apply(model)
+model.unpatch_model(cpu)
+model.patch_model(device_to=cpu, lowvram_model_memory=1)
+streamed = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in model.model.modules())
+lowvram = bool(model.model.model_lowvram)
+partial_out = apply(model)
+model.unpatch_model(cpu)
+
 # Core: the pipeline's sampling loop with the Flow sampler, on a transformer loaded without comfy.ops.
 transformer = load_transformer(root)
 prompts = PromptPair(te.encoders.encode_texts(["a red fox"]), te.encoders.encode_texts(["blurry"]))
@@ -230,6 +245,9 @@ print(json.dumps({
     "latent_max_diff": (comfy_latents - core_latents).abs().max().item(),
     "patched_max_diff": (patched_latents - comfy_latents).abs().max().item(),
     "restored_max_diff": (restored_latents - comfy_latents).abs().max().item(),
+    "partial_lowvram": lowvram,
+    "partial_streamed_layers": streamed,
+    "partial_max_diff": (partial_out - full_out).abs().max().item(),
     "v5_sampling_classes": [c.__name__ for c in type(ms_v5).__mro__],
     "v5_sigma_max_rel_diff": ((ms_v5.sigmas[:-1] - core_sigmas).abs() / core_sigmas).max().item(),
     "v5_sigma_max": ms_v5.sigmas[-1].item(),
@@ -279,3 +297,10 @@ def test_weight_patch_changes_the_sample_and_the_unpatched_model_restores_it(flo
     """add_patches on a clone (LoraLoader's way) changes the latents; sampling the original again is bit-exact."""
     assert flow_sampling_results["patched_max_diff"] > 1e-3 * flow_sampling_results["latent_max_abs"]
     assert flow_sampling_results["restored_max_diff"] == 0.0
+
+
+def test_forced_partial_load_gives_the_full_load_output(flow_sampling_results):
+    """ModelPatcher with a near-zero weight budget streams every comfy.ops layer; the output is bit-identical."""
+    assert flow_sampling_results["partial_streamed_layers"] > 10
+    assert flow_sampling_results["partial_lowvram"]
+    assert flow_sampling_results["partial_max_diff"] == 0.0
