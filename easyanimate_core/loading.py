@@ -60,6 +60,7 @@ class CheckpointInfo:
     files: list[Path]
     config: TransformerConfig | VAEConfig | None = None
     notes: list[str] = field(default_factory=list)
+    weight_dtype: torch.dtype | None = None  # dtype of the main weights: what loading with dtype=None keeps
 
     def summary(self) -> str:
         files = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
@@ -346,6 +347,8 @@ def _inspect(path, kind: str) -> tuple[_Header, dict[str, str], CheckpointInfo]:
     info = _DETECTORS[kind](shapes, header.files, config)
     info.layout = layout
     info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
+    probe = to_file["proj.weight" if kind == "transformer" else "post_quant_conv.weight"]
+    info.weight_dtype = _SAFETENSORS_DTYPES.get(header.dtypes[probe], torch.float32)
     return header, to_file, info
 
 
@@ -426,8 +429,7 @@ def _load_weights(
 def _load(path, kind: str, build: Callable[[CheckpointInfo, torch.dtype], nn.Module], dtype, device, progress):
     """Detect, build on meta, check keys, then read and assign every tensor in the target dtype."""
     header, to_file, info = _inspect(path, kind)
-    probe = to_file["proj.weight" if kind == "transformer" else "post_quant_conv.weight"]
-    model_dtype = dtype or _SAFETENSORS_DTYPES.get(header.dtypes[probe], torch.float32)
+    model_dtype = dtype or info.weight_dtype
     model = _load_weights(lambda: build(info, model_dtype), header, to_file, model_dtype, device, progress)
     model.info = info
     return model

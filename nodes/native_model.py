@@ -20,7 +20,7 @@ import comfy.ops
 import comfy.supported_models_base
 import torch
 
-from easyanimate_core.loading import _SAFETENSORS_DTYPES, inspect_checkpoint, load_transformer
+from easyanimate_core.loading import inspect_checkpoint, load_transformer
 from easyanimate_core.pipeline import model_inputs, model_version
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
@@ -133,10 +133,10 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
     config = EasyAnimateModelConfig(info.version)
     unet_dtype = WEIGHT_DTYPES[weight_dtype]
     if unet_dtype is None:
-        # stored_dtype lists the safetensors dtypes ("F32" or "BF16, F32"); a single one is the weight dtype.
-        stored = _SAFETENSORS_DTYPES.get(info.stored_dtype)
         unet_dtype = comfy.model_management.unet_dtype(
-            model_params=info.num_params, supported_dtypes=config.supported_inference_dtypes, weight_dtype=stored
+            model_params=info.num_params,
+            supported_dtypes=config.supported_inference_dtypes,
+            weight_dtype=info.weight_dtype,
         )
     manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
     config.set_inference_dtype(unet_dtype, manual_cast)

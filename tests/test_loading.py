@@ -265,3 +265,9 @@ def test_vae_loads_from_diffusers_official_and_single_file(tmp_path):
 def test_vae_loader_refuses_a_transformer(tmp_path, state_dict):
     with pytest.raises(ValueError, match="looks like a transformer"):
         load_vae(write(tmp_path / "t.safetensors", state_dict))
+
+
+def test_inspect_reports_the_weight_dtype_that_loading_keeps(tmp_path, state_dict):
+    path = write(tmp_path / "m.safetensors", {k: v.to(torch.bfloat16) for k, v in state_dict.items()})
+    assert inspect_checkpoint(path).weight_dtype == torch.bfloat16
+    assert load_transformer(path).proj_out.weight.dtype == torch.bfloat16
