@@ -199,3 +199,24 @@ class ComfyServer:
                     if isinstance(item, dict) and "filename" in item and item.get("type") in roots:
                         files.append(roots[item["type"]] / item.get("subfolder", "") / item["filename"])
         return files
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_in_comfy_python(script: str, skip_reason: str) -> dict:
+    """Run ``script`` in ComfyUI's Python (COMFYUI_PYTHON) and return the JSON its last line prints.
+
+    The script sees COMFYUI_PATH and REPO (this repository) as globals. Skips with ``skip_reason``
+    when COMFYUI_PATH is unset; a failing script fails the test with the end of its stderr.
+    """
+    import pytest
+
+    comfy_path = os.environ.get("COMFYUI_PATH")
+    if not comfy_path:
+        pytest.skip(skip_reason)
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    prelude = f"COMFYUI_PATH = {comfy_path!r}\nREPO = {str(REPO_ROOT)!r}\n"
+    proc = subprocess.run([python, "-c", prelude + script], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

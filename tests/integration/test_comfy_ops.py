@@ -7,17 +7,11 @@ its weight-casting path, which lowvram streaming uses) and ``manual_cast`` with 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from comfy_harness import run_in_comfy_python
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys, tempfile
@@ -108,14 +102,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def comfy_ops_results():
-    comfy_path = os.environ.get("COMFYUI_PATH")
-    if not comfy_path:
-        pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to import comfy.ops from")
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    script = f"COMFYUI_PATH = {comfy_path!r}\nREPO = {str(REPO)!r}\n" + SCRIPT
-    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_comfy_python(SCRIPT, "COMFYUI_PATH is not set: no ComfyUI checkout to import comfy.ops from")
 
 
 @pytest.mark.parametrize("model", ["transformer", "vae"])

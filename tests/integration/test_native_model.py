@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from comfy_harness import PACK_DIR_NAME, ComfyError
+from comfy_harness import PACK_DIR_NAME, ComfyError, run_in_comfy_python
 
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 
 OUR_NODES = {
     "EasyAnimateModelLoader",
@@ -257,14 +251,7 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def flow_sampling_results():
-    comfy_path = os.environ.get("COMFYUI_PATH")
-    if not comfy_path:
-        pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to sample with")
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    script = f"COMFYUI_PATH = {comfy_path!r}\nREPO = {str(REPO)!r}\n" + SAMPLING_SCRIPT
-    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_comfy_python(SAMPLING_SCRIPT, "COMFYUI_PATH is not set: no ComfyUI checkout to sample with")
 
 
 def test_model_sampling_is_the_v51_flow_shift(flow_sampling_results):
