@@ -146,3 +146,15 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
         raise ValueError(f"{path}: detected {info.version} but the loaded transformer is {model_version(transformer)}")
     model = EasyAnimateModel(config, transformer, device=offload_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def lora_patches(lora: dict) -> dict:
+    """ModelPatcher patches (ComfyUI's LoRA adapter, patched on load, never merged) for a core LoRA."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    return {
+        f"diffusion_model.transformer.{path}.weight": LoRAAdapter(
+            set(), (layer.up, layer.down, layer.alpha, None, None, None)
+        )
+        for path, layer in lora.items()
+    }

@@ -12,11 +12,12 @@ import folder_paths
 import torch
 
 from easyanimate_core.loading import inspect_checkpoint, load_vae
+from easyanimate_core.lora import read_lora
 from easyanimate_core.sampling import DEFAULTS, make_sampler
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 from easyanimate_core.vae import VAE_V5, VAE_V51, MagvitVAE
 
-from .native_model import WEIGHT_DTYPES, EasyAnimateLatentFormat, load_native_model
+from .native_model import WEIGHT_DTYPES, EasyAnimateLatentFormat, EasyAnimateNet, load_native_model, lora_patches
 
 CATEGORY = "EasyAnimate"
 FOLDER = "EasyAnimate"
@@ -259,6 +260,38 @@ class EasyAnimateFlowSigmas:
         return (make_sampler("Flow", "V5.1", steps, strength=denoise).sigmas.clone(),)
 
 
+class EasyAnimateLoraLoader:
+    """Apply a LoRA (official, peft or diffusers layout) to an EasyAnimate MODEL as weight patches."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An EasyAnimate MODEL (from EasyAnimate Model Loader)."}),
+                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A .safetensors LoRA in loras/."}),
+                "strength": (
+                    "FLOAT",
+                    {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "How strongly to apply it."},
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, lora_name, strength):
+        net = model.model.diffusion_model
+        if not isinstance(net, EasyAnimateNet):
+            raise ValueError("this MODEL is not an EasyAnimate model; use ComfyUI's LoraLoaderModelOnly for it")
+        if strength == 0:
+            return (model,)
+        lora = read_lora(folder_paths.get_full_path_or_raise("loras", lora_name), net.transformer)
+        patched = model.clone()
+        patched.add_patches(lora_patches(lora), strength)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {
     "EasyAnimateModelLoader": EasyAnimateModelLoader,
     "EasyAnimateVAELoader": EasyAnimateVAELoader,
@@ -267,6 +300,7 @@ NODE_CLASS_MAPPINGS = {
     "EasyAnimateTextEncode": EasyAnimateTextEncode,
     "EasyAnimateEmptyLatentVideo": EasyAnimateEmptyLatentVideo,
     "EasyAnimateFlowSigmas": EasyAnimateFlowSigmas,
+    "EasyAnimateLoraLoader": EasyAnimateLoraLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -277,4 +311,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EasyAnimateTextEncode": "EasyAnimate Text Encode",
     "EasyAnimateEmptyLatentVideo": "EasyAnimate Empty Latent Video",
     "EasyAnimateFlowSigmas": "EasyAnimate Flow Sigmas (V5.1)",
+    "EasyAnimateLoraLoader": "EasyAnimate LoRA Loader",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -70,6 +71,25 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.patches: dict[str, list] = {}
+
+        def clone(self):
+            n = ModelPatcher(self.model, self.load_device, self.offload_device)
+            n.patches = {k: list(v) for k, v in self.patches.items()}
+            return n
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            model_sd = self.model.state_dict()
+            added = [k for k in patches if k in model_sd]
+            for k in added:
+                self.patches.setdefault(k, []).append((strength_patch, patches[k], strength_model, None, None))
+            return added
+
+    class LoRAAdapter:
+        name = "lora"
+
+        def __init__(self, loaded_keys, weights):
+            self.loaded_keys, self.weights = loaded_keys, weights
 
     def pick_operations(
         weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False, scaled_fp8=None
@@ -131,6 +151,15 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
 
     folders: dict[str, list[str]] = {}
 
+    def get_filename_list(folder_name: str) -> list[str]:
+        return sorted(f for root in folders.get(folder_name, []) if os.path.isdir(root) for f in os.listdir(root))
+
+    def get_full_path_or_raise(folder_name: str, filename: str) -> str:
+        for root in folders.get(folder_name, []):
+            if os.path.isfile(os.path.join(root, filename)):
+                return os.path.join(root, filename)
+        raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+
     def add_model_folder_path(folder_name, full_folder_path, is_default=False):
         folders.setdefault(folder_name, []).insert(
             0 if is_default else len(folders.get(folder_name, [])), full_folder_path
@@ -138,6 +167,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
 
     modules = {
         "comfy.model_management": mm,
+        "comfy.weight_adapter": _module("comfy.weight_adapter", LoRAAdapter=LoRAAdapter),
         "comfy.model_patcher": _module("comfy.model_patcher", ModelPatcher=ModelPatcher),
         "comfy.ops": _module("comfy.ops", pick_operations=pick_operations),
         "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, BaseModel=BaseModel),
@@ -152,6 +182,8 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         models_dir=str(models_dir),
         add_model_folder_path=add_model_folder_path,
         get_folder_paths=lambda folder_name: list(folders.get(folder_name, [])),
+        get_filename_list=get_filename_list,
+        get_full_path_or_raise=get_full_path_or_raise,
     )
     return {"comfy": comfy, "folder_paths": folder_paths, **modules}
 
@@ -339,3 +371,37 @@ def test_flow_sigmas_are_the_core_v51_schedule(nodes):
     assert nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 0.0)[0].numel() == 0
     with pytest.raises(ValueError, match="keeps no step of 8"):
         nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 0.1)
+
+
+def test_lora_loader_adds_one_lora_patch_per_layer_on_a_clone(nodes, tiny_folders, tmp_path):
+    from safetensors.torch import save_file
+
+    model = nodes.nodes.EasyAnimateModelLoader().load(install(nodes, tiny_folders, "V5.1"), "default")[0]
+    transformer = model.model.diffusion_model.transformer
+    path = "transformer_blocks.0.attn1.to_q"
+    weight = transformer.get_submodule(path).weight
+    name = "lora_unet__" + path.replace(".", "_")
+    down, up = torch.randn(2, weight.shape[1]), torch.randn(weight.shape[0], 2)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(
+        {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)},
+        loras / "style.safetensors",
+    )
+    sys.modules["folder_paths"].add_model_folder_path("loras", str(loras))
+    node = nodes.nodes.EasyAnimateLoraLoader()
+    assert "style.safetensors" in node.INPUT_TYPES()["required"]["lora_name"][0]
+    patched = node.apply(model, "style.safetensors", 0.7)[0]
+    assert patched is not model and not model.patches
+    ((strength, adapter, *_),) = patched.patches[f"diffusion_model.transformer.{path}.weight"]
+    assert strength == 0.7 and len(patched.patches) == 1
+    assert torch.equal(adapter.weights[0], up) and torch.equal(adapter.weights[1], down) and adapter.weights[2] == 1.0
+    assert node.apply(model, "style.safetensors", 0.0)[0] is model
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        node.apply(model, "missing.safetensors", 1.0)
+
+
+def test_lora_loader_refuses_other_models(nodes):
+    other = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="not an EasyAnimate model; use ComfyUI's LoraLoaderModelOnly"):
+        nodes.nodes.EasyAnimateLoraLoader().apply(other, "x.safetensors", 1.0)

@@ -213,6 +213,33 @@ lowvram = bool(model.model.model_lowvram)
 partial_out = apply(model)
 model.unpatch_model(cpu)
 
+# Our LoRA node (official-layout file in a loras/ folder): ComfyUI's patched weights equal core's merge.
+import folder_paths
+from safetensors.torch import save_file
+from easyanimate_core.lora import merge_lora, read_lora
+net = model.model.diffusion_model.transformer
+lora_paths = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_out.0", "proj_out"]
+g, lora_sd = torch.Generator().manual_seed(9), {}
+for path in lora_paths:
+    w, name = net.get_submodule(path).weight, "lora_unet__" + path.replace(".", "_")
+    lora_sd[name + ".lora_down.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.1
+    lora_sd[name + ".lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.1
+    lora_sd[name + ".alpha"] = torch.tensor(2.0)
+lora_dir = tempfile.mkdtemp()
+save_file(lora_sd, lora_dir + "/tiny_lora.safetensors")
+folder_paths.add_model_folder_path("loras", lora_dir)
+with_lora = nodes.EasyAnimateLoraLoader().apply(model, "tiny_lora.safetensors", 0.8)[0]
+base_out = apply(model)
+with_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
+lora_out = apply(with_lora)
+patched_weights = {p: net.get_submodule(p).weight.detach().clone() for p in lora_paths}
+with_lora.unpatch_model(cpu)
+merged = load_transformer(root)
+merge_lora(merged, read_lora(lora_dir + "/tiny_lora.safetensors", merged), 0.8)
+lora_weight_diff = max((patched_weights[p] - merged.get_submodule(p).weight).abs().max().item() for p in lora_paths)
+lora_change = (lora_out - base_out).abs().max().item()
+unpatched_diff = (apply(model) - base_out).abs().max().item()
+
 # Core: the pipeline's sampling loop with the Flow sampler, on a transformer loaded without comfy.ops.
 transformer = load_transformer(root)
 prompts = PromptPair(te.encoders.encode_texts(["a red fox"]), te.encoders.encode_texts(["blurry"]))
@@ -242,6 +269,10 @@ print(json.dumps({
     "partial_lowvram": lowvram,
     "partial_streamed_layers": streamed,
     "partial_max_diff": (partial_out - full_out).abs().max().item(),
+    "lora_weight_max_diff": lora_weight_diff,
+    "lora_output_change": lora_change,
+    "lora_unpatched_diff": unpatched_diff,
+    "base_output_max_abs": base_out.abs().max().item(),
     "v5_sampling_classes": [c.__name__ for c in type(ms_v5).__mro__],
     "v5_sigma_max_rel_diff": ((ms_v5.sigmas[:-1] - core_sigmas).abs() / core_sigmas).max().item(),
     "v5_sigma_max": ms_v5.sigmas[-1].item(),
@@ -291,3 +322,12 @@ def test_forced_partial_load_gives_the_full_load_output(flow_sampling_results):
     assert flow_sampling_results["partial_streamed_layers"] > 10
     assert flow_sampling_results["partial_lowvram"]
     assert flow_sampling_results["partial_max_diff"] == 0.0
+
+
+def test_lora_node_patches_equal_core_merged_weights(flow_sampling_results):
+    """EasyAnimate LoRA Loader: ComfyUI's patching of an official-layout LoRA gives core's merged weights,
+    changes the output, and unpatching restores it."""
+    r = flow_sampling_results
+    assert r["lora_weight_max_diff"] <= 1e-6
+    assert r["lora_output_change"] > 1e-3 * r["base_output_max_abs"]
+    assert r["lora_unpatched_diff"] == 0.0
