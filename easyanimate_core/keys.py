@@ -21,7 +21,7 @@ _DIFFUSERS_TO_OFFICIAL = {v: k for k, v in _OFFICIAL_TO_DIFFUSERS.items()}
 _BLOCK = re.compile(r"^(transformer_blocks\.\d+\.)(.*)$")
 
 # Prefixes that wrap a bare transformer state dict in some single-file exports.
-_WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+_WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.", "model.")
 
 
 def _rename(key: str, table: dict[str, str]) -> str:
@@ -57,3 +57,11 @@ def strip_wrapper_prefix(keys) -> str:
         if keys and all(k.startswith(prefix) for k in keys):
             return prefix
     return ""
+
+
+def strip_key_prefix(key: str) -> str:
+    """``key`` without the first known wrapper prefix (per key: LoRA files mix prefixed and bare keys)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key

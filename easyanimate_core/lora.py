@@ -25,14 +25,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .keys import diffusers_to_official
+from .keys import diffusers_to_official, strip_key_prefix
 
 logger = logging.getLogger(__name__)
 
 _KOHYA = re.compile(r"^lora_unet_+(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _PEFT_ALPHA = re.compile(r"^(.+?)\.alpha$")
-_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
 
 
 @dataclass
@@ -62,13 +61,6 @@ def _linear_paths(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
 def _group(state_dict: dict[str, torch.Tensor], underscored: dict[str, str]) -> tuple[dict[str, dict], list[str]]:
     """{module path: {"down", "up", "alpha"}} and the keys that belong to no LoRA layer layout."""
     groups: dict[str, dict] = {}
@@ -78,10 +70,10 @@ def _group(state_dict: dict[str, torch.Tensor], underscored: dict[str, str]) -> 
             name, part = m.groups()
             path = underscored.get(name, "?" + name)
             part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
-        elif m := _PEFT.match(_strip_prefix(key)):
+        elif m := _PEFT.match(strip_key_prefix(key)):
             path, part = diffusers_to_official(m.group(1) + ".weight")[: -len(".weight")], m.group(2)
             part = "down" if part == "lora_A" else "up"
-        elif m := _PEFT_ALPHA.match(_strip_prefix(key)):
+        elif m := _PEFT_ALPHA.match(strip_key_prefix(key)):
             path, part = diffusers_to_official(m.group(1) + ".weight")[: -len(".weight")], "alpha"
         else:
             stray.append(key)
@@ -107,7 +99,7 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
     groups, stray = _group(state_dict, underscored)
     if not groups:
         params = set(dict(model.named_parameters()))
-        full = sum(_strip_prefix(diffusers_to_official(k)) in params for k in state_dict)
+        full = sum(strip_key_prefix(diffusers_to_official(k)) in params for k in state_dict)
         if full:
             raise ValueError(
                 f"{name}: this is a full model checkpoint ({full} of its tensors are model weights), not a LoRA; "

@@ -15,11 +15,18 @@ from torch import nn
 default_operations = nn
 
 
-def cast_param(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """``param`` on ``like``'s device and dtype (weights may be streamed or stored in another dtype)."""
+def _to_input(param: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """``param`` on ``device`` in ``dtype``; no copy when it already is. Moves first, so fp8 travels at 1 byte."""
     if param is None:
         return None
-    return param.to(device=like.device, dtype=like.dtype)
+    # Host-to-device copies may overlap with compute (they are stream-ordered); never the reverse direction.
+    param = param.to(device, non_blocking=param.device.type == "cpu")
+    return param.to(dtype)
+
+
+def cast_param(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``param`` on ``like``'s device and dtype (weights may be streamed or stored in another dtype)."""
+    return _to_input(param, like.device, like.dtype)
 
 
 def layer_norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -45,15 +52,6 @@ def rms_norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Casting layers (ComfyUI's ``manual_cast``): weights may live on another device or in another dtype
 # --------------------------------------------------------------------------------------------------
-
-
-def _to_input(param: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    """``param`` on ``device`` in ``dtype``; no copy when it already is. Moves first, so fp8 travels at 1 byte."""
-    if param is None:
-        return None
-    # Host-to-device copies may overlap with compute (they are stream-ordered); never the reverse direction.
-    param = param.to(device, non_blocking=param.device.type == "cpu")
-    return param.to(dtype)
 
 
 class CastWeights:
