@@ -1,0 +1,39 @@
+"""What every EasyAnimate node module shares: the category, the models/EasyAnimate/ folder and its listing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+from easyanimate_core.vae import VAE_V5, VAE_V51
+
+CATEGORY = "EasyAnimate"
+FOLDER = "EasyAnimate"
+VAE_CONFIGS = {"V5.1": VAE_V51, "V5": VAE_V5}
+
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+
+
+def model_folders(part: str) -> list[str]:
+    """Model folders under models/EasyAnimate/ that have a ``part`` subfolder (e.g. "transformer")."""
+    names = set()
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if os.path.isdir(root):
+            names.update(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n, part)))
+    return sorted(names)
+
+
+def model_folder_path(name: str) -> Path:
+    """The full path of a folder listed by ``model_folders``."""
+    for root in folder_paths.get_folder_paths(FOLDER):
+        path = Path(root) / name
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"no folder {name!r} under {folder_paths.get_folder_paths(FOLDER)}")
+
+
+def folder_input(part: str, tooltip: str) -> tuple:
+    names = model_folders(part)
+    return (names, {"tooltip": tooltip + f" Folders under models/{FOLDER}/ with a {part}/ subfolder."})

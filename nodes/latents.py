@@ -1,0 +1,93 @@
+"""Latent nodes: the empty video latent and the V5.1 Flow sigmas."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+
+from easyanimate_core.sampling import DEFAULTS, make_sampler
+from easyanimate_core.vae import VAE_V51
+
+from .common import CATEGORY, VAE_CONFIGS
+from .native_model import EasyAnimateLatentFormat
+
+
+class EasyAnimateEmptyLatentVideo:
+    """An empty video LATENT [B, 16, (frames - 1) / 4 + 1, H / 8, W / 8] for the EasyAnimate MODEL."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        vae = VAE_V51
+        step, multiple = vae.temporal_compression, vae.pixel_multiple
+        size, frames = f"Pixels, a multiple of {multiple}.", f"Video frames, {step}k+1 (1, 5, 9, ..., 49)."
+        return {
+            "required": {
+                "version": (list(VAE_CONFIGS), {"tooltip": "The model version (sets the size and frame rules)."}),
+                "width": ("INT", {"default": 672, "min": multiple, "max": 4096, "step": multiple, "tooltip": size}),
+                "height": ("INT", {"default": 384, "min": multiple, "max": 4096, "step": multiple, "tooltip": size}),
+                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": step, "tooltip": frames}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, version, width, height, frames):
+        vae = VAE_CONFIGS.get(version)
+        if vae is None:
+            return f"unknown version {version!r}; choose one of {list(VAE_CONFIGS)}"
+        m, step = vae.pixel_multiple, vae.temporal_compression
+        for name, size in (("width", width), ("height", height)):
+            if size % m or size <= 0:
+                nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), (size // m + 1) * m)))
+                return f"{name} {size} is not a multiple of {m}; nearest valid: {nearest}"
+        if frames < 1 or (frames - 1) % step:
+            lower, upper = max(1, (frames - 1) // step * step + 1), ((frames - 1) // step + 1) * step + 1
+            return f"frames {frames} must be {step}k+1 for {version}; nearest valid: {lower} or {upper}"
+        return True
+
+    def generate(self, version, width, height, frames, batch_size):
+        vae = VAE_CONFIGS[version]
+        s, t = vae.spatial_compression, vae.temporal_compression
+        shape = (batch_size, EasyAnimateLatentFormat.latent_channels, (frames - 1) // t + 1, height // s, width // s)
+        return ({"samples": torch.zeros(shape, device=mm.intermediate_device())},)
+
+
+class EasyAnimateFlowSigmas:
+    """The released V5.1 Flow schedule as SIGMAS, for SamplerCustomAdvanced to reproduce the official sampler."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "steps": ("INT", {"default": DEFAULTS["V5.1"][1], "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
+                "denoise": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Strength (1: from noise)."},
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+
+    def get_sigmas(self, steps, denoise):
+        if denoise <= 0.0:
+            return (torch.zeros(0),)  # as ComfyUI's schedulers: nothing to sample
+        # The official pipeline's strength: the last int(steps * denoise) steps of the full schedule.
+        return (make_sampler("Flow", "V5.1", steps, strength=denoise).sigmas.clone(),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "EasyAnimateEmptyLatentVideo": EasyAnimateEmptyLatentVideo,
+    "EasyAnimateFlowSigmas": EasyAnimateFlowSigmas,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "EasyAnimateEmptyLatentVideo": "EasyAnimate Empty Latent Video",
+    "EasyAnimateFlowSigmas": "EasyAnimate Flow Sigmas (V5.1)",
+}
