@@ -168,7 +168,7 @@ from easyanimate_core.sampling import SCHEDULES, alphas_cumprod, flow_sigmas, ma
 from easyanimate_core.text_encoders import PromptPair, load_text_encoders
 
 from easyanimate_pack.nodes.native_model import load_native_model
-nodes = sys.modules["easyanimate_pack.nodes.nodes"]
+nodes = sys.modules["easyanimate_pack.nodes.loaders"]
 
 STEPS, GUIDANCE, SHAPE = 6, 6.0, (1, 16, 3, 4, 8)
 root = tempfile.mkdtemp() + "/tiny"
