@@ -7,7 +7,7 @@ below declares its own mappings; they are merged here, and a name defined twice 
 
 from __future__ import annotations
 
-from . import latents, loaders, vae_nodes
+from . import latents, loaders, vae_nodes, web_routes
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -17,5 +17,7 @@ for _module in (loaders, latents, vae_nodes):
         raise RuntimeError(f"node names defined twice: {sorted(_clash)}")
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+web_routes.register_routes()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

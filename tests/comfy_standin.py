@@ -184,7 +184,20 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         get_filename_list=get_filename_list,
         get_full_path_or_raise=get_full_path_or_raise,
     )
-    return {"comfy": comfy, "folder_paths": folder_paths, **modules}
+
+    class RouteTable:  # aiohttp.web.RouteTableDef's decorator API, recording the handlers
+        def __init__(self):
+            self.handlers: dict[tuple[str, str], object] = {}
+
+        def get(self, path, **kwargs):
+            def register(handler):
+                self.handlers["GET", path] = handler
+                return handler
+
+            return register
+
+    server = _module("server", PromptServer=types.SimpleNamespace(instance=types.SimpleNamespace(routes=RouteTable())))
+    return {"comfy": comfy, "folder_paths": folder_paths, "server": server, **modules}
 
 
 @pytest.fixture

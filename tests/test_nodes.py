@@ -195,3 +195,19 @@ def test_lora_loader_refuses_other_models(nodes):
     other = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="not an EasyAnimate model; use ComfyUI's LoraLoaderModelOnly"):
         nodes.nodes.EasyAnimateLoraLoader().apply(other, "x.safetensors", 1.0)
+
+
+def test_video_rules_route_serves_the_vae_frame_and_size_rules(nodes):
+    routes = sys.modules["server"].PromptServer.instance.routes.handlers
+    assert ("GET", "/easyanimate/video_rules") in routes
+    rules = sys.modules["easyanimate_nodes_under_test.web_routes"].video_rules()
+    assert rules["V5.1"] == {
+        "frame_step": 4,
+        "frame_offset": 1,
+        "pixel_multiple": 16,
+        "spatial_compression": 8,
+        "temporal_compression": 4,
+        "fps": 8,
+    }
+    assert rules["V5"]["frame_step"] == 4 and rules["V4"]["frame_step"] == 8 and rules["V4"]["frame_offset"] == 0
+    assert rules["V4"]["fps"] == 24

@@ -83,3 +83,32 @@ def test_frontend_has_no_errors_from_our_extension(page):
     assert _ours(page.page_errors) == []
     assert _ours(page.console_errors) == []
     assert _ours(page.bad_responses) == []
+
+
+SNAP_SCRIPT = """async () => {
+  const app = window.comfyAPI?.app?.app ?? window.app;
+  const node = window.LiteGraph.createNode("EasyAnimateEmptyLatentVideo");
+  app.graph.add(node);
+  const w = (name) => node.widgets.find((x) => x.name === name);
+  const set = (name, value) => { w(name).value = value; w(name).callback(value); };
+  for (let i = 0; i < 50 && !node.easyanimateInfo; i++) await new Promise((r) => setTimeout(r, 100));
+  const initial = node.easyanimateInfo;
+  set("frames", 50);
+  set("width", 650);
+  set("height", 380);
+  const snapped = {frames: w("frames").value, width: w("width").value, height: w("height").value};
+  const info = node.easyanimateInfo;
+  const {output} = await app.graphToPrompt();
+  const inputs = output[String(node.id)]?.inputs;
+  app.graph.remove(node);
+  return {initial, snapped, info, inputs};
+}"""
+
+
+def test_frames_and_size_widgets_snap_to_the_version_rules_and_show_duration(page):
+    result = page.evaluate(SNAP_SCRIPT)
+    assert result["initial"] == "49 frames · 6.1 s at 8 fps · latent 13×48×84", result
+    assert result["snapped"] == {"frames": 49, "width": 656, "height": 384}, result
+    assert result["info"] == "49 frames · 6.1 s at 8 fps · latent 13×48×82", result
+    # The info line is drawn, not a widget: the prompt carries exactly the node's own inputs.
+    assert result["inputs"] == {"version": "V5.1", "width": 656, "height": 384, "frames": 49, "batch_size": 1}

@@ -1,0 +1,51 @@
+"""Server routes for the pack's frontend extension (web/js/easyanimate.js).
+
+The frame and size rules live in the VAE configs; the frontend fetches them from here instead of keeping its
+own copy, so widget snapping can never disagree with the validation in the nodes.
+"""
+
+from __future__ import annotations
+
+from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51, VAEConfig
+
+RULES_ROUTE = "/easyanimate/video_rules"
+
+# Frame rates the released models were trained at (spec easyanimate_arch.md 4.3): what a duration is shown in.
+TRAINED_FPS = {"V4": 24, "V5": 8, "V5.1": 8}
+VAE_BY_VERSION = {"V4": VAE_V4, "V5": VAE_V5, "V5.1": VAE_V51}
+
+
+def frame_rule(vae: VAEConfig) -> tuple[int, int]:
+    """Valid frame counts as (step, offset): frames = step * k + offset >= 1 (and 1 itself: a still image)."""
+    # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
+    # slice VAE, whole encoder chunks -> multiples of mini_batch_encoder (8).
+    if vae.temporal_mode == "mag":
+        return vae.temporal_compression, 1
+    return vae.mini_batch_encoder, 0
+
+
+def video_rules() -> dict[str, dict[str, int]]:
+    """Per version: frame rule, pixel multiple, latent compression and trained fps, as the frontend needs them."""
+    rules = {}
+    for version, vae in VAE_BY_VERSION.items():
+        step, offset = frame_rule(vae)
+        rules[version] = {
+            "frame_step": step,
+            "frame_offset": offset,
+            "pixel_multiple": vae.pixel_multiple,
+            "spatial_compression": vae.spatial_compression,
+            "temporal_compression": vae.temporal_compression,
+            "fps": TRAINED_FPS[version],
+        }
+    return rules
+
+
+def register_routes() -> None:
+    """Add the rules route to ComfyUI's server (also served under /api by ComfyUI)."""
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get(RULES_ROUTE)
+    async def get_video_rules(request):
+        from aiohttp import web
+
+        return web.json_response(video_rules())
