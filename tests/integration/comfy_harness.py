@@ -14,10 +14,12 @@ Environment:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -148,6 +150,16 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
             return json.loads(resp.read())
 
+    def events(self, client_id: str) -> EventStream:
+        """Open the websocket event stream for ``client_id`` (pass the same id to queue_prompt)."""
+        return EventStream("127.0.0.1", self.port, client_id)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (VmRSS), in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            line = next(line for line in f if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
     # -- prompts -------------------------------------------------------------------------------
     def queue_prompt(self, prompt: dict, client_id: str | None = None, workflow: dict | None = None) -> str:
         """POST an API-format prompt; return its prompt_id. Raises ComfyError on a 400 (validation)."""
@@ -199,6 +211,67 @@ class ComfyServer:
                     if isinstance(item, dict) and "filename" in item and item.get("type") in roots:
                         files.append(roots[item["type"]] / item.get("subfolder", "") / item["filename"])
         return files
+
+
+class EventStream:
+    """ComfyUI's ``/ws`` event stream (JSON text frames: progress, executing, execution_* ...).
+
+    A minimal RFC 6455 client over a plain socket, so the integration tests need no websocket package.
+    Binary frames (preview images) are skipped; the server's frames are never fragmented or masked.
+    """
+
+    def __init__(self, host: str, port: int, client_id: str, timeout: float = 60):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ComfyError(f"websocket upgrade refused: {head[:200]!r}")
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        self._buffer += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)  # client frames must be masked
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def next_event(self) -> dict:
+        """The next JSON event ``{"type": ..., "data": ...}``; raises socket.timeout when none comes in time."""
+        while True:
+            b0, b1 = self._take(2)
+            opcode, length = b0 & 0x0F, b1 & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._take(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._take(8))[0]
+            payload = self._take(length)
+            if opcode == 0x1:
+                return json.loads(payload)
+            if opcode == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if opcode == 0x9:
+                self._send(0xA, payload)  # pong
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
