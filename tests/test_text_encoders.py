@@ -8,17 +8,15 @@ parity runs the official ``encode_prompt`` (extracted from the pipeline file, no
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
-import logging
 import os
 import shutil
-import typing
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 from easyanimate_core import text_encoders as te_module
 from easyanimate_core.text_encoders import load_text_encoders
@@ -278,30 +276,30 @@ def test_version_must_match_text_encoder(v5_root, tmp_path):
 OFFICIAL = os.environ.get("EASYANIMATE_OFFICIAL_PATH")
 
 
-def official_encode_prompt(filename: str):
-    """The official pipeline's ``encode_prompt``, compiled on its own from the source file (no imports run)."""
+def official_encode_prompt(filename: str, tmp_dir: Path):
+    """The official pipeline's ``encode_prompt`` on its own: its source, cut from the file, imported as a module
+    with just the names it uses (the rest of the official file, and its imports, never run)."""
     source = (Path(OFFICIAL) / "easyanimate" / "pipeline" / filename).read_text()
     tree = ast.parse(source)
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
     function = next(node for cls in classes for node in cls.body if getattr(node, "name", None) == "encode_prompt")
-    namespace = dict(
-        torch=torch,
-        List=typing.List,  # noqa: UP006 (the official annotations)
-        Optional=typing.Optional,
-        Union=typing.Union,
-        BertTokenizer=transformers.BertTokenizer,
-        T5Tokenizer=transformers.T5Tokenizer,
-        logger=logging.getLogger("official"),
+    header = (
+        "import logging\nfrom typing import List, Optional, Union\n\nimport torch\n"
+        "from transformers import BertTokenizer, T5Tokenizer\n\nlogger = logging.getLogger('official')\n\n\n"
     )
-    exec(compile(ast.Module([function], type_ignores=[]), filename, "exec"), namespace)
-    return namespace["encode_prompt"]
+    module_path = tmp_dir / f"official_{Path(filename).stem}.py"
+    module_path.write_text(header + ast.unparse(function) + "\n")
+    spec = importlib.util.spec_from_file_location(module_path.stem, module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.encode_prompt
 
 
 @pytest.mark.skipif(not OFFICIAL, reason="set EASYANIMATE_OFFICIAL_PATH to an extracted official checkout to run")
 @pytest.mark.parametrize("filename", ["pipeline_easyanimate.py", "pipeline_easyanimate_inpaint.py"])
 @pytest.mark.parametrize("version", ["v4", "v5", "v5.1"])
-def test_matches_official_encode_prompt(v5_root, v51_root, filename, version):
-    encode_prompt = official_encode_prompt(filename)
+def test_matches_official_encode_prompt(v5_root, v51_root, filename, version, tmp_path):
+    encode_prompt = official_encode_prompt(filename, tmp_path)
     ours = load_text_encoders(v51_root if version == "v5.1" else v5_root, version, cache_size=0)
     official = SimpleNamespace(
         tokenizer=ours.tokenizer,
