@@ -3,6 +3,9 @@
     read_lora(path_or_state_dict, model) -> {module path: LoraLayer}
     merge_lora(model, lora, strength)   /  unmerge_lora(model, lora, strength)
     UnmergedLora(model, lora, strength)    forward hooks instead of merged weights; .remove()
+    save_lora(path, lora, layout="official", metadata=None, dtype=None)   write a LoRA (atomically)
+    lora_state_dict(lora, layout)          the tensors of a LoRA in one of LAYOUTS
+    LoraNetwork(model, rank, alpha, targets)  trainable LoRA layers on a model's Linear layers (forward hooks)
 
 Layouts (spec §6.2):
 * official (kohya ``LoRANetwork``): ``lora_unet__transformer_blocks_0_attn1_to_q.lora_down.weight``
@@ -11,27 +14,34 @@ Layouts (spec §6.2):
 * diffusers: the peft names under a ``transformer.`` prefix, with diffusers' module names
   (``attn1.add_q_proj`` ...), converted to the official ones.
 A layer's update is ``strength * alpha / rank * up @ down`` (alpha = rank when a file has none, i.e.
-scale 1, as the official loader does).
+scale 1, as the official loader does). Written peft and diffusers files carry no alpha (those layouts keep
+it in an adapter config): the writer folds alpha / rank into ``lora_B``, so every layout patches alike.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .keys import diffusers_to_official, strip_key_prefix
+from .atomic import atomic_path
+from .keys import diffusers_to_official, official_to_diffusers, strip_key_prefix
 
 logger = logging.getLogger(__name__)
 
 _KOHYA = re.compile(r"^lora_unet_+(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _PEFT_ALPHA = re.compile(r"^(.+?)\.alpha$")
+LAYOUTS = ("official", "peft", "diffusers")
 
 
 @dataclass
@@ -174,3 +184,164 @@ class UnmergedLora:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def kohya_name(path: str) -> str:
+    """The official (kohya ``LoRANetwork``) name of a transformer module path: root name '' gives '__'."""
+    return "lora_unet__" + path.replace(".", "_")
+
+
+def lora_state_dict(
+    lora: dict[str, LoraLayer], layout: str = "official", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``lora`` named for ``layout`` (see the module docstring), cast to ``dtype`` if given."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    out = {}
+    for path, layer in lora.items():
+        down, up = layer.down.detach().float().cpu(), layer.up.detach().float().cpu()
+        alpha = float(layer.alpha if layer.alpha is not None else layer.rank)
+        if layout == "official":
+            name = kohya_name(path)
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+            continue
+        name = (
+            f"base_model.model.{path}"
+            if layout == "peft"
+            else "transformer." + official_to_diffusers(path + ".weight")[: -len(".weight")]
+        )
+        out[f"{name}.lora_A.weight"] = down
+        out[f"{name}.lora_B.weight"] = up * (alpha / layer.rank)
+    return {k: v.to(dtype or v.dtype).contiguous() for k, v in out.items()}
+
+
+def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """The sd-webui-additional-networks hashes the official trainer stores (over the ``ss_`` metadata only)."""
+    data = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header_end:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def save_lora(
+    path: str | Path,
+    lora: dict[str, LoraLayer],
+    *,
+    layout: str = "official",
+    metadata: dict[str, object] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``lora`` as a .safetensors file in ``layout``, atomically; metadata values are stored as strings."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRAs are written as .safetensors files")
+    tensors = lora_state_dict(lora, layout, dtype)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if layout == "official":
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _addnet_hashes(tensors, meta)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), meta)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def lora_targets(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+    """Paths of the ``nn.Linear`` layers to train: all of them by default (as the official trainer), or
+    those matching any of the fnmatch ``patterns`` (e.g. ``*attn*``, ``transformer_blocks.0.*``)."""
+    paths = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if patterns:
+        paths = [p for p in paths if any(fnmatch.fnmatchcase(p, pattern) for pattern in patterns)]
+        if not paths:
+            raise ValueError(
+                f"--lora-targets {' '.join(patterns)} match no Linear layer of this model "
+                f"(paths look like {[name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:4]})"
+            )
+    return paths
+
+
+class LoraModule(nn.Module):
+    """One trainable low-rank update: ``alpha / rank * up(down(x))``; down kaiming-uniform, up zero (official)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, generator=None):
+        super().__init__()
+        self.lora_down = nn.Linear(in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, out_features, bias=False)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = float(alpha) / rank
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the official LoRAModule: computed in the LoRA's own (float32) dtype, added in the layer's dtype.
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+
+    def layer(self) -> LoraLayer:
+        """A detached float32 CPU copy as a LoraLayer (for saving and merging)."""
+        return LoraLayer(
+            self.lora_down.weight.detach().float().cpu().clone(),
+            self.lora_up.weight.detach().float().cpu().clone(),
+            float(self.alpha),
+        )
+
+
+class LoraNetwork(nn.Module):
+    """Trainable LoRA layers for ``model``'s Linear layers, named as the official file's keys.
+
+    ``state_dict()`` is exactly the official file's tensors (``lora_unet__<path>.lora_down.weight`` ...).
+    ``attach(model)`` adds each update to its layer's output through a forward hook (the model's weights
+    are not touched, so the base model stays frozen and shareable); ``detach()`` removes the hooks.
+    ``generator`` seeds the initialisation, so every process of a distributed run starts alike.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        targets: list[str] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.paths: dict[str, str] = {}  # module path -> kohya name
+        for path in lora_targets(model, targets):
+            linear = model.get_submodule(path)
+            name = kohya_name(path)
+            self.add_module(name, LoraModule(linear.in_features, linear.out_features, rank, self.alpha, generator))
+            self.paths[path] = name
+        self._handles = []
+
+    def attach(self, model: nn.Module) -> LoraNetwork:
+        """Hook every LoRA layer onto its module of ``model``; returns self."""
+        self.detach()
+        for path, name in self.paths.items():
+            lora = getattr(self, name)
+            self._handles.append(
+                model.get_submodule(path).register_forward_hook(
+                    lambda module, inputs, output, lora=lora: output + lora(inputs[0]).to(output.dtype)
+                )
+            )
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks (the LoRA weights stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def layers(self) -> dict[str, LoraLayer]:
+        """{module path: LoraLayer} copies of the current weights, for save_lora / merge_lora."""
+        return {path: getattr(self, name).layer() for path, name in self.paths.items()}

@@ -6,10 +6,19 @@ import logging
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from easyanimate_core.keys import official_to_diffusers
-from easyanimate_core.lora import UnmergedLora, merge_lora, read_lora, unmerge_lora
+from easyanimate_core.lora import (
+    LoraLayer,
+    LoraNetwork,
+    UnmergedLora,
+    merge_lora,
+    read_lora,
+    save_lora,
+    unmerge_lora,
+)
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
 
 CFG = TransformerConfig(
@@ -179,3 +188,84 @@ def test_unmerged_hooks_equal_merged_weights_and_come_off(model, tensors):
         merged = model(x, t, text)
     assert (merged - before).abs().max() > 1e-3
     torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing and training layers
+# --------------------------------------------------------------------------------------------------
+
+
+def official_resolver(model, layer_name: str):
+    """The module the official ``lora_utils.merge_lora`` patches for a key prefix (its greedy attribute walk)."""
+    infos = layer_name.split("lora_unet_")[-1].split("_")
+    try:
+        return model.__getattr__("_".join(infos[1:]))
+    except AttributeError:
+        pass
+    current, name = model, infos.pop(0)
+    while True:
+        try:
+            current = current.__getattr__(name)
+            if not infos:
+                return current
+            name = infos.pop(0)
+        except AttributeError:
+            name = name + "_" + infos.pop(0) if name else infos.pop(0)
+
+
+def test_written_layouts_patch_alike_and_read_back(model, tensors, tmp_path):
+    """One set of tensors (alpha != rank) written as official, peft and diffusers files gives the same weights."""
+    layers = {p: LoraLayer(d, u, alpha=RANK / 2) for p, (d, u) in tensors.items()}
+    expected = merged_weights(model, layers)
+    for layout in ("official", "peft", "diffusers"):
+        path = save_lora(tmp_path / f"{layout}.safetensors", layers, layout=layout, metadata={"ss_network_dim": RANK})
+        lora = read_lora(path, model)
+        assert set(lora) == set(tensors), layout
+        got = merged_weights(model, lora)
+        assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-6, layout
+    assert any(".attn2." in p for p in tensors)  # diffusers renames these: the layout really differs
+
+
+def test_official_file_matches_the_official_loader(model, tmp_path):
+    """Only lora_down / lora_up / alpha triplets (the official merge splits every key), each resolving through
+    the official greedy attribute walk to the layer it was trained on; metadata and addnet hashes stored."""
+    network = LoraNetwork(model, rank=RANK, alpha=2.0)
+    path = save_lora(tmp_path / "lora.safetensors", network.layers(), metadata={"ss_network_alpha": 2.0})
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == set(network.state_dict())  # the network's own state dict is the file
+    groups = {}
+    for key in keys:
+        layer, elem = key.split(".", 1)
+        groups.setdefault(layer, set()).add(elem)
+    assert all(elems == {"lora_down.weight", "lora_up.weight", "alpha"} for elems in groups.values())
+    by_name = {name: path for path, name in network.paths.items()}
+    assert len(by_name) == len(linear_paths(model))
+    for name, module_path in by_name.items():
+        assert official_resolver(model, name) is model.get_submodule(module_path), name
+    assert meta["ss_network_alpha"] == "2.0" and len(meta["sshs_model_hash"]) == 64 and meta["sshs_legacy_hash"]
+
+
+def test_training_network_hooks_equal_its_merged_layers(model):
+    """Zero-initialised up: no change at first; after an update, hooks equal merging ``layers()``."""
+    x, t, text = torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 12)
+    network = LoraNetwork(model, rank=RANK, alpha=2.0, targets=["transformer_blocks.*"], generator=torch.Generator())
+    assert network.paths and all(p.startswith("transformer_blocks.") for p in network.paths)
+    with torch.no_grad():
+        before = model(x, t, text)
+        network.attach(model)
+        assert torch.equal(model(x, t, text), before)
+        for p in network.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        hooked = model(x, t, text)
+        network.detach()
+        assert torch.equal(model(x, t, text), before)
+        merge_lora(model, network.layers())
+        merged = model(x, t, text)
+    assert (merged - before).abs().max() > 1e-3
+    torch.testing.assert_close(hooked, merged, atol=1e-5, rtol=1e-4)
+
+
+def test_targets_that_match_nothing_are_refused(model):
+    with pytest.raises(ValueError, match="match no Linear layer"):
+        LoraNetwork(model, rank=2, targets=["*nothing*"])
