@@ -65,7 +65,8 @@ def test_web_directory_holds_only_the_frontend_extension():
 
 
 def test_comfy_node_validate_passes():
-    comfy = os.environ.get("COMFY_CLI") or shutil.which("comfy")
+    beside_python = Path(sys.executable).parent / "comfy"  # the test venv's own comfy-cli (the `test` extra)
+    comfy = os.environ.get("COMFY_CLI") or (str(beside_python) if beside_python.is_file() else shutil.which("comfy"))
     if comfy is None:
         pytest.skip("comfy-cli is not installed (pip install comfy-cli, or set COMFY_CLI to its `comfy`)")
     result = subprocess.run(
