@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from comfy_harness import ComfyServer
+from frontend import chromium_path, open_frontend
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,14 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    """The ComfyUI frontend loaded in headless Chromium (see frontend.py); skips when Playwright or a Chromium
+    binary is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+    if chromium_path() is None:
+        pytest.skip("no Chromium binary (apt-get install chromium, or set CHROMIUM_PATH)")
+    with open_frontend(sync_api, comfy_server.url) as pg:
+        yield pg
