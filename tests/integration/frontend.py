@@ -54,6 +54,8 @@ def open_frontend(sync_api, url: str, viewport: tuple[int, int] = (1280, 800)) -
                 f"() => {{ const a = {APP}; return !!(a && a.graph && a.extensions && a.extensions.length > 0); }}",
                 timeout=90_000,
             )
+            # Node classes are registered after the extensions, from /object_info.
+            pg.wait_for_function("() => !!window.LiteGraph?.registered_node_types?.KSampler", timeout=90_000)
             yield pg
         finally:
             browser.close()
