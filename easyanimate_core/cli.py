@@ -202,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate_arguments(commands.add_parser("generate", help="generate a video"))
     p_info = commands.add_parser("info", help="describe a checkpoint (folder or .safetensors file)")
     p_info.add_argument("path")
+    from .train import add_train_arguments, train_main
+
+    add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer"))
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             return info(args.path)
+        if args.command == "train":
+            return train_main(args)
         return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

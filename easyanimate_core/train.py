@@ -1,0 +1,898 @@
+"""`easyanimate train`: LoRA (default) or full fine-tuning of the V5 / V5.1 transformer; resumable, distributed.
+
+    add_train_arguments(parser)        the command's options
+    train_main(args) -> exit code      the command (errors printed, Ctrl-C reported with the resume hint)
+    run_training(args, on_step=None)   the run; ``on_step(step, loss)`` is called after every optimizer step
+
+One step, per sample (spec §4 and §6; the official scripts/train_lora.py):
+* the clip (dataset.py) is VAE-encoded and a latent drawn from the posterior, times the scaling factor;
+* V5.1 regresses the flow velocity noise - x0 at sigma = (t + 1) / 1000, V5 the v-prediction target on its
+  zero-terminal-SNR schedule (``sampling.training_target``), t uniform in [0, 1000);
+* InP models train in inpaint mode: a random mask (start frames, start and end, a box, random frames, or
+  everything for text-to-video) gives [mask ; masked-video latents] through ``pipeline.inpaint_latents``,
+  with noise exp(N(-3, 0.5)) on the kept pixels as the official trainer;
+* captions are dropped (empty prompt) with probability ``--caption-dropout`` for classifier-free guidance;
+* the loss is the official masked MSE (elements off by more than 50 are ignored), averaged over the batch.
+
+Reproducibility: every draw for a sample (clip start, caption dropout, posterior sample, mask, noise,
+timestep) comes from a generator seeded by (seed, step, position in the global batch). A resumed run and
+a run on any number of processes draw the same numbers for the same global batch, so they train alike.
+
+Distributed: run under ``torchrun`` or ``accelerate launch`` (RANK / WORLD_SIZE / LOCAL_RANK). Each process
+takes its slice of every global batch; DDP (or FSDP2 ``fully_shard`` with ``--fsdp`` in full mode) averages
+the gradients. Beyond that only the logged loss is summed across processes (one all_reduce) and the RNG
+states are gathered into checkpoints. The output folder must be visible to every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from . import sampling
+from .atomic import atomic_dir, remove_partials
+from .dataset import BucketRule, batch_plan, describe_buckets, load_clip, load_dataset
+from .lora import LoraNetwork, save_lora
+from .text_encoders import PromptEmbeds, PromptPair
+from .train_io import (
+    LossLog,
+    checkpoint_dir,
+    list_checkpoints,
+    plot_losses,
+    prune_checkpoints,
+    read_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_tensors,
+    set_rng_state,
+    write_checkpoint,
+    write_json,
+    write_transformer_folder,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LR_SCHEDULES = ("constant", "cosine", "linear")
+NOISE_AUG_LOG_MEAN, NOISE_AUG_LOG_STD = -3.0, 0.5  # official add_noise_to_reference_video for training
+LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
+# Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
+STRICT_KEYS = ("model", "mode", "rank", "alpha", "lora_targets", "data", "samples", "batch_size", "seed", "buckets")
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def total(self, value: float) -> float:
+        """``value`` summed over the processes (for the logged loss)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def gather(self, obj) -> list | None:
+        """Every process's ``obj`` on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+
+def start_processes(device: str | None) -> Processes:
+    """Join the process group that torchrun / accelerate describe in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device:
+        dev = torch.device(device)
+    else:
+        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", dev.index if dev.index is not None else local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Processes(rank, world, dev)
+
+
+def seeded(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of (seed, *keys): independent streams per step and batch position."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *keys))).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Text embeddings and latents computed before training
+# --------------------------------------------------------------------------------------------------
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+class TextEmbeddings:
+    """Every caption's embedding (and the empty prompt's), computed once; the text encoders are freed after.
+
+    With ``cache_dir`` each embedding is a safetensors file there (read when needed, reused by later runs);
+    otherwise they are kept in memory.
+    """
+
+    FIELDS = ("embeds", "mask", "embeds_2", "mask_2")
+
+    def __init__(self, root: Path, version: str, texts, dtype, procs: Processes, cache_dir: Path | None, log):
+        self.memory: dict[str, PromptEmbeds] = {}
+        self.folder = cache_dir / "text" / _digest(root.resolve(), version, dtype) if cache_dir else None
+        unique = sorted(set(texts) | {""})
+        todo = [t for t in unique if not self.folder or not self._file(t).is_file()]
+        if self.folder:
+            todo = todo[procs.rank :: procs.world]  # each process encodes a share into the shared cache
+        if todo:
+            from .text_encoders import load_text_encoders
+
+            log(f"encoding {len(todo)} prompts")
+            encoders = load_text_encoders(root, version.lower(), dtype=dtype, device=procs.device, cache_size=0)
+            for i in range(0, len(todo), 8):
+                chunk = todo[i : i + 8]
+                rows = encoders.encode_texts(chunk).to("cpu")
+                for j, text in enumerate(chunk):
+                    self._store(text, rows.rows(j))
+            del encoders
+        procs.barrier()
+
+    def _file(self, text: str) -> Path:
+        return self.folder / f"{_digest(text)}.safetensors"
+
+    def _store(self, text: str, row: PromptEmbeds) -> None:
+        if self.folder is None:
+            self.memory[text] = row
+            return
+        fields = {f: getattr(row, f) for f in self.FIELDS if getattr(row, f) is not None}
+        save_tensors(self._file(text), fields)
+
+    def get(self, texts: list[str]) -> PromptEmbeds:
+        """The embeddings of ``texts`` as one batch (CPU)."""
+        if self.folder is None:
+            return PromptEmbeds.cat([self.memory[t] for t in texts])
+        return PromptEmbeds.cat([PromptEmbeds(**load_file(self._file(t))) for t in texts])
+
+
+def fixed_clip_generator(seed: int, sample_index: int) -> torch.Generator:
+    """The generator of a sample's one clip when latents are cached (the clip cannot change then)."""
+    return seeded(seed, -1, sample_index)
+
+
+def build_latent_cache(run: Run) -> dict[int, Path]:
+    """Each sample's posterior (mean, logvar) of its fixed clip, in ``cache_dir/latents``; {sample position: file}."""
+    args, procs = run.args, run.procs
+    folder = Path(args.cache_dir) / "latents"
+    files = {}
+    for pos, (sample, bucket) in enumerate(zip(run.samples, run.buckets, strict=True)):
+        stat = sample.path.stat()
+        key = _digest(sample.path.resolve(), stat.st_mtime_ns, stat.st_size, bucket, args.stride, args.seed, run.root)
+        files[pos] = folder / f"{key}.safetensors"
+    todo = [pos for pos, f in files.items() if not f.is_file()][procs.rank :: procs.world]
+    for pos in run.progress(todo, "caching latents"):
+        sample, bucket = run.samples[pos], run.buckets[pos]
+        pixels = load_clip(sample, bucket, args.stride, fixed_clip_generator(args.seed, sample.index))
+        with torch.no_grad():
+            mean, logvar = run.vae.encode(pixels[None].to(procs.device))
+        save_tensors(files[pos], {"mean": mean[0], "logvar": logvar[0]})
+    procs.barrier()
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Data for one step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One sample of this process's slice of a global batch."""
+
+    slot: int  # position in the global batch (seeds its random draws)
+    text: str
+    pixels: torch.Tensor | None  # [3, F, H, W] in [-1, 1] (when encoded on the fly, or for inpainting)
+    moments: dict[str, torch.Tensor] | None  # cached posterior {"mean", "logvar"} [C, T, h, w]
+
+
+class StepExamples(torch.utils.data.Dataset):
+    """Item ``step``: this process's Examples of that step's global batch (loadable in DataLoader workers)."""
+
+    def __init__(self, run: Run, plan: list[list[int]], latent_files: dict[int, Path] | None):
+        self.samples, self.buckets, self.plan = run.samples, run.buckets, plan
+        per_rank = run.args.batch_size // run.procs.world
+        self.slots = range(run.procs.rank * per_rank, (run.procs.rank + 1) * per_rank)
+        self.stride, self.seed, self.latent_files = run.args.stride, run.args.seed, latent_files
+        self.need_pixels = latent_files is None or run.inpaint
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int) -> list[Example]:
+        out = []
+        for slot in self.slots:
+            pos = self.plan[step][slot]
+            sample, bucket = self.samples[pos], self.buckets[pos]
+            pixels = moments = None
+            if self.latent_files is not None:
+                moments = load_file(self.latent_files[pos])
+            if self.need_pixels:
+                fixed = moments is not None  # the cached latents are of one fixed clip
+                g = fixed_clip_generator(self.seed, sample.index) if fixed else seeded(self.seed, step, slot, 0)
+                pixels = load_clip(sample, bucket, self.stride, g)
+            out.append(Example(slot, sample.text, pixels, moments))
+        return out
+
+
+def _as_is(item):
+    return item
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+VIDEO_MASKS = (("all", 0.2), ("first", 0.35), ("first_last", 0.2), ("box", 0.15), ("frames", 0.1))
+IMAGE_MASKS = (("all", 0.8), ("box", 0.2))
+
+
+def random_inpaint_mask(frames: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+    """[1, 1, F, H, W], 1 = generate / 0 = keep: a subset of the official trainer's mask kinds.
+
+    "all": text-to-video; "first": the first 1-4 frames kept (image-to-video); "first_last": as many
+    kept at both ends; "box": a box over every frame generated; "frames": each frame kept or not at random.
+    """
+    kinds = VIDEO_MASKS if frames > 1 else IMAGE_MASKS
+    kind = kinds[int(torch.multinomial(torch.tensor([p for _, p in kinds]), 1, generator=g))][0]
+    mask = torch.ones(1, 1, frames, height, width)
+    if kind in ("first", "first_last"):
+        k = min(int(torch.randint(1, 5, (1,), generator=g)), max(1, (frames - 1) // 2))
+        mask[:, :, :k] = 0
+        if kind == "first_last":
+            mask[:, :, -k:] = 0
+    elif kind == "box":
+        bh, bw = (int(torch.randint(s // 4, max(s // 4 + 1, s * 3 // 4), (1,), generator=g)) for s in (height, width))
+        top = int(torch.randint(0, height - bh + 1, (1,), generator=g))
+        left = int(torch.randint(0, width - bw + 1, (1,), generator=g))
+        mask.zero_()
+        mask[..., top : top + bh, left : left + bw] = 1
+    elif kind == "frames":
+        mask[:, :, torch.rand(frames, generator=g) > 0.5] = 0
+    return mask
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error [B] in float32, ignoring elements off by more than 50 (official)."""
+    diff = pred.float() - target.float()
+    return (diff.square() * (diff.abs() <= LOSS_THRESHOLD)).flatten(1).mean(1)
+
+
+def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | str]:
+    """The noisy latents, target, timestep, caption and inpaint latents of one Example (its draws in order)."""
+    from .pipeline import inpaint_latents
+
+    g, device, vae = seeded(run.args.seed, step, ex.slot, 1), run.procs.device, run.vae
+    text = "" if float(torch.rand((), generator=g)) < run.args.caption_dropout else ex.text
+    if ex.moments is not None:
+        mean, logvar = ex.moments["mean"][None].float(), ex.moments["logvar"][None].float()
+    else:
+        with torch.no_grad():
+            mean, logvar = (m.cpu() for m in vae.encode(ex.pixels[None].to(device)))
+    eps = torch.randn(mean.shape, generator=g)
+    x0 = (mean + (0.5 * logvar).exp() * eps) * vae.config.scaling_factor
+    inpaint = None
+    if run.inpaint_channels:
+        inpaint = torch.zeros(1, run.inpaint_channels, *x0.shape[2:], device=device)
+        if run.inpaint:
+            mask = random_inpaint_mask(*ex.pixels.shape[1:], g)
+            sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))
+            with torch.no_grad():
+                inpaint = inpaint_latents(vae, ex.pixels[None], mask, tuple(x0.shape), g, sigma, device)
+    noise = torch.randn(x0.shape, generator=g)
+    t = sampling.training_timesteps(1, generator=g)
+    noisy, target, timestep = sampling.training_target(run.version, x0, noise, t)
+    return {"noisy": noisy, "target": target, "timestep": timestep, "text": text, "inpaint": inpaint}
+
+
+def train_step(run: Run, step: int, examples: list[Example]) -> float:
+    """Forward and backward over this process's examples; returns the sum of their losses."""
+    args, device = run.args, run.procs.device
+    micro = args.micro_batch or len(examples)
+    total = 0.0
+    for start in range(0, len(examples), micro):
+        items = [model_inputs(run, ex, step) for ex in examples[start : start + micro]]
+        text = run.text.get([it["text"] for it in items])
+        kwargs = {"encoder_hidden_states": text.embeds.to(device, run.input_dtype)}
+        if text.embeds_2 is not None:
+            kwargs["encoder_hidden_states_t5"] = text.embeds_2.to(device, run.input_dtype)
+        if run.inpaint_channels:
+            kwargs["inpaint_latents"] = torch.cat([it["inpaint"] for it in items]).to(device, run.input_dtype)
+        noisy = torch.cat([it["noisy"] for it in items]).to(device, run.input_dtype)
+        target = torch.cat([it["target"] for it in items]).to(device)
+        timestep = torch.cat([it["timestep"] for it in items]).to(device, run.input_dtype)
+        with run.autocast():
+            pred = run.model(noisy, timestep, **kwargs)
+        losses = masked_mse(pred[:, : target.shape[1]], target)
+        # DDP averages gradients over processes: scaling by world / global batch makes them the global mean.
+        loss = losses.sum() * run.procs.world / args.batch_size
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        total += float(losses.detach().sum())
+    return total
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step ``step`` of ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainedModel(nn.Module):
+    """The transformer plus its LoRA network, as one module for DDP / FSDP (forward = the transformer's)."""
+
+    def __init__(self, transformer: nn.Module, network: LoraNetwork | None):
+        super().__init__()
+        self.transformer, self.network = transformer, network
+
+    def forward(self, *args, **kwargs):
+        return self.transformer(*args, **kwargs)
+
+
+@dataclass
+class Run:
+    """Everything a running training job holds."""
+
+    args: argparse.Namespace
+    procs: Processes
+    root: Path
+    output: Path
+    version: str
+    variant: str
+    samples: list
+    buckets: list
+    dtype: torch.dtype
+    inpaint_channels: int = 0
+    inpaint: bool = False
+    vae: nn.Module | None = None
+    text: TextEmbeddings | None = None
+    transformer: nn.Module | None = None
+    network: LoraNetwork | None = None
+    model: nn.Module | None = None  # what the loop calls: TrainedModel, maybe wrapped in DDP / FSDP
+    optimizer: torch.optim.Optimizer | None = None
+    params: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None
+    log: Callable[[str], None] = print
+
+    @property
+    def full(self) -> bool:
+        return self.args.mode == "full"
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """LoRA runs hold the base weights in the training dtype; full runs keep float32 masters + autocast."""
+        return torch.float32 if self.full else self.dtype
+
+    def autocast(self):
+        if self.full and self.dtype != torch.float32:
+            return torch.autocast(self.procs.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def progress(self, items, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.procs.main or not items, leave=False)
+
+    def metadata(self, step: int) -> dict:
+        args = self.args
+        meta = {
+            "ss_network_module": "easyanimate_core.lora",
+            "ss_base_model_version": f"EasyAnimate{self.version}",
+            "ss_sd_model_name": self.root.name,
+            "ss_network_dim": args.rank,
+            "ss_network_alpha": args.alpha if args.alpha is not None else args.rank,
+            "ss_steps": step,
+            "ss_learning_rate": args.lr,
+            "ss_seed": args.seed,
+            "ss_num_train_images": len(self.samples),
+            "easyanimate_variant": self.variant,
+            "easyanimate_lora_targets": " ".join(args.lora_targets or ["*"]),
+        }
+        return meta
+
+
+def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
+    """Everything that can be checked before data or weights are read; ValueError naming the fix."""
+    from .loading import inspect_checkpoint
+    from .text_encoders import check_text_encoder_files
+
+    root = Path(args.model).expanduser()
+    if not (root / "transformer").is_dir() or not (root / "vae").is_dir():
+        raise ValueError(f"--model {root}: expected a model folder with transformer/, vae/ and the text encoder(s)")
+    info = inspect_checkpoint(root / "transformer", kind="transformer")
+    if info.variant not in ("T2V", "InP"):
+        raise ValueError(f"{root} is a {info.variant} model; training supports T2V and InP models")
+    check_text_encoder_files(root, info.version.lower())
+    if not Path(args.data).is_file():
+        raise ValueError(f"--data {args.data}: no such metadata file (a JSON list of file_path/text/type)")
+    if args.batch_size % procs.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {procs.world} processes")
+    per_rank = args.batch_size // procs.world
+    if args.micro_batch and per_rank % args.micro_batch:
+        raise ValueError(f"--micro-batch {args.micro_batch} must divide the per-process batch {per_rank}")
+    if args.fsdp and not args.mode == "full":
+        raise ValueError("--fsdp shards full fine-tuning; LoRA runs use DDP (drop --fsdp)")
+    if args.cache_latents and not args.cache_dir:
+        raise ValueError("--cache-latents needs --cache-dir (where the latents are stored)")
+    if args.validation_image and info.variant != "InP":
+        raise ValueError("--validation-image needs an InP model")
+    if args.train_mode == "inpaint" and info.variant != "InP":
+        raise ValueError(f"--train-mode inpaint needs an InP model; {root} is {info.variant}")
+    if args.max_steps < 1 or args.checkpoint_every < 1:
+        raise ValueError("--max-steps and --checkpoint-every must be at least 1")
+    return root, info
+
+
+def _fingerprint(run: Run) -> dict:
+    args = run.args
+    return {
+        "model": str(run.root.resolve()),
+        "mode": args.mode,
+        "rank": args.rank if not run.full else None,
+        "alpha": args.alpha if not run.full else None,
+        "lora_targets": args.lora_targets,
+        "data": str(Path(args.data).resolve()),
+        "samples": [s.index for s in run.samples],
+        "buckets": _digest(run.buckets),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "train_mode": args.train_mode,
+        "caption_dropout": args.caption_dropout,
+        "dtype": args.dtype,
+        "lr": args.lr,
+        "lr_schedule": [args.lr_scheduler, args.warmup_steps, args.max_steps if args.lr_scheduler != "constant" else 0],
+    }
+
+
+def _check_fingerprint(saved: dict, current: dict, log) -> None:
+    differ = [k for k in current if saved.get(k) != current[k]]
+    strict = [k for k in differ if k in STRICT_KEYS]
+    if strict:
+        raise ValueError(
+            f"cannot resume: this run differs from the checkpoint in {', '.join(strict)}; "
+            "use the same model, data and settings, or start a new output folder"
+        )
+    if differ:
+        log(f"warning: resuming with other {', '.join(differ)}: the run will not repeat the original exactly")
+
+
+def _load_models(run: Run, resume: Path | None) -> None:
+    """VAE, transformer (+ LoRA network), wrapped for the process group; weights from ``resume`` if given."""
+    from .loading import load_transformer, load_vae
+    from .pipeline import model_inputs as pipeline_inputs
+
+    args, procs = run.args, run.procs
+    vae_dtype = torch.float32 if run.dtype == torch.float16 else run.dtype  # fp16 overflows in the VAE
+    run.vae = load_vae(run.root, dtype=vae_dtype, device=procs.device).requires_grad_(False)
+    source = resume if (resume and run.full) else run.root
+    transformer = load_transformer(source, dtype=torch.float32 if run.full else run.dtype, device=procs.device)
+    transformer.gradient_checkpointing = args.gradient_checkpointing
+    run.inpaint_channels, _ = pipeline_inputs(transformer, run.vae.config.latent_channels)
+    run.inpaint = args.train_mode == "inpaint" or (args.train_mode == "auto" and run.inpaint_channels > 0)
+    if run.full:
+        transformer.requires_grad_(True)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        run.network = LoraNetwork(transformer, args.rank, args.alpha, args.lora_targets, generator).to(procs.device)
+        if resume:
+            run.network.load_state_dict(load_file(resume / "lora.safetensors"))
+        run.network.attach(transformer)
+    run.transformer = transformer
+    model = container = TrainedModel(transformer, run.network)
+    if procs.world > 1 and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in transformer.transformer_blocks:
+            fully_shard(block)
+        fully_shard(transformer)
+    elif procs.world > 1:
+        ids = [procs.device.index] if procs.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    run.model = model
+    # Named after wrapping: fully_shard replaces the parameters by sharded ones.
+    run.params = [(n, p) for n, p in container.named_parameters() if p.requires_grad]
+    params = [p for _, p in run.params]
+    run.optimizer = torch.optim.AdamW(
+        params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=args.adam_eps
+    )
+    if run.dtype == torch.float16:
+        run.scaler = torch.amp.GradScaler(procs.device.type)
+
+
+def _optimizer_state(run: Run) -> dict:
+    """The optimizer state keyed by parameter name (gathered to rank 0 under FSDP)."""
+    if run.args.fsdp and run.procs.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(run.model, run.optimizer, options=options)
+    state = run.optimizer.state_dict()
+    names = [n for n, _ in run.params]
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]],
+    }
+
+
+def _load_optimizer_state(run: Run, state: dict) -> None:
+    if run.args.fsdp and run.procs.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(run.model, run.optimizer, state, options=options)
+        return
+    index = {n: i for i, (n, _) in enumerate(run.params)}
+    missing = set(index) - set(g for group in state["param_groups"] for g in group["params"])
+    if missing:
+        raise ValueError(
+            f"the checkpoint's optimizer lacks {len(missing)} trained parameters, e.g. {sorted(missing)[:2]}"
+        )
+    run.optimizer.load_state_dict(
+        {
+            "state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]],
+        }
+    )
+
+
+def _full_state_dict(run: Run) -> dict[str, torch.Tensor]:
+    """The transformer's weights on rank 0 (gathered under FSDP)."""
+    if run.args.fsdp and run.procs.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(run.transformer, options=options)
+    return run.transformer.state_dict()
+
+
+def _transformer_config(run: Run) -> dict:
+    from .loading import resolve_files
+
+    config = resolve_files(run.root, "transformer")[1]
+    return config or {k: v for k, v in dataclasses.asdict(run.transformer.config).items() if k != "compat"}
+
+
+def _write_weights(run: Run, folder: Path, step: int, dtype: torch.dtype, state_dict=None) -> None:
+    """The trained weights into ``folder``: lora.safetensors or transformer/ (rank 0)."""
+    if run.full:
+        write_transformer_folder(
+            folder / "transformer", state_dict, _transformer_config(run), dtype, int(run.args.shard_size * 2**30)
+        )
+    else:
+        save_lora(folder / "lora.safetensors", run.network.layers(), metadata=run.metadata(step), dtype=dtype)
+
+
+def save_checkpoint(run: Run, step: int, epoch: int, fingerprint: dict, loss_log: LossLog | None) -> None:
+    """A checkpoint of ``step`` (every process takes part; rank 0 writes)."""
+    optimizer_state = _optimizer_state(run)
+    state_dict = _full_state_dict(run) if run.full else None
+    rngs = run.procs.gather(rng_state())
+    if run.procs.main:
+        state = {"step": step, "epoch": epoch, "world_size": run.procs.world, "fingerprint": fingerprint}
+        if run.scaler:
+            state["scaler"] = run.scaler.state_dict()
+        write_checkpoint(
+            checkpoint_dir(run.output, step),
+            lambda tmp: _write_weights(run, tmp, step, torch.float32, state_dict),
+            optimizer_state,
+            state,
+            rngs,
+        )
+        prune_checkpoints(run.output, run.args.keep_checkpoints)
+        plot_losses(loss_log.entries, run.output / "loss.png")
+    run.procs.barrier()
+
+
+def validate(run: Run, step: int) -> None:
+    """Validation videos of the model as trained so far, through the generation pipeline."""
+    from .pipeline import generate
+    from .video_io import read_image, write_video
+
+    args, procs = run.args, run.procs
+    fsdp = args.fsdp and procs.world > 1
+    if not (procs.main or fsdp):  # under FSDP every process must run the sharded forward
+        return
+    sampler_name, _, guidance = sampling.DEFAULTS[run.version]
+    image = read_image(args.validation_image) if args.validation_image else None
+
+    def stage(name, model):
+        return run.autocast() if name == "transformer" else contextlib.nullcontext()
+
+    for i, prompt in enumerate(args.validation_prompt):
+        frames = generate(
+            run.transformer,
+            run.vae,
+            PromptPair(run.text.get([prompt]), run.text.get([""])),
+            sampling.make_sampler(sampler_name, run.version, args.validation_steps),
+            frames=args.validation_frames,
+            height=args.validation_height,
+            width=args.validation_width,
+            guidance=guidance,
+            seed=args.seed,
+            start_image=image,
+            device=procs.device,
+            stage=stage,
+        )
+        if procs.main:
+            meta = {"prompt": prompt, "step": step, "model": str(run.root), "seed": args.seed}
+            write_video(run.output / "validation" / f"step-{step:06d}-{i}.mp4", frames, metadata=meta)
+
+
+def _final_outputs(run: Run, step: int) -> Path:
+    """The trained LoRA file (official keys) or transformer/ folder in the save dtype; returns its path."""
+    save_dtype = DTYPES[run.args.save_dtype] if run.args.save_dtype else run.dtype
+    state_dict = _full_state_dict(run) if run.full else None
+    target = run.output / ("transformer" if run.full else f"{run.args.name}.safetensors")
+    if run.procs.main:
+        if run.full:
+            with atomic_dir(target) as tmp:
+                write_transformer_folder(
+                    tmp, state_dict, _transformer_config(run), save_dtype, int(run.args.shard_size * 2**30)
+                )
+        else:
+            save_lora(target, run.network.layers(), metadata=run.metadata(step), dtype=save_dtype)
+    run.procs.barrier()
+    return target
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float]  # step -> loss of the steps this call trained
+    output: Path  # the LoRA file or transformer/ folder
+    steps: int
+
+
+def run_training(args, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train as ``args`` say (see ``add_train_arguments``); resumes from ``args.resume`` if set."""
+    procs = start_processes(args.device)
+    try:
+        return _train(args, procs, on_step)
+    finally:
+        if procs.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, procs: Processes, on_step) -> TrainResult:
+    from tqdm import tqdm
+
+    log = print if procs.main else (lambda *a, **k: None)
+    root, info = _check_inputs(args, procs)
+    output = Path(args.output).expanduser()
+    resume = resolve_resume(output, args.resume) if args.resume else None
+    device_default = "bf16" if procs.device.type == "cuda" else "fp32"
+    dtype = DTYPES[args.dtype or device_default]
+    samples = load_dataset(args.data, args.data_root, args.min_frames, args.skip_bad_samples, log)
+    resolutions = tuple(args.resolutions)
+    budget = args.token_budget or ((args.frames - 1) // 4 + 1) * (max(resolutions) // 16) ** 2
+    rule = BucketRule(resolutions, args.frames, budget)
+    buckets = [rule.bucket(s) for s in samples]
+    log(f"{len(samples)} samples in buckets (frames x height x width):\n{describe_buckets(buckets)}")
+    run = Run(args, procs, root, output, info.version, info.variant, samples, buckets, dtype, log=log)
+    fingerprint = _fingerprint(run)
+
+    start_step, saved = 0, None
+    if not resume and list_checkpoints(output):
+        raise ValueError(f"{output} holds checkpoints of an earlier run: add --resume latest, or use another --output")
+    if resume:
+        saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
+        _check_fingerprint(saved["fingerprint"], fingerprint, log)
+        start_step = saved["step"]
+        log(f"resuming from {resume} (step {start_step})")
+    if start_step >= args.max_steps:
+        raise ValueError(f"the checkpoint is at step {start_step}; raise --max-steps above it to train further")
+    if procs.main:
+        remove_partials(output)
+        remove_partials(output / "checkpoints")
+        write_json(output / "training_args.json", {k: v for k, v in vars(args).items() if k != "func"})
+    procs.barrier()
+
+    prompts = [s.text for s in samples] + list(args.validation_prompt)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    run.text = TextEmbeddings(root, info.version, prompts, dtype, procs, cache, log)
+    _load_models(run, resume)
+    if resume:
+        _load_optimizer_state(run, optimizer_state)
+        if run.scaler and "scaler" in saved:
+            run.scaler.load_state_dict(saved["scaler"])
+    latent_files = build_latent_cache(run) if args.cache_latents else None
+
+    plan_iter = batch_plan(buckets, args.batch_size, args.seed)
+    plan, epochs = [], []
+    for _ in range(args.max_steps):
+        epoch, batch = next(plan_iter)
+        plan.append(batch)
+        epochs.append(epoch)
+    loader = torch.utils.data.DataLoader(
+        StepExamples(run, plan, latent_files),
+        batch_size=None,
+        sampler=range(start_step, args.max_steps),
+        num_workers=args.workers,
+        collate_fn=_as_is,
+    )
+    if resume and rng is not None and saved["world_size"] == procs.world:
+        set_rng_state(*rng)
+    loss_log = LossLog(output / "loss.jsonl", start_step if resume else None) if procs.main else None
+    losses: dict[int, float] = {}
+    bar = tqdm(total=args.max_steps, initial=start_step, desc="training", unit="step", disable=not procs.main)
+    step = start_step
+    try:
+        for index, examples in zip(range(start_step, args.max_steps), loader, strict=True):
+            lr = args.lr * lr_factor(index, args.max_steps, args.warmup_steps, args.lr_scheduler)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            local = train_step(run, index, examples)
+            if run.scaler:
+                run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for _, p in run.params], args.max_grad_norm)
+            if run.scaler:
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = procs.total(local) / args.batch_size
+            if not math.isfinite(loss):
+                raise ValueError(f"the loss became {loss} at step {index + 1}; lower --lr or use --dtype bf16/fp32")
+            step = index + 1
+            losses[step] = loss
+            if loss_log:
+                loss_log.append({"step": step, "loss": loss, "lr": lr, "epoch": epochs[index]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if on_step:
+                on_step(step, loss)
+            if step % args.checkpoint_every == 0 or step == args.max_steps:
+                save_checkpoint(run, step, epochs[index], fingerprint, loss_log)
+            if args.validation_prompt and args.validation_every and step % args.validation_every == 0:
+                validate(run, step)
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(step, output) from e
+    finally:
+        bar.close()
+    result = _final_outputs(run, step)
+    log(f"wrote {result} after {step} steps; loss log {output / 'loss.jsonl'}, plot {output / 'loss.png'}")
+    return TrainResult(losses, result, step)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or a callback) stopped the run after ``step``."""
+
+    def __init__(self, step: int, output: Path):
+        super().__init__(f"interrupted after step {step}; resume with --resume latest (output {output})")
+        self.step = step
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``easyanimate train``."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="model folder (transformer/, vae/, text encoder(s))")
+    g.add_argument("--data", required=True, help="metadata JSON: a list of {file_path, text, type: video|image}")
+    g.add_argument("--data-root", help="folder that relative file_path values start from (default: the JSON's)")
+    g.add_argument("--output", required=True, help="output folder (LoRA / transformer, checkpoints, logs)")
+    g.add_argument("--name", default="easyanimate_lora", help="file name of the trained LoRA (without .safetensors)")
+    g.add_argument("--skip-bad-samples", action="store_true", help="train without the entries that fail the checks")
+    g.add_argument("--min-frames", type=int, default=5, help="videos with fewer frames are bad samples")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading the clips")
+
+    g = p.add_argument_group("what to train")
+    g.add_argument("--mode", choices=("lora", "full"), default="lora")
+    g.add_argument("--rank", type=int, default=128, help="LoRA rank (official default 128)")
+    g.add_argument("--alpha", type=float, default=64.0, help="LoRA alpha; scale alpha/rank (official default 64)")
+    g.add_argument(
+        "--lora-targets", nargs="+", help="fnmatch patterns of Linear layer paths (default: all, as official)"
+    )
+    g.add_argument(
+        "--train-mode",
+        choices=("auto", "normal", "inpaint"),
+        default="auto",
+        help="inpaint: random masks for image-to-video (InP models, the default for them); normal: text only",
+    )
+    g.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty prompts (for CFG)")
+
+    g = p.add_argument_group("buckets")
+    g.add_argument("--resolutions", type=int, nargs="+", default=[512], help="base sides of the aspect buckets")
+    g.add_argument("--frames", type=int, default=49, help="most frames per video clip (4k+1)")
+    g.add_argument("--stride", type=int, default=3, help="frame stride of video clips")
+    g.add_argument(
+        "--token-budget",
+        type=int,
+        help="most transformer tokens per clip (default: --frames at the largest resolution)",
+    )
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=1000)
+    g.add_argument("--batch-size", type=int, default=1, help="global batch (over all processes)")
+    g.add_argument("--micro-batch", type=int, help="samples per forward pass (gradient accumulation)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, default="constant")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=5e-2, help="AdamW weight decay (released script: 5e-2)")
+    g.add_argument("--adam-eps", type=float, default=1e-10, help="AdamW epsilon (released script: 1e-10)")
+    g.add_argument("--max-grad-norm", type=float, default=0.05, help="gradient clipping (released script: 0.05)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--dtype", choices=list(DTYPES), help="training dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--save-dtype", choices=list(DTYPES), help="dtype of the final output (default: --dtype)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    g.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    g.add_argument("--fsdp", action="store_true", help="full mode on several GPUs: shard weights (FSDP2)")
+    g.add_argument("--shard-size", type=float, default=5.0, help="GiB per safetensors shard in full mode")
+
+    g = p.add_argument_group("caches, checkpoints, validation")
+    g.add_argument("--cache-dir", help="store prompt embeddings (and with --cache-latents, latents) here")
+    g.add_argument("--cache-latents", action="store_true", help="encode each sample's clip once (a fixed clip)")
+    g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--resume", help="'latest' or a checkpoint folder")
+    g.add_argument("--validation-prompt", action="append", default=[], help="prompt of a validation video (repeat)")
+    g.add_argument("--validation-every", type=int, default=0, help="steps between validation videos (0: never)")
+    g.add_argument("--validation-image", help="start image of the validation videos (InP models)")
+    g.add_argument("--validation-frames", type=int, default=49)
+    g.add_argument("--validation-height", type=int, default=384)
+    g.add_argument("--validation-width", type=int, default=672)
+    g.add_argument("--validation-steps", type=int, default=25)
+
+
+def train_main(args) -> int:
+    """Run ``easyanimate train``; returns the exit code (errors are printed, not raised)."""
+    try:
+        run_training(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    return 0
