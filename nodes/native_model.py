@@ -42,6 +42,13 @@ COND_TO_KWARG = {
 }
 
 
+# Conditioning keys whose latents must cover the sampled latent's grid, and the node that sets each.
+LATENT_CONDS = {
+    "easyanimate_inpaint_latents": "EasyAnimate Image To Video",
+    "easyanimate_control_latents": "EasyAnimate Control Video",
+}
+
+
 class EasyAnimateLatentFormat(comfy.latent_formats.LatentFormat):
     """The mag VAE's 16-channel video latents; model space = VAE space x scaling_factor (0.7125)."""
 
@@ -96,6 +103,11 @@ class EasyAnimateNet(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.proj.weight.dtype
 
+    @property
+    def variant(self) -> str:
+        """ "InP", "Control" or "T2V": what the extra input channels say."""
+        return "InP" if self.inpaint_channels else "Control" if self.control_channels else "T2V"
+
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         extra = {name: kwargs[name] for name in COND_TO_KWARG.values() if kwargs.get(name) is not None}
         # Without images / a control video the official pipelines feed zeros (text-to-video on InP / Control models).
@@ -106,6 +118,13 @@ class EasyAnimateNet(torch.nn.Module):
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
 
 
+# Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured
+# on CPU with bench/measure_transformer_memory.py for 16-1792 image tokens + 256 text tokens at widths 128 and
+# 512: 8.7-11.2 in float32 and 14.4-14.6 in bfloat16 (norms and RoPE run in float32). Attention never holds the
+# tokens^2 scores (flash / memory-efficient SDPA), so it is linear in tokens; 16 leaves a margin.
+ACTIVATION_BYTES_PER_TOKEN = 16
+
+
 class EasyAnimateModel(comfy.model_base.BaseModel):
     """BaseModel whose diffusion_model is an already-loaded EasyAnimate transformer."""
 
@@ -114,13 +133,97 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
         self.diffusion_model = EasyAnimateNet(transformer)
         self.info = transformer.info
 
+    def memory_required(self, input_shape, cond_shapes=None):
+        """Bytes of activations for one model call on latents ``input_shape`` (what load_models_gpu reserves)."""
+        config = self.diffusion_model.transformer.config
+        batch, _, frames, height, width = input_shape
+        p = config.patch_size
+        text_tokens = 256 + (77 if config.text_embed_dim_t5 is not None else 0)  # Qwen2-VL, or BERT + mT5 (V5)
+        tokens = frames * (height // p) * (width // p) + text_tokens
+        dtype = self.manual_cast_dtype or self.diffusion_model.dtype
+        return ACTIVATION_BYTES_PER_TOKEN * batch * tokens * config.inner_dim * max(2, dtype.itemsize)
+
     def extra_conds(self, **kwargs):
+        # Called once per conditioning before the first step: refuse a mismatch here, not inside step 1.
+        if kwargs.get("noise") is not None:
+            error = conditioning_error(self.diffusion_model, kwargs, kwargs["noise"].shape)
+            if error:
+                raise ValueError(error)
         out = super().extra_conds(**kwargs)
         for key, kwarg in COND_TO_KWARG.items():
             value = kwargs.get(key)
             if value is not None:
+                if key == "easyanimate_control_latents":
+                    value = fit_control_latents(value, self.diffusion_model.control_channels)
                 out[kwarg] = comfy.conds.CONDRegular(value)
         return out
+
+
+def _describe_grid(shape) -> str:
+    """Latent grid [.., T, h, w] as the video it stands for ("9 frames at 64x32")."""
+    t, s = VAE_V51.temporal_compression, VAE_V51.spatial_compression
+    return f"{(shape[-3] - 1) * t + 1} frames at {shape[-1] * s}x{shape[-2] * s}"
+
+
+def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | None:
+    """Why one conditioning dict cannot drive ``net`` on latents of ``latent_shape``, or None if it can."""
+    config = net.transformer.config
+    context = cond.get("cross_attn")
+    if context is not None and context.shape[-1] != config.text_embed_dim:
+        return (
+            f"the prompt embeddings are {context.shape[-1]} wide but this {net.variant} model takes "
+            f"{config.text_embed_dim}: encode the prompt with the text encoder of the same EasyAnimate version "
+            "(EasyAnimate Text Encoder Loader on the model's folder)"
+        )
+    if (config.text_embed_dim_t5 is not None) != (cond.get("easyanimate_text_2") is not None):
+        needs = "needs" if config.text_embed_dim_t5 is not None else "takes no"
+        return (
+            f"this model {needs} the second (mT5) text stream of V5: encode the prompt with the text encoder "
+            "of the same EasyAnimate version"
+        )
+    inpaint, control = cond.get("easyanimate_inpaint_latents"), cond.get("easyanimate_control_latents")
+    if control is not None and not net.control_channels:
+        return (
+            f"control latents (from EasyAnimate Control Video) need an EasyAnimate Control model, but this model "
+            f"is {net.variant}: load a -Control checkpoint (e.g. EasyAnimateV5.1-12b-zh-Control), or use "
+            "EasyAnimate Image To Video / Video To Video with this one"
+        )
+    if inpaint is not None and not net.inpaint_channels:
+        return (
+            f"start/end image latents (from EasyAnimate Image To Video) need an EasyAnimate InP model, but this "
+            f"model is {net.variant}: load an -InP checkpoint, or use a reference image on EasyAnimate Control "
+            "Video with a V5.1 Control model"
+        )
+    for key, node in LATENT_CONDS.items():
+        value = cond.get(key)
+        if value is not None and tuple(value.shape[2:]) != tuple(latent_shape[2:]):
+            return (
+                f"the {node} conditioning was made for {_describe_grid(value.shape)} but the latent to sample is "
+                f"{_describe_grid(latent_shape)}: sample that node's LATENT output, or give both the same width, "
+                "height and frames"
+            )
+    if inpaint is not None and inpaint.shape[1] != net.inpaint_channels:
+        return f"inpaint latents have {inpaint.shape[1]} channels; this model takes {net.inpaint_channels}"
+    if control is not None:
+        channels, latent = control.shape[1], EasyAnimateLatentFormat.latent_channels
+        if channels == 2 * latent and net.control_channels == latent:
+            return (
+                "this V5 Control model takes no reference image (V5.1 Control models do): disconnect ref_image "
+                "from EasyAnimate Control Video"
+            )
+        if channels not in (net.control_channels, net.control_channels // 2):
+            return f"control latents have {channels} channels; this model takes {net.control_channels}"
+    return None
+
+
+def fit_control_latents(latents: torch.Tensor, channels: int) -> torch.Tensor:
+    """Control latents made without a reference image, given the all-zero reference a V5.1 Control model reads."""
+    missing = channels - latents.shape[1]
+    return (
+        latents
+        if missing <= 0
+        else torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], 1)
+    )
 
 
 def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
