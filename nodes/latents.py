@@ -12,6 +12,28 @@ from .common import CATEGORY, VAE_CONFIGS
 from .native_model import EasyAnimateLatentFormat
 
 
+def video_size_error(width: int, height: int, frames: int, versions=tuple(VAE_CONFIGS)) -> str | None:
+    """Why a video size breaks the frame / size rules of ``versions`` (naming the nearest valid values), or None."""
+    for version in versions:
+        vae = VAE_CONFIGS[version]
+        m, step = vae.pixel_multiple, vae.temporal_compression
+        for name, size in (("width", width), ("height", height)):
+            if size % m or size <= 0:
+                nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), (size // m + 1) * m)))
+                return f"{name} {size} is not a multiple of {m}; nearest valid: {nearest}"
+        if frames < 1 or (frames - 1) % step:
+            lower, upper = max(1, (frames - 1) // step * step + 1), ((frames - 1) // step + 1) * step + 1
+            return f"frames {frames} must be {step}k+1 for {version}; nearest valid: {lower} or {upper}"
+    return None
+
+
+def empty_video_latent(vae, width: int, height: int, frames: int, batch_size: int) -> dict:
+    """A zero LATENT [B, 16, (frames - 1) / t + 1, H / s, W / s] for a VAE config's compression."""
+    s, t = vae.spatial_compression, vae.temporal_compression
+    shape = (batch_size, EasyAnimateLatentFormat.latent_channels, (frames - 1) // t + 1, height // s, width // s)
+    return {"samples": torch.zeros(shape, device=mm.intermediate_device())}
+
+
 class EasyAnimateEmptyLatentVideo:
     """An empty video LATENT [B, 16, (frames - 1) / 4 + 1, H / 8, W / 8] for the EasyAnimate MODEL."""
 
@@ -36,24 +58,12 @@ class EasyAnimateEmptyLatentVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, version, width, height, frames):
-        vae = VAE_CONFIGS.get(version)
-        if vae is None:
+        if version not in VAE_CONFIGS:
             return f"unknown version {version!r}; choose one of {list(VAE_CONFIGS)}"
-        m, step = vae.pixel_multiple, vae.temporal_compression
-        for name, size in (("width", width), ("height", height)):
-            if size % m or size <= 0:
-                nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), (size // m + 1) * m)))
-                return f"{name} {size} is not a multiple of {m}; nearest valid: {nearest}"
-        if frames < 1 or (frames - 1) % step:
-            lower, upper = max(1, (frames - 1) // step * step + 1), ((frames - 1) // step + 1) * step + 1
-            return f"frames {frames} must be {step}k+1 for {version}; nearest valid: {lower} or {upper}"
-        return True
+        return video_size_error(width, height, frames, [version]) or True
 
     def generate(self, version, width, height, frames, batch_size):
-        vae = VAE_CONFIGS[version]
-        s, t = vae.spatial_compression, vae.temporal_compression
-        shape = (batch_size, EasyAnimateLatentFormat.latent_channels, (frames - 1) // t + 1, height // s, width // s)
-        return ({"samples": torch.zeros(shape, device=mm.intermediate_device())},)
+        return (empty_video_latent(VAE_CONFIGS[version], width, height, frames, batch_size),)
 
 
 class EasyAnimateFlowSigmas:
@@ -76,10 +86,27 @@ class EasyAnimateFlowSigmas:
     CATEGORY = CATEGORY
 
     def get_sigmas(self, steps, denoise):
-        if denoise <= 0.0:
-            return (torch.zeros(0),)  # as ComfyUI's schedulers: nothing to sample
-        # The official pipeline's strength: the last int(steps * denoise) steps of the full schedule.
-        return (make_sampler("Flow", "V5.1", steps, strength=denoise).sigmas.clone(),)
+        return (released_sigmas("V5.1", steps, denoise),)
+
+
+def released_sigmas(version: str, steps: int, denoise: float, model_sampling=None, shift: float | None = None):
+    """The version's released schedule as ComfyUI SIGMAS (its default sampler stepping through them reproduces the
+    official one); ``denoise`` is the official strength: the last int(steps * denoise) steps of the full schedule.
+
+    Flow (V5.1): core's shifted sigmas (``shift`` overrides e). DDIM (V5): the model's own sigma table at the
+    released trailing timesteps, then 0; ComfyUI's "ddim" (Euler in sigma space) is deterministic DDIM on them,
+    equal to the official steps whenever the step count divides 1000 (the released 50 does).
+    """
+    if denoise <= 0.0:
+        return torch.zeros(0)  # as ComfyUI's schedulers: nothing to sample
+    name = DEFAULTS[version][0]
+    sampler = make_sampler(name, version, steps, strength=denoise, shift=shift if name == "Flow" else None)
+    if name == "Flow":
+        return sampler.sigmas.clone()
+    if model_sampling is None:
+        raise ValueError(f"the {version} schedule in ComfyUI sigmas needs the MODEL's model_sampling")
+    sigmas = model_sampling.sigma(sampler.timesteps).float().cpu()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 NODE_CLASS_MAPPINGS = {

@@ -2,61 +2,246 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 import torch
+from safetensors import safe_open
 
 from easyanimate_core.loading import inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 
-from .common import CATEGORY, folder_input, model_folder_path
+from .common import CATEGORY, model_folder_path, model_folders
 from .native_model import WEIGHT_DTYPES, EasyAnimateNet, load_native_model, lora_patches
+
+DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's standard folders for single files
+TEXT_ENCODERS = "text_encoders"
+NATIVE_VERSIONS = ("V5", "V5.1")
+
+
+def _safetensors_in(folder_name: str) -> list[str]:
+    """The .safetensors files ComfyUI lists in one of its model folders (pickle files are never loaded)."""
+    return [f for f in folder_paths.get_filename_list(folder_name) if f.endswith(".safetensors")]
+
+
+def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors file, from its header only."""
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _comfy_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The ComfyUI model config class that ComfyUI's own detection finds for these tensors (None: none)."""
+    try:
+        import comfy.model_detection as detection
+
+        state_dict = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+        for prefix in dict.fromkeys((detection.unet_prefix_from_state_dict(state_dict), "")):
+            config = detection.model_config_from_unet(state_dict, prefix)
+            if config is not None:
+                return type(config).__name__
+    except Exception:  # detection is best effort: its heuristics index keys that other families lack
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _diffusion_model_error(path: str, mtime_ns: int, size: int) -> str | None:
+    """Why the single file at ``path`` is not a loadable EasyAnimate transformer (None if it is); cached per version."""
+    name = f"{DIFFUSION_MODELS}/{os.path.basename(path)}"
+    try:
+        info = inspect_checkpoint(path, "transformer")
+    except ValueError as error:
+        family = None
+        try:
+            family = _comfy_family(_header_shapes(path))
+        except Exception:  # unreadable header: inspect_checkpoint's message says why
+            pass
+        if family:
+            return f"{name} is a {family} checkpoint, not EasyAnimate; use ComfyUI's UNETLoader (Load Diffusion Model)"
+        return f"{name} is not an EasyAnimate transformer: {error}"
+    if info.version not in NATIVE_VERSIONS:
+        return f"{name} is an EasyAnimate {info.version} transformer; this loader takes V5 and V5.1"
+    return None
+
+
+def _model_path(name: str) -> Path:
+    """A model-loader choice: a folder under models/EasyAnimate/, else a file in diffusion_models/."""
+    if name in model_folders("transformer"):
+        return model_folder_path(name)
+    return Path(folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, name))
 
 
 class EasyAnimateModelLoader:
-    """Load an EasyAnimate V5 / V5.1 transformer as a native MODEL for KSampler."""
+    """Load an EasyAnimate V5 / V5.1 transformer as a native MODEL for KSampler; version and variant are detected."""
 
     @classmethod
     def INPUT_TYPES(cls):
+        choices = model_folders("transformer") + _safetensors_in(DIFFUSION_MODELS)
+        tooltip = (
+            "An EasyAnimate checkpoint: a folder under models/EasyAnimate/ with a transformer/ subfolder, or a "
+            "transformer .safetensors file in models/diffusion_models/."
+        )
         return {
             "required": {
-                "model_folder": folder_input("transformer", "The EasyAnimate checkpoint folder."),
+                "model_folder": (choices, {"tooltip": tooltip}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"tooltip": "Storage dtype of the weights; default picks one."}),
             }
         }
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The EasyAnimate MODEL.", "What was detected: version, variant, size, layout, dtype.")
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_folder):
+        if model_folder in model_folders("transformer"):
+            return True
+        path = folder_paths.get_full_path(DIFFUSION_MODELS, model_folder)
+        if path is None:
+            return f"{model_folder!r} is neither a folder under models/EasyAnimate/ nor a file in {DIFFUSION_MODELS}/"
+        stat = os.stat(path)
+        return _diffusion_model_error(path, stat.st_mtime_ns, stat.st_size) or True
+
     def load(self, model_folder, weight_dtype):
-        patcher = load_native_model(model_folder_path(model_folder), weight_dtype)
+        patcher = load_native_model(_model_path(model_folder), weight_dtype)
         return (patcher, patcher.model.info.summary())
 
 
+def _text_encoder_version(root: Path) -> str:
+    """ "V5.1" (Qwen2-VL) or "V5" (BERT + mT5) for a folder holding text_encoder/ (and, for V5, text_encoder_2/)."""
+    # BERT + mT5 serve V4 (with masks) and V5 (without): a model folder's transformer says which.
+    if (root / "transformer").is_dir():
+        version = inspect_checkpoint(root, "transformer").version
+        if version not in NATIVE_VERSIONS:
+            raise ValueError(f"{root}: the text-encoder loader takes V5 / V5.1 folders, this one is {version}")
+        return version
+    config = root / "text_encoder" / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type == "qwen2_vl":
+        return "V5.1"
+    if model_type == "bert":
+        return "V5"  # the pack's MODEL takes V5 and V5.1 only
+    raise ValueError(
+        f"{root}: the text-encoder loader takes V5 / V5.1 folders (text_encoder/config.json: {model_type})"
+    )
+
+
+def _text_encoder_dirs() -> list[str]:
+    """Folders in text_encoders/ laid out as in an EasyAnimate model folder (text_encoder/, tokenizer/, ...)."""
+    names = set()
+    for root in folder_paths.get_folder_paths(TEXT_ENCODERS):
+        if os.path.isdir(root):
+            names.update(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n, "text_encoder")))
+    return sorted(names)
+
+
+def _text_encoder_dir_path(name: str) -> Path | None:
+    for root in folder_paths.get_folder_paths(TEXT_ENCODERS):
+        if os.path.isdir(os.path.join(root, name, "text_encoder")):
+            return Path(root) / name
+    return None
+
+
+QWEN2_VL_KEYS = ("model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight")
+QWEN25_VL_KEY = "blocks.0.mlp.gate_proj.weight"  # Qwen2.5-VL's vision MLP (Qwen2-VL's has fc1 / fc2)
+
+
+def _single_text_encoder_error(path: Path) -> str | None:
+    """Why a single text-encoder file cannot be loaded for EasyAnimate (None if its config and tokenizer are there)."""
+    name = f"{TEXT_ENCODERS}/{path.name}"
+    keys = _header_shapes(str(path))
+    if not any(k in keys for k in QWEN2_VL_KEYS) or any(k.endswith(QWEN25_VL_KEY) for k in keys):
+        return (
+            f"{name} is not a Qwen2-VL text encoder (EasyAnimate V5.1's); V5's BERT + mT5 need a folder "
+            f"{TEXT_ENCODERS}/<name>/ with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ copied from the "
+            "model folder. For other models use ComfyUI's CLIPLoader"
+        )
+    parts = path.with_suffix("")
+    needed = ["config.json", "tokenizer_config.json"]
+    missing = [n for n in needed if not (parts / n).is_file()]
+    if not ((parts / "tokenizer.json").is_file() or (parts / "vocab.json").is_file()):
+        missing.append("tokenizer.json")
+    if missing:
+        return (
+            f"{name} is a single-file Qwen2-VL; its config and tokenizer are not there: put config.json (from the "
+            f"model folder's text_encoder/) and the tokenizer files (everything in its tokenizer/ folder) into "
+            f"{TEXT_ENCODERS}/{parts.name}/ (missing: {', '.join(missing)}), or load the model folder instead"
+        )
+    return None
+
+
+def _load_single_qwen(path: Path, dtype, device) -> TextEncoders:
+    """Load a single-file Qwen2-VL through the folder layout core reads (linked, not copied, into a temp folder)."""
+    parts = path.with_suffix("")
+    root = Path(tempfile.mkdtemp(prefix="easyanimate_te_"))
+    try:
+        (root / "text_encoder").mkdir()
+        try:
+            os.symlink(parts / "config.json", root / "text_encoder" / "config.json")
+            os.symlink(path, root / "text_encoder" / "model.safetensors")
+            os.symlink(parts, root / "tokenizer", target_is_directory=True)
+        except OSError as error:  # e.g. Windows without the symlink privilege
+            raise ValueError(
+                f"could not link {path.name} into the folder layout the loader reads ({error}); make a folder "
+                f"{TEXT_ENCODERS}/<name>/ with text_encoder/ (config.json + this file as model.safetensors) and "
+                "tokenizer/ instead"
+            ) from error
+        return load_text_encoders(root, "v5.1", dtype=dtype, device=device)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class EasyAnimateTextEncoderLoader:
-    """Load the text encoder(s) of an EasyAnimate checkpoint folder (Qwen2-VL for V5.1, BERT + mT5 for V5)."""
+    """Load the text encoder(s) of an EasyAnimate checkpoint (Qwen2-VL for V5.1, BERT + mT5 for V5)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model_folder": folder_input("text_encoder", "The EasyAnimate checkpoint folder.")}}
+        choices = sorted(set(model_folders("text_encoder") + _text_encoder_dirs())) + _safetensors_in(TEXT_ENCODERS)
+        tooltip = (
+            "A folder under models/EasyAnimate/ or models/text_encoders/ with text_encoder/ and tokenizer/ (V5 also "
+            "text_encoder_2/, tokenizer_2/), or a single-file Qwen2-VL in text_encoders/ whose config.json and "
+            "tokenizer files are in a folder of the same name beside it."
+        )
+        return {"required": {"model_folder": (choices, {"tooltip": tooltip})}}
 
     RETURN_TYPES = ("EASYANIMATE_TEXT_ENCODER",)
     RETURN_NAMES = ("text_encoder",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_folder):
+        if model_folder in model_folders("text_encoder") or _text_encoder_dir_path(model_folder) is not None:
+            return True
+        path = folder_paths.get_full_path(TEXT_ENCODERS, model_folder)
+        if path is None:
+            return f"{model_folder!r} is neither a text-encoder folder nor a file in {TEXT_ENCODERS}/"
+        return _single_text_encoder_error(Path(path)) or True
+
     def load(self, model_folder):
-        root = model_folder_path(model_folder)
-        # BERT + mT5 serve V4 (with masks) and V5 (without): the folder's transformer says which.
-        version = inspect_checkpoint(root, "transformer").version if (root / "transformer").is_dir() else None
-        if version not in ("V5", "V5.1"):
-            raise ValueError(f"{root}: the text-encoder loader takes V5 / V5.1 folders, this one is {version}")
-        device = mm.text_encoder_offload_device()
-        encoders = load_text_encoders(root, version, dtype=mm.text_encoder_dtype(), device=device)
+        dtype, device = mm.text_encoder_dtype(), mm.text_encoder_offload_device()
+        if model_folder in model_folders("text_encoder"):
+            root = model_folder_path(model_folder)
+        else:
+            root = _text_encoder_dir_path(model_folder)
+        if root is None:
+            path = Path(folder_paths.get_full_path_or_raise(TEXT_ENCODERS, model_folder))
+            error = _single_text_encoder_error(path)
+            if error:
+                raise ValueError(error)
+            return (EasyAnimateTextEncoderHandle(_load_single_qwen(path, dtype, device)),)
+        encoders = load_text_encoders(root, _text_encoder_version(root), dtype=dtype, device=device)
         return (EasyAnimateTextEncoderHandle(encoders),)
 
 

@@ -51,6 +51,8 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
     def cpu():
         return CPU
 
+    sampling = sampling_standins()
+
     mm = _module(
         "comfy.model_management",
         get_torch_device=cpu,
@@ -75,7 +77,16 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         def clone(self):
             n = ModelPatcher(self.model, self.load_device, self.offload_device)
             n.patches = {k: list(v) for k, v in self.patches.items()}
+            n.object_patches = dict(self.object_patches)
             return n
+
+        object_patches: dict = {}
+
+        def add_object_patch(self, name, obj):
+            self.object_patches = {**self.object_patches, name: obj}
+
+        def get_model_object(self, name):
+            return self.object_patches[name] if name in self.object_patches else getattr(self.model, name)
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             model_sd = self.model.state_dict()
@@ -118,6 +129,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
             assert model_config.unet_config.get("disable_unet_model_creation")  # no network built here
             self.latent_format, self.model_config = model_config.latent_format, model_config
             self.manual_cast_dtype, self.device, self.model_type = model_config.manual_cast_dtype, device, model_type
+            self.model_sampling = sampling.model_sampling(model_config, model_type)
 
         def extra_conds(self, **kwargs):
             cross_attn = kwargs.get("cross_attn")
@@ -159,6 +171,12 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
                 return os.path.join(root, filename)
         raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
 
+    def get_full_path(folder_name: str, filename: str) -> str | None:
+        try:
+            return get_full_path_or_raise(folder_name, filename)
+        except FileNotFoundError:
+            return None
+
     def add_model_folder_path(folder_name, full_folder_path, is_default=False):
         folders.setdefault(folder_name, []).insert(
             0 if is_default else len(folders.get(folder_name, [])), full_folder_path
@@ -173,9 +191,9 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         "comfy.conds": _module("comfy.conds", CONDRegular=CONDRegular, CONDCrossAttn=CONDCrossAttn),
         "comfy.latent_formats": _module("comfy.latent_formats", LatentFormat=LatentFormat),
         "comfy.supported_models_base": _module("comfy.supported_models_base", BASE=BASE),
-        "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar),
+        "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar, PROGRESS_BAR_ENABLED=True),
+        **sampling.modules,
     }
-    comfy = _module("comfy", __path__=[], **{name.split(".")[1]: m for name, m in modules.items()})
     folder_paths = _module(
         "folder_paths",
         models_dir=str(models_dir),
@@ -183,6 +201,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         get_folder_paths=lambda folder_name: list(folders.get(folder_name, [])),
         get_filename_list=get_filename_list,
         get_full_path_or_raise=get_full_path_or_raise,
+        get_full_path=get_full_path,
     )
 
     class RouteTable:  # aiohttp.web.RouteTableDef's decorator API, recording the handlers
@@ -197,7 +216,119 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
             return register
 
     server = _module("server", PromptServer=types.SimpleNamespace(instance=types.SimpleNamespace(routes=RouteTable())))
-    return {"comfy": comfy, "folder_paths": folder_paths, "server": server, **modules}
+    top_level = {name: m for name, m in modules.items() if not name.startswith("comfy.")}
+    comfy_modules = {name: m for name, m in modules.items() if name.startswith("comfy.")}
+    comfy = _module("comfy", __path__=[], **{name.split(".")[1]: m for name, m in comfy_modules.items()})
+    return {"comfy": comfy, "folder_paths": folder_paths, "server": server, **top_level, **comfy_modules}
+
+
+def sampling_standins() -> types.SimpleNamespace:
+    """Stand-ins for ComfyUI's sampling entry points (0.3.64 signatures): model_sampling objects as
+    comfy.model_sampling builds them, comfy.sample / comfy.samplers / latent_preview / node_helpers /
+    ModelSamplingSD3. ``comfy.sample.sample`` records its call in ``calls`` and returns the latent unchanged:
+    tests check what the nodes ask ComfyUI to do; tests/integration runs the real sampling."""
+    calls: list[dict] = []
+
+    def time_snr_shift(alpha, t):
+        return t if alpha == 1.0 else alpha * t / (1 + (alpha - 1) * t)
+
+    class ModelSamplingDiscreteFlow:  # with CONST
+        def __init__(self, model_config=None):
+            settings = model_config.sampling_settings if model_config is not None else {}
+            self.set_parameters(shift=settings.get("shift", 1.0), multiplier=settings.get("multiplier", 1000))
+
+        def set_parameters(self, shift=1.0, timesteps=1000, multiplier=1000):
+            self.shift, self.multiplier = shift, multiplier
+            self.sigmas = self.sigma((torch.arange(1, timesteps + 1, 1) / timesteps) * multiplier)
+
+        def sigma(self, timestep):
+            return time_snr_shift(self.shift, timestep / self.multiplier)
+
+    class ModelSamplingDiscrete:  # with V_PREDICTION
+        def __init__(self, model_config=None):
+            s = model_config.sampling_settings
+            assert s.get("beta_schedule", "linear") == "linear"  # comfy's "linear": sqrt-space betas
+            betas = torch.linspace(s["linear_start"] ** 0.5, s["linear_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+            abar = torch.cumprod(1.0 - betas, dim=0)
+            sigmas = ((1 - abar) / abar) ** 0.5
+            if s.get("zsnr", False):  # comfy.model_sampling.rescale_zero_terminal_snr_sigmas
+                abar_sqrt = (1 / (sigmas * sigmas + 1)).sqrt()
+                first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+                abar = ((abar_sqrt - last) * (first / (first - last))) ** 2
+                abar[-1] = 4.8973451890853435e-08
+                sigmas = ((1 - abar) / abar) ** 0.5
+            self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+
+        def sigma(self, timestep):
+            t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+            low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+            return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def model_sampling(model_config, model_type):
+        flow = model_type.name == "FLOW"
+        return (ModelSamplingDiscreteFlow if flow else ModelSamplingDiscrete)(model_config)
+
+    class ModelSamplingSD3:
+        def patch(self, model, shift, multiplier=1000):
+            m = model.clone()
+            ms = ModelSamplingDiscreteFlow(model.model.model_config)
+            ms.set_parameters(shift=shift, multiplier=multiplier)
+            m.add_object_patch("model_sampling", ms)
+            return (m,)
+
+    def prepare_noise(latent_image, seed, noise_inds=None):
+        assert noise_inds is None  # batch_index lists are not used by the pack's tests
+        generator = torch.manual_seed(seed)
+        return torch.randn(latent_image.size(), dtype=latent_image.dtype, generator=generator, device="cpu")
+
+    def fix_empty_latent_channels(model, latent_image):
+        latent_format = model.get_model_object("latent_format")
+        if latent_format.latent_channels != latent_image.shape[1] and torch.count_nonzero(latent_image) == 0:
+            latent_image = latent_image.repeat(1, latent_format.latent_channels // latent_image.shape[1], 1, 1, 1)
+        return latent_image
+
+    def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0,
+               disable_noise=False, start_step=None, last_step=None, force_full_denoise=False, noise_mask=None,
+               sigmas=None, callback=None, disable_pbar=False, seed=None):  # fmt: skip
+        calls.append({k: v for k, v in locals().items()})
+        return latent_image.clone()
+
+    class KSampler:
+        SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal"]
+        SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "ddim", "uni_pc"]
+
+    def prepare_callback(model, steps, x0_output_dict=None):
+        def callback(step, x0, x, total_steps):
+            pass
+
+        return callback
+
+    def conditioning_set_values(conditioning, values={}, append=False):  # noqa: B006 (ComfyUI's signature)
+        out = []
+        for t in conditioning:
+            n = [t[0], t[1].copy()]
+            for k, val in values.items():
+                n[1][k] = val + n[1][k] if append and n[1].get(k) is not None else val
+            out.append(n)
+        return out
+
+    modules = {
+        "comfy.sample": _module(
+            "comfy.sample",
+            prepare_noise=prepare_noise,
+            fix_empty_latent_channels=fix_empty_latent_channels,
+            sample=sample,
+            calls=calls,
+        ),
+        "comfy.samplers": _module("comfy.samplers", KSampler=KSampler),
+        "latent_preview": _module("latent_preview", prepare_callback=prepare_callback),
+        "node_helpers": _module("node_helpers", conditioning_set_values=conditioning_set_values),
+        "comfy_extras": _module("comfy_extras", __path__=[]),
+        "comfy_extras.nodes_model_advanced": _module(
+            "comfy_extras.nodes_model_advanced", ModelSamplingSD3=ModelSamplingSD3
+        ),
+    }
+    return types.SimpleNamespace(modules=modules, calls=calls, model_sampling=model_sampling)
 
 
 @pytest.fixture

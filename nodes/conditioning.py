@@ -1,0 +1,292 @@
+"""Conditioning nodes: image-to-video, video-to-video and control video for the EasyAnimate MODEL.
+
+As ComfyUI's Wan nodes do, each takes the positive / negative CONDITIONING and the VAE, attaches what the model
+needs to both (with ``node_helpers.conditioning_set_values``) and returns the LATENT to sample. The latents
+attached are in model space (core's ``inpaint_latents`` / ``control_latents`` return them scaled); LATENT holds
+raw VAE-space latents, as everywhere in ComfyUI. The MODEL is not an input here, so whether it is an InP or a
+Control model is checked when it sees the conditioning (``native_model.conditioning_error``), before any step.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.utils
+import node_helpers
+import torch
+import torch.nn.functional as F
+
+from easyanimate_core.pipeline import (
+    NOISE_AUG_STRENGTH,
+    VideoSize,
+    control_latents,
+    image_to_video_inputs,
+    inpaint_latents,
+    snap_size,
+    to_model_pixels,
+)
+from easyanimate_core.vae import MagvitVAE
+
+from .common import CATEGORY
+from .latents import empty_video_latent, video_size_error
+
+# The augmentation noise on kept pixels (sigma 0.0563) is drawn from this fixed seed so that a node's output
+# depends on its inputs only (ComfyUI caches node outputs by their inputs).
+AUG_NOISE_SEED = 0
+
+
+def easyanimate_vae(vae) -> MagvitVAE:
+    """The core MagvitVAE inside a VAE input, or a clear error for any other VAE."""
+    core = getattr(vae, "first_stage_model", None)
+    if not isinstance(core, MagvitVAE):
+        core = getattr(vae, "vae", None)  # the pack's VAE handle before it became ComfyUI's VAE type
+    if not isinstance(core, MagvitVAE):
+        raise ValueError("this VAE is not an EasyAnimate VAE; load it with EasyAnimate VAE Loader")
+    return core
+
+
+def _common_inputs(video_tooltip: str | None = None) -> dict:
+    """The inputs every conditioning node shares (conditioning, VAE, size, batch)."""
+    size = "Pixels, a multiple of 16."
+    inputs = {
+        "positive": ("CONDITIONING", {"tooltip": "The prompt (EasyAnimate Text Encode)."}),
+        "negative": ("CONDITIONING", {"tooltip": "The negative prompt (EasyAnimate Text Encode)."}),
+        "vae": ("VAE", {"tooltip": "The EasyAnimate VAE (EasyAnimate VAE Loader)."}),
+    }
+    if video_tooltip:
+        inputs["video"] = ("IMAGE", {"tooltip": video_tooltip})
+    inputs.update(
+        {
+            "width": ("INT", {"default": 672, "min": 16, "max": 4096, "step": 16, "tooltip": size}),
+            "height": ("INT", {"default": 384, "min": 16, "max": 4096, "step": 16, "tooltip": size}),
+            "frames": (
+                "INT",
+                {"default": 49, "min": 1, "max": 1025, "step": 4, "tooltip": "Video frames, 4k+1 (1, 5, ..., 49)."},
+            ),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+        }
+    )
+    return inputs
+
+
+def _validate_size(width, height, frames) -> bool | str:
+    """VALIDATE_INPUTS for width / height / frames: the rules every supported version shares."""
+    return video_size_error(width, height, frames) or True
+
+
+def _checked_size(core: MagvitVAE, width: int, height: int, frames: int) -> VideoSize:
+    """The requested size, refused (not silently snapped) if this VAE's rules differ from the validated ones."""
+    size = VideoSize(frames, height, width)
+    if snap_size(frames, height, width, core) != size:
+        raise ValueError(f"{frames} frames at {width}x{height} do not fit this VAE's frame and size rules")
+    return size
+
+
+def _check_frames(video: torch.Tensor, frames: int, what: str) -> None:
+    """A clear error when an IMAGE batch has fewer frames than requested."""
+    if video.shape[0] < frames:
+        fit = (video.shape[0] - 1) // 4 * 4 + 1
+        raise ValueError(f"the {what} has {video.shape[0]} frames but frames is {frames}: set frames to {fit} or less")
+
+
+def _load(vae) -> torch.device:
+    """Put the VAE on its compute device (as ComfyUI's VAE.encode does) and return that device."""
+    mm.load_models_gpu([vae.patcher])
+    return vae.patcher.load_device
+
+
+def _latent_shape(latent: dict) -> tuple[int, ...]:
+    """The shape of one video of a LATENT (batch 1: conditioning is repeated to the batch by ComfyUI)."""
+    return (1, *latent["samples"].shape[1:])
+
+
+def _attach(positive, negative, values: dict) -> tuple:
+    """Both conditionings with ``values`` set (moved to the intermediate device)."""
+    values = {k: v.to(mm.intermediate_device()) for k, v in values.items()}
+    return (
+        node_helpers.conditioning_set_values(positive, values),
+        node_helpers.conditioning_set_values(negative, values),
+    )
+
+
+class EasyAnimateImageToVideo:
+    """Start and/or end image for an EasyAnimate InP model: mask + masked-video latents on the conditioning."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **_common_inputs(),
+                "noise_aug_strength": (
+                    "FLOAT",
+                    {
+                        "default": NOISE_AUG_STRENGTH,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.001,
+                        "tooltip": "Noise added to the kept images before encoding (official default 0.0563).",
+                    },
+                ),
+            },
+            "optional": {
+                "start_image": ("IMAGE", {"tooltip": "The first frame (the first image of the batch is used)."}),
+                "end_image": ("IMAGE", {"tooltip": "The last frame (the last image of the batch is used)."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, frames):
+        return _validate_size(width, height, frames)
+
+    def encode(
+        self,
+        positive,
+        negative,
+        vae,
+        width,
+        height,
+        frames,
+        batch_size,
+        noise_aug_strength,
+        start_image=None,
+        end_image=None,
+    ):
+        if start_image is None and end_image is None:
+            raise ValueError(
+                "connect a start_image and/or an end_image (for text-to-video use EasyAnimate Empty Latent Video)"
+            )
+        core = easyanimate_vae(vae)
+        size = _checked_size(core, width, height, frames)
+        latent = empty_video_latent(core.config, width, height, frames, batch_size)
+        pixels, mask = image_to_video_inputs(
+            None if start_image is None else start_image[0], None if end_image is None else end_image[-1], size
+        )
+        device = _load(vae)
+        generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
+        with torch.no_grad():
+            inpaint = inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, noise_aug_strength, device)
+        return (*_attach(positive, negative, {"easyanimate_inpaint_latents": inpaint}), latent)
+
+
+class EasyAnimateVideoToVideo:
+    """An input video encoded to the LATENT to re-noise and denoise (the sampler's denoise is the strength)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": _common_inputs("The source video as IMAGE frames (resized to width x height)."),
+            "optional": {
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "InP models only: 1 where to generate, 0 where to keep the source video "
+                        "(one mask for all frames, or one per frame). Without it every pixel is regenerated."
+                    },
+                ),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, frames):
+        return _validate_size(width, height, frames)
+
+    def encode(self, positive, negative, vae, video, width, height, frames, batch_size, mask=None):
+        _check_frames(video, frames, "video")
+        core = easyanimate_vae(vae)
+        size = _checked_size(core, width, height, frames)
+        pixels = to_model_pixels(video[:frames], size)
+        device = _load(vae)
+        bar = comfy.utils.ProgressBar(1)
+        with torch.no_grad():
+            mean, _ = core.encode(pixels.to(device), progress=lambda done, total: bar.update_absolute(done, total))
+        # The official video-to-video path (no mask) regenerates every pixel: all-zero inpaint latents on an InP
+        # model, which the MODEL feeds by itself; nothing is attached then.
+        latent = {"samples": mean.float().repeat(batch_size, 1, 1, 1, 1).to(mm.intermediate_device())}
+        if mask is None:
+            return (positive, negative, latent)
+        generate = _video_mask(mask, size)
+        generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
+        with torch.no_grad():
+            inpaint = inpaint_latents(
+                core, pixels, generate, _latent_shape(latent), generator, NOISE_AUG_STRENGTH, device
+            )
+        return (*_attach(positive, negative, {"easyanimate_inpaint_latents": inpaint}), latent)
+
+
+def _video_mask(mask: torch.Tensor, size: VideoSize) -> torch.Tensor:
+    """ComfyUI MASK [N, H, W] (1 = generate) -> [1, 1, F, H, W] at the video size, binarised at 0.5 as officially."""
+    mask = mask.reshape(-1, *mask.shape[-2:]).float()
+    if mask.shape[0] == 1:
+        mask = mask.expand(size.frames, -1, -1)
+    elif mask.shape[0] < size.frames:
+        raise ValueError(f"the mask has {mask.shape[0]} frames; give one mask or at least {size.frames}")
+    mask = F.interpolate(mask[: size.frames, None], size=(size.height, size.width), mode="bilinear")
+    return (mask[:, 0] > 0.5).float()[None, None]
+
+
+class EasyAnimateControlVideo:
+    """A control video (canny, depth, pose, ...) and, for V5.1, a reference image, for an EasyAnimate Control model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": _common_inputs("The control video as IMAGE frames (resized to width x height)."),
+            "optional": {
+                "ref_image": (
+                    "IMAGE",
+                    {"tooltip": "V5.1 Control models: a reference image for the look (first image of the batch)."},
+                ),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, frames):
+        return _validate_size(width, height, frames)
+
+    def encode(self, positive, negative, vae, video, width, height, frames, batch_size, ref_image=None):
+        _check_frames(video, frames, "control video")
+        core = easyanimate_vae(vae)
+        size = _checked_size(core, width, height, frames)
+        latent = empty_video_latent(core.config, width, height, frames, batch_size)
+        # Without a reference image only the control latents are attached; a V5.1 Control model appends the
+        # all-zero reference it then reads (native_model.fit_control_latents), a V5 one takes them as they are.
+        channels = core.config.latent_channels * (1 if ref_image is None else 2)
+        device = _load(vae)
+        with torch.no_grad():
+            control = control_latents(
+                core,
+                video[:frames],
+                None if ref_image is None else ref_image[0],
+                _latent_shape(latent),
+                channels,
+                size,
+                device,
+            )
+        return (*_attach(positive, negative, {"easyanimate_control_latents": control}), latent)
+
+
+NODE_CLASS_MAPPINGS = {
+    "EasyAnimateImageToVideo": EasyAnimateImageToVideo,
+    "EasyAnimateVideoToVideo": EasyAnimateVideoToVideo,
+    "EasyAnimateControlVideo": EasyAnimateControlVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "EasyAnimateImageToVideo": "EasyAnimate Image To Video",
+    "EasyAnimateVideoToVideo": "EasyAnimate Video To Video",
+    "EasyAnimateControlVideo": "EasyAnimate Control Video",
+}
