@@ -1,0 +1,109 @@
+"""The micro model's procedural data and its scorers: the scorers get the generator's own videos right."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from easyanimate_core.dataset import load_dataset
+from easyanimate_core.micro import data, scoring
+from easyanimate_core.video_io import read_video
+
+
+def _spread(attributes: list[data.Attributes], n: int) -> list[data.Attributes]:
+    """``n`` combinations spread over the list (so every value of every attribute appears)."""
+    step = max(1, len(attributes) // n)
+    return attributes[::step][:n]
+
+
+def test_captions_name_every_attribute():
+    a = data.Attributes("circle", "red", "right", "slowly", "dark blue")
+    assert a.caption == "a red circle moving right slowly on a dark blue background"
+    with pytest.raises(ValueError, match="unknown colour 'pink'"):
+        data.Attributes("circle", "pink", "right", "slowly", "black")
+
+
+def test_held_out_pairs_never_in_training_but_every_value_is():
+    train, held = data.training_attributes(), data.held_out_attributes()
+    assert held and not set(train) & set(held)
+    assert {(a.colour, a.shape) for a in held} == set(data.HELD_OUT_PAIRS)
+    for field, values in (("colour", data.COLOURS), ("shape", data.SHAPES), ("direction", data.DIRECTIONS)):
+        assert {getattr(a, field) for a in train} == set(values)
+    assert not {a.colour for a in train} & set(data.EXTRA_COLOURS)
+
+
+def test_clips_stay_inside_the_frame():
+    for clip in data.sample_clips(data.all_attributes(), 2, seed=3):
+        for t in (0, clip.frames - 1):
+            x, y = clip.centre(t)
+            reach = clip.radius * 1.25
+            assert reach <= x <= clip.size - reach and reach <= y <= clip.size - reach
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scorers_get_rendered_videos_right(seed):
+    clips = data.sample_clips(_spread(data.all_attributes(data.ALL_COLOURS), 72), 1, seed)
+    scores = [scoring.score(data.render(clip), clip.attributes) for clip in clips]
+    rates = scoring.summarise(scores)
+    assert rates == {
+        "colour_ok": 1.0,
+        "direction_ok": 1.0,
+        "speed_ok": 1.0,
+        "shape_ok": 1.0,
+        "one_object_frames": 1.0,
+        "samples": len(clips),
+    }
+
+
+def test_scorers_get_the_written_mp4_right(tmp_path):
+    attributes = _spread(data.training_attributes(), 12)
+    json_path = data.write_dataset(tmp_path, attributes, per_combination=1, seed=5)
+    entries = json.loads(json_path.read_text())
+    samples = load_dataset(json_path, log=lambda _: None)  # the trainer's own checks accept it
+    assert [s.text for s in samples] == [a.caption for a in attributes]
+    assert all(s.frames == data.FRAMES and (s.height, s.width) == (data.SIZE, data.SIZE) for s in samples)
+    for entry, sample in zip(entries, samples, strict=True):
+        assert set(entry) >= {"file_path", "text", "type"} and entry["type"] == "video"
+        clip = data.clip_from_json(entry["clip"])
+        result = scoring.score(read_video(sample.path), clip.attributes)
+        assert result["colour_ok"] and result["direction_ok"] and result["speed_ok"] and result["shape_ok"]
+        assert result["one_object_share"] == 1.0
+
+
+def test_same_seed_same_clips_other_seed_other_clips():
+    attributes = _spread(data.training_attributes(), 5)
+    assert data.sample_clips(attributes, 2, 7) == data.sample_clips(attributes, 2, 7)
+    assert data.sample_clips(attributes, 2, 7) != data.sample_clips(attributes, 2, 8)
+
+
+def test_scorers_catch_wrong_videos():
+    clip = data.sample_clip(data.Attributes("square", "yellow", "up", "quickly", "gray"), np.random.default_rng(0))
+    video = data.render(clip)
+    asked_red_left = data.Attributes("square", "red", "left", "quickly", "gray")
+    result = scoring.score(video, asked_red_left)
+    assert not result["colour_ok"] and not result["direction_ok"] and result["colour"] == "yellow"
+
+    static = np.repeat(video[:1], len(video), axis=0)
+    assert scoring.analyse(static).direction == "static"
+
+    twins = video.copy()
+    twins[:, :, 40:] = np.flip(video, axis=2)[:, :, 40:]  # a mirrored copy of the shape on the right
+    assert scoring.analyse(twins).counts[0] == 2
+
+    blank = np.broadcast_to(np.array(data.BACKGROUNDS["gray"], np.uint8), video.shape)
+    found = scoring.analyse(blank)
+    assert found.counts == [0] * len(video) and found.colour is None and found.direction == "none"
+    speck = blank.copy()
+    speck[:, 10:12, 10:12] = 255  # 4 pixels: noise, not an object
+    assert scoring.analyse(speck).counts == [0] * len(video)
+
+
+def test_scorers_take_float_tensors():
+    clip = data.sample_clip(data.Attributes("triangle", "white", "down", "slowly", "black"), np.random.default_rng(1))
+    frames = torch.from_numpy(data.render(clip)).float() / 255
+    assert scoring.score(frames, clip.attributes)["direction_ok"]
+    with pytest.raises(ValueError, match=r"expected frames \[F, H, W, 3\]"):
+        scoring.analyse(frames[0])
