@@ -67,7 +67,7 @@ def _diffusion_model_error(path: str, mtime_ns: int, size: int) -> str | None:
             pass
         if family:
             return f"{name} is a {family} checkpoint, not EasyAnimate; use ComfyUI's UNETLoader (Load Diffusion Model)"
-        return f"{name} is not an EasyAnimate transformer: {error}"
+        return f"{name} is not an EasyAnimate transformer ({error}); load other models with ComfyUI's UNETLoader"
     if info.version not in NATIVE_VERSIONS:
         return f"{name} is an EasyAnimate {info.version} transformer; this loader takes V5 and V5.1"
     return None

@@ -1,0 +1,96 @@
+"""Model and text-encoder loaders reading ComfyUI's standard diffusion_models/ and text_encoders/ folders (stand-in)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from tests.comfy_standin import install
+
+
+def standard_folder(nodes, name: str):
+    """models/<name>/ registered with folder_paths, as ComfyUI registers its standard folders."""
+    folder = nodes.models.parent / name
+    folder.mkdir(exist_ok=True)
+    sys.modules["folder_paths"].add_model_folder_path(name, str(folder))
+    return folder
+
+
+def test_a_single_transformer_file_in_diffusion_models_is_listed_validated_and_loaded(nodes, tiny_folders):
+    folder = standard_folder(nodes, "diffusion_models")
+    shutil.copy(
+        tiny_folders["V5.1"] / "transformer" / "diffusion_pytorch_model.safetensors", folder / "tiny.safetensors"
+    )
+    (folder / "old.ckpt").write_bytes(b"pickle")  # pickle files are never offered
+    loader = nodes.nodes.EasyAnimateModelLoader
+    assert loader.INPUT_TYPES()["required"]["model_folder"][0] == ["tiny.safetensors"]
+    assert loader.VALIDATE_INPUTS("tiny.safetensors") is True
+    patcher, info = loader().load("tiny.safetensors", "default")
+    assert isinstance(patcher.model, nodes.native.EasyAnimateModel)
+    assert "EasyAnimate V5.1 transformer" in info and "variant: InP" in info
+
+
+def test_files_of_other_kinds_are_refused_at_validation_naming_the_fix(nodes, tiny_folders):
+    folder = standard_folder(nodes, "diffusion_models")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, folder / "other.safetensors")
+    lora = {
+        "lora_unet_proj_out.lora_down.weight": torch.zeros(2, 4),
+        "lora_unet_proj_out.lora_up.weight": torch.zeros(4, 2),
+    }
+    save_file(lora, folder / "a_lora.safetensors")
+    shutil.copy(tiny_folders["V5.1"] / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae.safetensors")
+    validate = nodes.nodes.EasyAnimateModelLoader.VALIDATE_INPUTS
+    other = validate("other.safetensors")
+    assert other.startswith("diffusion_models/other.safetensors is not an EasyAnimate transformer")
+    assert other.endswith("load other models with ComfyUI's UNETLoader")
+    assert "It looks like a LoRA" in validate("a_lora.safetensors")
+    assert "It looks like a VAE" in validate("vae.safetensors")
+    assert "neither a folder under models/EasyAnimate/ nor a file" in validate("missing.safetensors")
+    # A folder under models/EasyAnimate/ needs no header check at validation.
+    assert validate(install(nodes, tiny_folders, "V5")) is True
+
+
+def test_text_encoders_folder_with_the_model_layout_loads(nodes, tiny_folders):
+    folder = standard_folder(nodes, "text_encoders") / "qwen2-vl"
+    folder.mkdir()
+    for part in ("text_encoder", "tokenizer"):
+        (folder / part).symlink_to(tiny_folders["V5.1"] / part, target_is_directory=True)
+    loader = nodes.nodes.EasyAnimateTextEncoderLoader
+    assert loader.INPUT_TYPES()["required"]["model_folder"][0] == ["qwen2-vl"]
+    assert loader.VALIDATE_INPUTS("qwen2-vl") is True
+    handle = loader().load("qwen2-vl")[0]
+    assert handle.encoders.version == "v5.1"
+
+
+def test_a_single_file_qwen2_vl_needs_its_config_and_tokenizer_beside_it(nodes, tiny_folders):
+    folder = standard_folder(nodes, "text_encoders")
+    source = tiny_folders["V5.1"]
+    shutil.copy(source / "text_encoder" / "model.safetensors", folder / "qwen2vl.safetensors")
+    loader = nodes.nodes.EasyAnimateTextEncoderLoader
+    assert loader.INPUT_TYPES()["required"]["model_folder"][0] == ["qwen2vl.safetensors"]
+    error = loader.VALIDATE_INPUTS("qwen2vl.safetensors")
+    assert error == (
+        "text_encoders/qwen2vl.safetensors is a single-file Qwen2-VL; its config and tokenizer are not there: put "
+        "config.json (from the model folder's text_encoder/) and the tokenizer files (everything in its tokenizer/ "
+        "folder) into text_encoders/qwen2vl/ (missing: config.json, tokenizer_config.json, tokenizer.json), or load "
+        "the model folder instead"
+    )
+    parts = folder / "qwen2vl"
+    shutil.copytree(source / "tokenizer", parts)
+    shutil.copy(source / "text_encoder" / "config.json", parts / "config.json")
+    assert loader.VALIDATE_INPUTS("qwen2vl.safetensors") is True
+    single = loader().load("qwen2vl.safetensors")[0]
+    from_folder = loader().load(install(nodes, tiny_folders, "V5.1"))[0]
+    got, expected = single.encoders.encode_texts(["a red fox"]), from_folder.encoders.encode_texts(["a red fox"])
+    torch.testing.assert_close(got.embeds, expected.embeds, rtol=0, atol=0)
+
+
+def test_a_single_file_that_is_not_qwen2_vl_is_refused(nodes, tiny_folders):
+    folder = standard_folder(nodes, "text_encoders")
+    shutil.copy(tiny_folders["V5"] / "text_encoder" / "model.safetensors", folder / "bert.safetensors")
+    error = nodes.nodes.EasyAnimateTextEncoderLoader.VALIDATE_INPUTS("bert.safetensors")
+    assert error.startswith("text_encoders/bert.safetensors is not a Qwen2-VL text encoder")
+    assert "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/" in error and "CLIPLoader" in error
