@@ -1,6 +1,7 @@
 """Loading EasyAnimate checkpoints: one entry point for the transformer, one for the VAE.
 
-    load_transformer(path, dtype=..., device=..., operations=...) -> EasyAnimateTransformer3D
+    load_transformer(path, dtype=..., device=..., operations=...) -> EasyAnimateTransformer3D (V5 / V5.1)
+                                                                     or EasyAnimateV4Transformer3D (V4)
     load_vae(path, dtype=..., device=..., operations=...)         -> MagvitVAE
     inspect_checkpoint(path)                                      -> CheckpointInfo (no tensors read)
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from .keys import diffusers_to_official, is_diffusers_layout, strip_wrapper_prefix
 from .transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from .transformer_v4 import EasyAnimateV4Transformer3D, TransformerV4Config
 from .vae import VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -58,7 +60,7 @@ class CheckpointInfo:
     stored_dtype: str
     num_params: int
     files: list[Path]
-    config: TransformerConfig | VAEConfig | None = None
+    config: TransformerConfig | TransformerV4Config | VAEConfig | None = None
     notes: list[str] = field(default_factory=list)
     weight_dtype: torch.dtype | None = None  # dtype of the main weights: what loading with dtype=None keeps
 
@@ -202,7 +204,7 @@ def _describe_unknown(shapes: dict[str, tuple], files: list[Path], wanted: str) 
         hint = " It looks like a LoRA: load it with a LoRA loader on top of a base model."
     elif any(k.startswith(("encoder.", "decoder.")) for k in keys) and wanted == "transformer":
         hint = " It looks like a VAE: load it with the VAE loader."
-    elif any(k.startswith("transformer_blocks.") for k in keys) and wanted == "VAE":
+    elif any(k.startswith(("transformer_blocks.", "blocks.")) for k in keys) and wanted == "VAE":
         hint = " It looks like a transformer: load it with the transformer loader."
     elif any(
         k.startswith(("model.layers.", "encoder.block.", "embeddings.word_embeddings", "text_model.")) for k in keys
@@ -222,10 +224,7 @@ def _block_indices(shapes: dict, pattern: str) -> list[int]:
 def detect_transformer(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
     """Version, variant, size and config of a transformer from its (official-layout) tensor shapes."""
     if "text_embedding_padding" in shapes or any(k.startswith("blocks.") for k in shapes):
-        raise ValueError(
-            f"{files[0]}: this is an EasyAnimate V4 (HunyuanDiT-based) transformer; V4 transformers are not "
-            "supported by this version yet. V5 and V5.1 transformers load."
-        )
+        return detect_transformer_v4(shapes, files, config)
     needed = (
         "proj.weight",
         "proj_out.weight",
@@ -273,6 +272,81 @@ def detect_transformer(shapes: dict[str, tuple], files: list[Path], config: dict
     num_params = sum(_numel(s) for s in shapes.values())
     size = {(48, 48, 3072): "12B", (36, 18, 3072): "7B"}.get((num_layers, len(dual), inner), f"{num_params / 1e9:.2f}B")
     return CheckpointInfo("transformer", version, variant, size, "official", "", num_params, files, cfg, notes)
+
+
+# The official V4 predict scripts apply these yaml settings over the checkpoint's config.json (spec §1.1).
+_V4_YAML_OVERRIDES = {"basic_block_type": "basic", "after_norm": False, "time_position_encoding": True}
+
+
+def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
+    """Config of a V4 (HunyuanDiT-based) transformer from its tensor shapes; config.json adds learn_sigma."""
+    needed = (
+        "text_embedding_padding",
+        "pos_embed.proj.weight",
+        "proj_out.weight",
+        "text_embedder.linear_1.weight",
+        "time_extra_emb.pooler.positional_embedding",
+        "time_extra_emb.pooler.c_proj.weight",
+        "blocks.0.attn1.norm_q.weight",
+        "blocks.0.attn2.to_k.weight",
+        "blocks.0.ff.net.0.proj.weight",
+    )
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise ValueError(
+            f"{files[0]}: looks like an EasyAnimate V4 (HunyuanDiT-based) transformer but lacks {absent[:3]}; "
+            "the file may be incomplete (a shard missing?)"
+        )
+    blocks = _block_indices(shapes, r"blocks\.(\d+)\.")
+    if blocks != list(range(len(blocks))):
+        raise ValueError(f"{files[0]}: V4 transformer blocks are not numbered 0..N-1")
+    inner, in_channels, p, _ = shapes["pos_embed.proj.weight"]
+    head_dim = shapes["blocks.0.attn1.norm_q.weight"][0]
+    text_len_t5 = shapes["time_extra_emb.pooler.positional_embedding"][0] - 1
+    has_clip = "clip_padding" in shapes
+    detected = {
+        "num_attention_heads": inner // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": shapes["proj_out.weight"][0] // (p * p),
+        "patch_size": p,
+        "num_layers": len(blocks),
+        "ff_inner_dim": shapes["blocks.0.ff.net.0.proj.weight"][0],
+        "cross_attention_dim": shapes["blocks.0.attn2.to_k.weight"][1],
+        "cross_attention_dim_t5": shapes["text_embedder.linear_1.weight"][1],
+        "pooled_projection_dim": shapes["time_extra_emb.pooler.c_proj.weight"][0],
+        "text_len": shapes["text_embedding_padding"][0] - text_len_t5,
+        "text_len_t5": text_len_t5,
+        "after_norm": "blocks.0.norm4.weight" in shapes,
+        "enable_clip_in_inpaint": has_clip,
+    }
+    if has_clip:
+        detected["n_query"] = shapes["clip_padding"][0]
+        kv = shapes.get("clip_projection.kv_proj.weight")
+        detected["projection_dim"] = kv[1] if kv else detected["cross_attention_dim"]
+    notes = []
+    for k, v in detected.items():
+        if (
+            config.get(k) is not None
+            and config[k] != v
+            and k in {f.name for f in dataclasses.fields(TransformerV4Config)}
+        ):
+            notes.append(f"config.json says {k}={config[k]!r} but the tensors say {v!r}; using the tensors")
+    if "blocks.0.t_embed.pe" not in shapes:
+        notes.append("the temporal position table (blocks.N.t_embed.pe) is not stored; it is computed")
+    cfg = TransformerV4Config.from_dict({**config, **_V4_YAML_OVERRIDES, **detected})
+    if cfg.num_layers % 2:
+        raise ValueError(f"{files[0]}: {cfg.num_layers} V4 blocks; the long skips need an even number")
+    if has_clip != cfg.has_clip:
+        raise ValueError(
+            f"{files[0]}: the CLIP image branch is {'present' if has_clip else 'absent'} but in_channels "
+            f"{in_channels} / out_channels {cfg.out_channels} (learn_sigma {cfg.learn_sigma}) say otherwise"
+        )
+    latent = cfg.latent_channels
+    variant = {latent: "T2V", 3 * latent: "InP"}.get(in_channels, "custom")
+    num_params = sum(_numel(s) for k, s in shapes.items() if not k.endswith(".t_embed.pe"))
+    size = "XL" if (inner, len(blocks)) == (1408, 40) else f"{num_params / 1e9:.2f}B"
+    return CheckpointInfo("transformer", "V4", variant, size, "official", "", num_params, files, cfg, notes)
 
 
 def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
@@ -347,7 +421,11 @@ def _inspect(path, kind: str) -> tuple[_Header, dict[str, str], CheckpointInfo]:
     info = _DETECTORS[kind](shapes, header.files, config)
     info.layout = layout
     info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
-    probe = to_file["proj.weight" if kind == "transformer" else "post_quant_conv.weight"]
+    probe_key = {
+        "transformer": "pos_embed.proj.weight" if info.version == "V4" else "proj.weight",
+        "vae": "post_quant_conv.weight",
+    }
+    probe = to_file[probe_key[kind]]
     info.weight_dtype = _SAFETENSORS_DTYPES.get(header.dtypes[probe], torch.float32)
     return header, to_file, info
 
@@ -366,7 +444,7 @@ def inspect_checkpoint(path, kind: str | None = None) -> CheckpointInfo:
 def _check_keys(model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, str], header: _Header) -> None:
     """Raise, naming key and file, unless the checkpoint has exactly the model's keys and shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
+    missing = sorted(k for k in set(expected) - set(shapes) if _derived(model, k) is None)
     unexpected = sorted(set(shapes) - set(expected))
     where = ", ".join(map(str, header.files))
     if missing:
@@ -380,11 +458,17 @@ def _check_keys(model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, s
             f"{[to_file[k] for k in unexpected[:3]]}; they belong to no layer of the detected model."
         )
     for k, shape in expected.items():
-        if shapes[k] != shape:
+        if k in shapes and shapes[k] != shape:
             raise ValueError(
                 f"{header.file_of[to_file[k]]}: tensor {to_file[k]} has shape {list(shapes[k])}, "
                 f"the detected model needs {list(shape)}"
             )
+
+
+def _derived(model: nn.Module, key: str) -> torch.Tensor | None:
+    """A deterministic tensor the model can compute itself (V4's temporal table), or None."""
+    derive = getattr(model, "derived_tensor", None)
+    return derive(key) if derive is not None else None
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -412,8 +496,11 @@ def _load_weights(
     keys = list(model.state_dict())
     by_file: dict[Path, list[str]] = {}
     for k in keys:
+        if k not in to_file:  # checked above: a tensor the model derives (a checkpoint may omit it)
+            _assign(model, k, _derived(model, k).to(device=device, dtype=dtype))
+            continue
         by_file.setdefault(header.file_of[to_file[k]], []).append(k)
-    done = 0
+    done = len(keys) - sum(len(v) for v in by_file.values())
     for f, file_keys in by_file.items():
         with open(f, "rb") as fh:
             for k in file_keys:
@@ -442,11 +529,23 @@ def load_transformer(
     device: torch.device | str = "cpu",
     operations=None,
     compat: str = "official",
+    rope_in_first_block: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> EasyAnimateTransformer3D:
-    """Load a V5 / V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is."""
+) -> EasyAnimateTransformer3D | EasyAnimateV4Transformer3D:
+    """Load a V4, V5 or V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is.
 
-    def build(info: CheckpointInfo, model_dtype: torch.dtype) -> EasyAnimateTransformer3D:
+    ``rope_in_first_block`` (V4 only): RoPE in block 0's self-attention, on in the V4-era code the weights were
+    trained with (the default), off in the official code since V5.
+    """
+
+    def build(info: CheckpointInfo, model_dtype: torch.dtype):
+        if info.version == "V4":
+            cfg = info.config.replace(compat=compat)
+            if rope_in_first_block is not None:
+                cfg = cfg.replace(rope_in_first_block=rope_in_first_block)
+            return EasyAnimateV4Transformer3D(cfg, dtype=model_dtype, operations=operations)
+        if rope_in_first_block is not None:
+            raise ValueError(f"rope_in_first_block applies to V4 transformers; {path} is {info.version}")
         return EasyAnimateTransformer3D(info.config.replace(compat=compat), dtype=model_dtype, operations=operations)
 
     return _load(path, "transformer", build, dtype, device, progress)

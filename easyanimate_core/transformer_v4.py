@@ -294,6 +294,19 @@ class PackedAttention(nn.Module):
         return self.out_proj(merge_heads(attention(q, k, v)))
 
 
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table [grid*grid, dim] (MAE style): first half encodes the column, second the row."""
+    coords = torch.arange(grid, dtype=torch.float32)
+    cols, rows = torch.meshgrid(coords, coords, indexing="xy")
+
+    def sincos_1d(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4))
+        angles = torch.outer(pos.flatten(), omega)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([sincos_1d(cols), sincos_1d(rows)], dim=1)
+
+
 def resize_square_table(table: torch.Tensor, length: int) -> torch.Tensor:
     """A [g*g, C] table laid out on a g x g grid, bicubically resized to [length, C] (length a square)."""
     src, tgt = math.isqrt(table.shape[0]), math.isqrt(length)
@@ -528,6 +541,23 @@ class EasyAnimateV4Transformer3D(nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim, 1e-6, **kw)
         self.proj_out = operations.Linear(dim, config.patch_size**2 * config.out_channels, dtype=dtype, device=device)
         self.gradient_checkpointing = False
+        if self.text_embedding_padding.device.type != "meta":
+            self.init_raw_parameters()
+
+    @torch.no_grad()
+    def init_raw_parameters(self) -> None:
+        """The official initial values of the parameters no layer initialises (loaders overwrite them all)."""
+        self.text_embedding_padding.normal_()
+        pool = self.time_extra_emb.pooler
+        pool.positional_embedding.normal_(std=pool.positional_embedding.shape[1] ** -0.5)
+        if self.clip_projection is not None:
+            resampler = self.clip_projection
+            self.clip_padding.normal_(std=0.02)
+            resampler.query.normal_(std=0.02)
+            n, dim = resampler.pos_embed.shape
+            resampler.pos_embed.copy_(sincos_2d(dim, math.isqrt(n)))
+            nn.init.xavier_uniform_(resampler.attn.in_proj_weight)
+            nn.init.zeros_(resampler.attn.in_proj_bias)
 
     # ---- state dict ------------------------------------------------------------------------------
 

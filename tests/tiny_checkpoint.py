@@ -1,4 +1,5 @@
-"""Tiny random V5 / V5.1 checkpoints written to disk in the official layout (transformer/, vae/, text encoders)."""
+"""Tiny random V4 / V5 / V5.1 checkpoints written to disk in the official layout (transformer/, vae/, text encoders,
+and for V4 the CLIP image_encoder/)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from easyanimate_core.transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D, TransformerV4Config
 from easyanimate_core.vae import MagvitVAE, VAEConfig
 from tests.tiny_text_models import write_tiny_v5_text_encoders, write_tiny_v51_text_encoder
 
@@ -27,10 +29,33 @@ VAE_CONFIG = {
 }
 
 
+V4_VAE_CONFIG = {
+    "latent_channels": 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 2,  # the "3d" mid-block attention sits between two resnets
+    "norm_num_groups": 4,
+    "spatial_group_norm": False,
+    "scaling_factor": 0.1825,
+    "mid_block_use_attention": True,
+    "mid_block_attention_type": "3d",
+    "cache_compression_vae": True,
+    "mini_batch_encoder": 8,
+    "mini_batch_decoder": 2,
+}
+CLIP_HIDDEN = TEXT_HIDDEN  # the tiny CLIP's width; as released, equal to the BERT width (no kv projection)
+V4_IN_CHANNELS = {"T2V": 4, "InP": 12}
+
+
 def write_tiny_checkpoint(root: str | Path, variant: str = "InP", seed: int = 0, version: str = "V5.1") -> Path:
-    """Write transformer/ (official keys), vae/ and the tiny text encoder(s) under ``root``; return ``root``."""
+    """Write transformer/ (official keys), vae/ and the tiny text encoder(s) under ``root``; return ``root``.
+
+    ``version="V4"`` writes the HunyuanDiT-style V4 transformer (variant "InP" or "T2V"), a slice VAE, BERT + mT5
+    and (InP) a tiny CLIP vision ``image_encoder/``.
+    """
     root = Path(root)
     torch.manual_seed(seed)
+    if version == "V4":
+        return _write_tiny_v4(root, variant)
     text = {"text_embed_dim": TEXT_HIDDEN, "add_norm_text_encoder": True}
     if version == "V5":  # BERT + mT5 streams, no RMSNorm before the projections
         text = {"text_embed_dim": TEXT_HIDDEN, "text_embed_dim_t5": TEXT_HIDDEN, "add_norm_text_encoder": False}
@@ -64,3 +89,56 @@ def _save(folder: Path, state_dict: dict, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, folder / "diffusion_pytorch_model.safetensors")
     (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def tiny_v4_config(variant: str = "InP") -> TransformerV4Config:
+    """A 4-block V4 geometry (one long skip) reading the tiny BERT / mT5 / CLIP widths."""
+    return TransformerV4Config(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=V4_IN_CHANNELS[variant],
+        out_channels=8,
+        num_layers=4,
+        mlp_ratio=2.0,
+        cross_attention_dim=TEXT_HIDDEN,
+        cross_attention_dim_t5=TEXT_HIDDEN,
+        pooled_projection_dim=16,
+        n_query=4,
+        projection_dim=CLIP_HIDDEN,
+    )
+
+
+def write_tiny_clip_image_encoder(root: Path) -> Path:
+    """``root/image_encoder``: a 1-layer CLIP vision tower on 32 px images (16 patch tokens), safetensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    folder = root / "image_encoder"
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
+    processor = {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_resize": True}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def _write_tiny_v4(root: Path, variant: str) -> Path:
+    config = tiny_v4_config(variant)
+    transformer = EasyAnimateV4Transformer3D(config)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = {**vars(config), "hidden_size": config.inner_dim, "compat": None, "rope_in_first_block": None}
+    _save(root / "transformer", transformer.state_dict(), saved)
+    vae = MagvitVAE(VAEConfig.from_dict(V4_VAE_CONFIG))
+    _save(root / "vae", vae.state_dict(), V4_VAE_CONFIG)
+    write_tiny_v5_text_encoders(root)
+    if variant == "InP":
+        write_tiny_clip_image_encoder(root)
+    return root
