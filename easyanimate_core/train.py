@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -44,9 +43,19 @@ from torch import nn
 
 from . import sampling
 from .atomic import atomic_dir, remove_partials
-from .dataset import BucketRule, batch_plan, describe_buckets, load_clip, load_dataset
+from .dataset import BucketRule, batch_plan, describe_buckets, load_dataset
 from .lora import LoraNetwork, save_lora
-from .text_encoders import PromptEmbeds, PromptPair
+from .text_encoders import PromptPair
+from .train_data import (
+    Example,
+    StepExamples,
+    TextEmbeddings,
+    as_is,
+    build_latent_cache,
+    digest,
+    random_inpaint_mask,
+    seeded,
+)
 from .train_io import (
     LossLog,
     checkpoint_dir,
@@ -56,7 +65,6 @@ from .train_io import (
     read_checkpoint,
     resolve_resume,
     rng_state,
-    save_tensors,
     set_rng_state,
     write_checkpoint,
     write_json,
@@ -125,171 +133,12 @@ def start_processes(device: str | None) -> Processes:
     return Processes(rank, world, dev)
 
 
-def seeded(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded by a hash of (seed, *keys): independent streams per step and batch position."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *keys))).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 # --------------------------------------------------------------------------------------------------
 # Text embeddings and latents computed before training
 # --------------------------------------------------------------------------------------------------
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
-
-
-class TextEmbeddings:
-    """Every caption's embedding (and the empty prompt's), computed once; the text encoders are freed after.
-
-    With ``cache_dir`` each embedding is a safetensors file there (read when needed, reused by later runs);
-    otherwise they are kept in memory.
-    """
-
-    FIELDS = ("embeds", "mask", "embeds_2", "mask_2")
-
-    def __init__(self, root: Path, version: str, texts, dtype, procs: Processes, cache_dir: Path | None, log):
-        self.memory: dict[str, PromptEmbeds] = {}
-        self.folder = cache_dir / "text" / _digest(root.resolve(), version, dtype) if cache_dir else None
-        unique = sorted(set(texts) | {""})
-        todo = [t for t in unique if not self.folder or not self._file(t).is_file()]
-        if self.folder:
-            todo = todo[procs.rank :: procs.world]  # each process encodes a share into the shared cache
-        if todo:
-            from .text_encoders import load_text_encoders
-
-            log(f"encoding {len(todo)} prompts")
-            encoders = load_text_encoders(root, version.lower(), dtype=dtype, device=procs.device, cache_size=0)
-            for i in range(0, len(todo), 8):
-                chunk = todo[i : i + 8]
-                rows = encoders.encode_texts(chunk).to("cpu")
-                for j, text in enumerate(chunk):
-                    self._store(text, rows.rows(j))
-            del encoders
-        procs.barrier()
-
-    def _file(self, text: str) -> Path:
-        return self.folder / f"{_digest(text)}.safetensors"
-
-    def _store(self, text: str, row: PromptEmbeds) -> None:
-        if self.folder is None:
-            self.memory[text] = row
-            return
-        fields = {f: getattr(row, f) for f in self.FIELDS if getattr(row, f) is not None}
-        save_tensors(self._file(text), fields)
-
-    def get(self, texts: list[str]) -> PromptEmbeds:
-        """The embeddings of ``texts`` as one batch (CPU)."""
-        if self.folder is None:
-            return PromptEmbeds.cat([self.memory[t] for t in texts])
-        return PromptEmbeds.cat([PromptEmbeds(**load_file(self._file(t))) for t in texts])
-
-
-def fixed_clip_generator(seed: int, sample_index: int) -> torch.Generator:
-    """The generator of a sample's one clip when latents are cached (the clip cannot change then)."""
-    return seeded(seed, -1, sample_index)
-
-
-def build_latent_cache(run: Run) -> dict[int, Path]:
-    """Each sample's posterior (mean, logvar) of its fixed clip, in ``cache_dir/latents``; {sample position: file}."""
-    args, procs = run.args, run.procs
-    folder = Path(args.cache_dir) / "latents"
-    files = {}
-    for pos, (sample, bucket) in enumerate(zip(run.samples, run.buckets, strict=True)):
-        stat = sample.path.stat()
-        key = _digest(sample.path.resolve(), stat.st_mtime_ns, stat.st_size, bucket, args.stride, args.seed, run.root)
-        files[pos] = folder / f"{key}.safetensors"
-    todo = [pos for pos, f in files.items() if not f.is_file()][procs.rank :: procs.world]
-    for pos in run.progress(todo, "caching latents"):
-        sample, bucket = run.samples[pos], run.buckets[pos]
-        pixels = load_clip(sample, bucket, args.stride, fixed_clip_generator(args.seed, sample.index))
-        with torch.no_grad():
-            mean, logvar = run.vae.encode(pixels[None].to(procs.device))
-        save_tensors(files[pos], {"mean": mean[0], "logvar": logvar[0]})
-    procs.barrier()
-    return files
-
-
-# --------------------------------------------------------------------------------------------------
-# Data for one step
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One sample of this process's slice of a global batch."""
-
-    slot: int  # position in the global batch (seeds its random draws)
-    text: str
-    pixels: torch.Tensor | None  # [3, F, H, W] in [-1, 1] (when encoded on the fly, or for inpainting)
-    moments: dict[str, torch.Tensor] | None  # cached posterior {"mean", "logvar"} [C, T, h, w]
-
-
-class StepExamples(torch.utils.data.Dataset):
-    """Item ``step``: this process's Examples of that step's global batch (loadable in DataLoader workers)."""
-
-    def __init__(self, run: Run, plan: list[list[int]], latent_files: dict[int, Path] | None):
-        self.samples, self.buckets, self.plan = run.samples, run.buckets, plan
-        per_rank = run.args.batch_size // run.procs.world
-        self.slots = range(run.procs.rank * per_rank, (run.procs.rank + 1) * per_rank)
-        self.stride, self.seed, self.latent_files = run.args.stride, run.args.seed, latent_files
-        self.need_pixels = latent_files is None or run.inpaint
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, step: int) -> list[Example]:
-        out = []
-        for slot in self.slots:
-            pos = self.plan[step][slot]
-            sample, bucket = self.samples[pos], self.buckets[pos]
-            pixels = moments = None
-            if self.latent_files is not None:
-                moments = load_file(self.latent_files[pos])
-            if self.need_pixels:
-                fixed = moments is not None  # the cached latents are of one fixed clip
-                g = fixed_clip_generator(self.seed, sample.index) if fixed else seeded(self.seed, step, slot, 0)
-                pixels = load_clip(sample, bucket, self.stride, g)
-            out.append(Example(slot, sample.text, pixels, moments))
-        return out
-
-
-def _as_is(item):
-    return item
-
-
 # --------------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------------
-
-VIDEO_MASKS = (("all", 0.2), ("first", 0.35), ("first_last", 0.2), ("box", 0.15), ("frames", 0.1))
-IMAGE_MASKS = (("all", 0.8), ("box", 0.2))
-
-
-def random_inpaint_mask(frames: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
-    """[1, 1, F, H, W], 1 = generate / 0 = keep: a subset of the official trainer's mask kinds.
-
-    "all": text-to-video; "first": the first 1-4 frames kept (image-to-video); "first_last": as many
-    kept at both ends; "box": a box over every frame generated; "frames": each frame kept or not at random.
-    """
-    kinds = VIDEO_MASKS if frames > 1 else IMAGE_MASKS
-    kind = kinds[int(torch.multinomial(torch.tensor([p for _, p in kinds]), 1, generator=g))][0]
-    mask = torch.ones(1, 1, frames, height, width)
-    if kind in ("first", "first_last"):
-        k = min(int(torch.randint(1, 5, (1,), generator=g)), max(1, (frames - 1) // 2))
-        mask[:, :, :k] = 0
-        if kind == "first_last":
-            mask[:, :, -k:] = 0
-    elif kind == "box":
-        bh, bw = (int(torch.randint(s // 4, max(s // 4 + 1, s * 3 // 4), (1,), generator=g)) for s in (height, width))
-        top = int(torch.randint(0, height - bh + 1, (1,), generator=g))
-        left = int(torch.randint(0, width - bw + 1, (1,), generator=g))
-        mask.zero_()
-        mask[..., top : top + bh, left : left + bw] = 1
-    elif kind == "frames":
-        mask[:, :, torch.rand(frames, generator=g) > 0.5] = 0
-    return mask
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -481,7 +330,7 @@ def _fingerprint(run: Run) -> dict:
         "lora_targets": args.lora_targets,
         "data": str(Path(args.data).resolve()),
         "samples": [s.index for s in run.samples],
-        "buckets": _digest(run.buckets),
+        "buckets": digest(run.buckets),
         "batch_size": args.batch_size,
         "seed": args.seed,
         "train_mode": args.train_mode,
@@ -755,7 +604,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         batch_size=None,
         sampler=range(start_step, args.max_steps),
         num_workers=args.workers,
-        collate_fn=_as_is,
+        collate_fn=as_is,
     )
     if resume and rng is not None and saved["world_size"] == procs.world:
         set_rng_state(*rng)

@@ -31,9 +31,9 @@ from easyanimate_core.train import (
     TrainingInterrupted,
     add_train_arguments,
     lr_factor,
-    random_inpaint_mask,
     run_training,
 )
+from easyanimate_core.train_data import random_inpaint_mask
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
 from easyanimate_core.video_io import read_video, write_video
 from tests.tiny_checkpoint import TEXT_HIDDEN, write_tiny_checkpoint
@@ -240,6 +240,22 @@ def full_reference(workspace):
     """An uninterrupted 4-step full fine-tuning run with cached latents."""
     extra = [*FULL, "--cache-dir", str(workspace["root"] / "cache")]
     return run_training(parse(cli_args(workspace, workspace["root"] / "full_straight", *extra)))
+
+
+def test_micro_batches_accumulate_to_the_same_steps(reference, workspace):
+    """One sample per forward pass, gradients accumulated over the global batch of 2: the same losses."""
+    output = workspace["root"] / "micro"
+    result = run_training(parse(cli_args(workspace, output, "--micro-batch", "1", "--max-steps", "3")))
+    assert max(abs(result.losses[s] - reference["losses"][s]) for s in (1, 2, 3)) <= 1e-5
+
+
+def test_v5_text_to_video_trains_with_v_prediction_and_both_text_streams(workspace, tmp_path):
+    model = write_tiny_checkpoint(tmp_path / "v5", "T2V", version="V5")
+    args = cli_args(workspace, tmp_path / "out", "--model", str(model), "--max-steps", "2", "--batch-size", "1")
+    result = run_training(parse(args))
+    assert len(result.losses) == 2 and all(np.isfinite(v) for v in result.losses.values())
+    lora = read_lora(result.output, load_transformer(model))
+    assert "text_proj_t5" in lora and "transformer_blocks.0.attn2.to_q" in lora
 
 
 def test_full_mode_writes_shards_the_loader_reads_and_resumes(workspace, full_reference):
