@@ -50,7 +50,8 @@ def _common_inputs(video_tooltip: str | None = None) -> dict:
     inputs = {
         "positive": ("CONDITIONING", {"tooltip": "The prompt (EasyAnimate Text Encode)."}),
         "negative": ("CONDITIONING", {"tooltip": "The negative prompt (EasyAnimate Text Encode)."}),
-        "vae": ("VAE", {"tooltip": "The EasyAnimate VAE (EasyAnimate VAE Loader)."}),
+        # Both while the pack's VAE loader moves from its own type to ComfyUI's VAE.
+        "vae": ("VAE,EASYANIMATE_VAE", {"tooltip": "The EasyAnimate VAE (EasyAnimate VAE Loader)."}),
     }
     if video_tooltip:
         inputs["video"] = ("IMAGE", {"tooltip": video_tooltip})
