@@ -20,8 +20,8 @@ def _spread(attributes: list[data.Attributes], n: int) -> list[data.Attributes]:
 
 
 def test_captions_name_every_attribute():
-    a = data.Attributes("circle", "red", "right", "slowly", "dark blue")
-    assert a.caption == "a red circle moving right slowly on a dark blue background"
+    a = data.Attributes("circle", "red", "right", "slowly", "navy")
+    assert a.caption == "a red circle moving right slowly on a navy background"
     with pytest.raises(ValueError, match="unknown colour 'pink'"):
         data.Attributes("circle", "pink", "right", "slowly", "black")
 

@@ -1,7 +1,7 @@
 """Procedural training data for the micro model: one shape moving across a plain background.
 
     Attributes(shape, colour, direction, speed, background).caption
-        "a red circle moving right slowly on a dark blue background"
+        "a red circle moving right slowly on a navy background"
     training_attributes() / held_out_attributes()   every caption combination, split by HELD_OUT_PAIRS
     sample_clip(attributes, rng) -> Clip             random size and start position that keep the shape in frame
     render(clip) -> uint8 [F, H, W, 3]              anti-aliased frames (drawn 4x larger, area-downsampled)
@@ -40,11 +40,13 @@ COLOURS = {
 # Colours the base model never sees in training (a LoRA's new concept); the scorers still know them.
 EXTRA_COLOURS = {"cyan": (30, 220, 230)}
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
+# Background names share no word with object colours ("navy", not "dark blue"): the DiT sees text tokens
+# without positions, so a word must mean one thing wherever it stands in the caption.
 BACKGROUNDS = {
     "black": (0, 0, 0),
-    "dark blue": (20, 30, 90),
-    "dark green": (20, 70, 35),
     "gray": (100, 100, 100),
+    "navy": (20, 30, 90),
+    "brown": (90, 55, 25),
 }
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPEEDS = {"slowly": 1.0, "quickly": 2.25}  # pixels per frame
@@ -166,21 +168,27 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> np.ndarray
     return np.stack([cx + 1.25 * radius * np.cos(angles), cy + 1.25 * radius * np.sin(angles)], axis=1)
 
 
-def render_frame(clip: Clip, t: int) -> np.ndarray:
-    """Frame ``t`` of ``clip`` as uint8 [H, W, 3] RGB."""
+def render_frame(
+    clip: Clip, t: int, colours: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+) -> np.ndarray:
+    """Frame ``t`` of ``clip`` as uint8 [H, W, 3] RGB; ``colours`` (object, background) replace the named ones."""
+    shape_rgb, background_rgb = colours or (
+        ALL_COLOURS[clip.attributes.colour],
+        BACKGROUNDS[clip.attributes.background],
+    )
     big = clip.size * SUPERSAMPLE
     canvas = np.empty((big, big, 3), np.uint8)
-    canvas[:] = BACKGROUNDS[clip.attributes.background]
+    canvas[:] = background_rgb
     cx, cy = clip.centre(t)
     # Pixel i covers [i, i+1): the supersampled polygon is scaled about the origin.
     points = shape_polygon(clip.attributes.shape, cx, cy, clip.radius) * SUPERSAMPLE
-    cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], ALL_COLOURS[clip.attributes.colour], cv2.LINE_8, 4)
+    cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], tuple(map(int, shape_rgb)), cv2.LINE_8, 4)
     return cv2.resize(canvas, (clip.size, clip.size), interpolation=cv2.INTER_AREA)
 
 
-def render(clip: Clip) -> np.ndarray:
-    """All frames of ``clip``: uint8 [F, H, W, 3] RGB."""
-    return np.stack([render_frame(clip, t) for t in range(clip.frames)])
+def render(clip: Clip, colours: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> np.ndarray:
+    """All frames of ``clip``: uint8 [F, H, W, 3] RGB (``colours`` as in ``render_frame``)."""
+    return np.stack([render_frame(clip, t, colours) for t in range(clip.frames)])
 
 
 def sample_clips(attributes: list[Attributes], per_combination: int, seed: int) -> list[Clip]:

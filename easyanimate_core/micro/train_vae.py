@@ -1,0 +1,209 @@
+"""Training the micro VAE on procedural clips (the `easyanimate train` CLI trains transformers only).
+
+    python -m easyanimate_core.micro.train_vae --model <model folder> --output <run folder> --steps 2000
+
+Every batch is rendered on the fly from (seed, step): shapes of every kind, moving in every direction,
+half in the palette colours (the base and the extra ones: the VAE compresses pixels, it learns no words)
+and half in random colours, so the VAE does not depend on the palette. The loss is L1 + MSE on pixels
+(object pixels weighted FOREGROUND_WEIGHT times: they are a few percent of each frame) plus a small KL
+term; latents are sampled from the posterior, so the decoder learns to take imperfect latents.
+
+Encoding and decoding run through the same causal chunk modes as ``MagvitVAE.encode`` / ``decode``
+(frame 0 alone, then the rest with cached context), with gradients. Runs resume exactly: a batch and
+its noise depend only on (seed, step), and ``<output>/state/`` holds weights, optimizer state and step.
+``--minutes`` stops a run early at a checkpoint, to keep single runs short. ``finish`` writes the VAE
+folder with ``scaling_factor`` = 1 / std of the latents of fixed clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_dir
+from ..loading import load_vae
+from ..train_io import join_optimizer_state, save_tensors, split_optimizer_state, write_json
+from ..vae import CAUSAL_NEXT, MAG_FIRST, MagvitVAE
+from .data import ALL_COLOURS, all_attributes, render, sample_clip
+
+FOREGROUND_WEIGHT = 10.0
+KL_WEIGHT = 1e-5
+STATE = "state"
+
+
+def training_batch(seed: int, step: int, batch: int, frames: int) -> torch.Tensor:
+    """Clips [B, 3, F, H, W] in [-1, 1] for ``step``: palette or random colours, any shape and motion."""
+    rng = np.random.default_rng([seed, step])
+    combinations = all_attributes(ALL_COLOURS)
+    clips = []
+    for _ in range(batch):
+        clip = sample_clip(combinations[int(rng.integers(len(combinations)))], rng, frames=frames)
+        colours = None if rng.random() < 0.5 else tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in "ob")
+        clips.append(render(clip, colours))
+    pixels = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1  # [B, F, H, W, 3]
+    return pixels.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def posterior(vae: MagvitVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) as ``vae.encode`` computes them (frame 0, then the rest with caches), with gradients."""
+    vae.clear_caches()
+    try:
+        parts = [vae.quant_conv(vae.encoder(video[:, :, :1], MAG_FIRST))]
+        if video.shape[2] > 1:
+            parts.append(vae.quant_conv(vae.encoder(video[:, :, 1:], CAUSAL_NEXT)))
+    finally:
+        vae.clear_caches()
+    mean, logvar = torch.cat(parts, dim=2).chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def reconstruct(vae: MagvitVAE, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels as ``vae.decode`` computes them from unscaled latents (latent 0, then the rest), with gradients."""
+    vae.clear_caches()
+    try:
+        z = vae.post_quant_conv(latents)
+        parts = [vae.decoder(z[:, :, :1], MAG_FIRST)]
+        if z.shape[2] > 1:
+            parts.append(vae.decoder(z[:, :, 1:], CAUSAL_NEXT))
+    finally:
+        vae.clear_caches()
+    return torch.cat(parts, dim=2)
+
+
+def vae_loss(vae: MagvitVAE, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Weighted L1 + MSE reconstruction of a posterior sample, plus KL_WEIGHT x KL; returns (loss, parts)."""
+    mean, logvar = posterior(vae, video)
+    noise = torch.randn(mean.shape, generator=generator)
+    out = reconstruct(vae, mean + (0.5 * logvar).exp() * noise)
+    background = video.flatten(2).median(dim=2).values[:, :, None, None, None]
+    objects = ((video - background).abs().sum(1, keepdim=True) > 0.1).float()
+    weight = 1 + FOREGROUND_WEIGHT * objects
+    diff = out - video
+    l1 = (diff.abs() * weight).mean() / weight.mean()
+    mse = (diff.square() * weight).mean() / weight.mean()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+    loss = l1 + mse + KL_WEIGHT * kl
+    parts = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    return loss, parts
+
+
+def _save_state(vae: MagvitVAE, optimizer: torch.optim.Optimizer, step: int, folder: Path, args) -> None:
+    """Weights, optimizer state and step in ``folder`` (replaced whole, atomically)."""
+    with atomic_dir(folder) as tmp:
+        save_tensors(tmp / "vae.safetensors", vae.state_dict())
+        tensors, meta = split_optimizer_state(optimizer.state_dict())
+        save_tensors(tmp / "optimizer.safetensors", tensors)
+        write_json(tmp / "state.json", {"step": step, "optimizer": meta, "seed": args.seed, "batch": args.batch})
+
+
+def _load_state(vae: MagvitVAE, optimizer: torch.optim.Optimizer, folder: Path, args) -> int:
+    """Restore what ``_save_state`` wrote; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    saved = json.loads((folder / "state.json").read_text())
+    if (saved["seed"], saved["batch"]) != (args.seed, args.batch):
+        raise ValueError(
+            f"{folder} was trained with --seed {saved['seed']} --batch {saved['batch']}; resume with the same"
+        )
+    vae.load_state_dict(load_file(folder / "vae.safetensors"))
+    optimizer.load_state_dict(join_optimizer_state(load_file(folder / "optimizer.safetensors"), saved["optimizer"]))
+    return int(saved["step"])
+
+
+def train(args) -> int:
+    """Train from ``args.model``'s vae/ (or resume ``args.output/state``) up to ``args.steps``; returns the step."""
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(args.model, dtype=torch.float32).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    step = _load_state(vae, optimizer, output / STATE, args) if (output / STATE).is_dir() else 0
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr
+    started = time.monotonic()
+    log = open(output / "loss.jsonl", "a", encoding="utf-8")
+    try:
+        while step < args.steps:
+            video = training_batch(args.seed, step, args.batch, args.frames)
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            warmup = min(1.0, (step + 1) / args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * warmup
+            loss, parts = vae_loss(vae, video, generator)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.write(json.dumps({"step": step, **parts}) + "\n")
+            if step % 10 == 0:
+                log.flush()
+                print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in parts.items()), flush=True)
+            out_of_time = args.minutes and time.monotonic() - started > args.minutes * 60
+            if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
+                _save_state(vae, optimizer, step, output / STATE, args)
+            if out_of_time:
+                print(f"stopped after {args.minutes} minutes at step {step}; run again to continue", flush=True)
+                break
+    finally:
+        log.close()
+    return step
+
+
+@torch.no_grad()
+def scaling_factor(vae: MagvitVAE, clips: int = 32, seed: int = 12345, frames: int = 17) -> float:
+    """1 / std of posterior samples of ``clips`` palette clips: DiT latents then have unit variance."""
+    samples = []
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(clips):
+        mean, logvar = vae.encode(training_batch(seed, i, 1, frames))
+        samples.append(mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator))
+    return float(1.0 / torch.cat(samples).std())
+
+
+def finish(model: Path, output: Path, clips: int = 32) -> Path:
+    """Write ``output/vae`` (config with the scaling factor measured on ``clips`` clips, fp32) from ``output/state``."""
+    from safetensors.torch import load_file
+
+    from .model import VAE_CONFIG, save_model_folder
+
+    vae = load_vae(model, dtype=torch.float32)
+    vae.load_state_dict(load_file(output / STATE / "vae.safetensors"))
+    config = {**VAE_CONFIG, "scaling_factor": round(scaling_factor(vae.eval(), clips), 5)}
+    with atomic_dir(output / "vae") as tmp:
+        save_model_folder(tmp, vae.state_dict(), config, torch.float32)
+    return output / "vae"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m easyanimate_core.micro.train_vae", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model folder whose vae/ is the starting point")
+    p.add_argument("--output", required=True, help="run folder (state/, loss.jsonl; vae/ after --finish)")
+    p.add_argument("--steps", type=int, default=2000, help="train until this many steps in all")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=9, help="frames per training clip (4k+1)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--minutes", type=float, default=0, help="stop at a checkpoint after this long (0: never)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--finish", action="store_true", help="only write <output>/vae with its scaling factor")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if (args.frames - 1) % 4:
+        p.error(f"--frames must be 4k+1, got {args.frames}")
+    if args.finish:
+        print(f"wrote {finish(Path(args.model), Path(args.output))}")
+        return 0
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
