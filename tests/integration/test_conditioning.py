@@ -7,6 +7,7 @@ that name the fix, and the server must stay up.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 
 import imageio.v2 as imageio
@@ -364,3 +365,35 @@ def test_v5_defaults_reproduce_the_core_ddim_pipeline():
     r = run_in_comfy_python(V5_DEFAULTS_SCRIPT, "COMFYUI_PATH is not set: no ComfyUI checkout to sample with")
     assert r["max_abs"] > 0.1
     assert r["max_diff"] <= 1e-3 * r["max_abs"], r
+
+
+def test_single_files_in_comfys_standard_folders_load_and_sample(setup):
+    """A transformer file in diffusion_models/ and a single-file Qwen2-VL in text_encoders/ (config and tokenizer
+    in the folder of the same name beside it) are offered by the loaders and run a text-to-video graph."""
+    source = setup.base_dir / "models" / "EasyAnimate" / INP
+    models = setup.base_dir / "models"
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    (models / "text_encoders").mkdir(parents=True, exist_ok=True)
+    shutil.copy(
+        source / "transformer" / "diffusion_pytorch_model.safetensors",
+        models / "diffusion_models" / "easyanimate_tiny.safetensors",
+    )
+    shutil.copy(source / "text_encoder" / "model.safetensors", models / "text_encoders" / "qwen2vl_tiny.safetensors")
+    parts = models / "text_encoders" / "qwen2vl_tiny"
+    if not parts.is_dir():
+        shutil.copytree(source / "tokenizer", parts)
+        shutil.copy(source / "text_encoder" / "config.json", parts / "config.json")
+    info = setup.get_json("/object_info/EasyAnimateModelLoader")["EasyAnimateModelLoader"]
+    assert "easyanimate_tiny.safetensors" in info["input"]["required"]["model_folder"][0]
+    info = setup.get_json("/object_info/EasyAnimateTextEncoderLoader")["EasyAnimateTextEncoderLoader"]
+    assert "qwen2vl_tiny.safetensors" in info["input"]["required"]["model_folder"][0]
+    graph = base_graph()
+    graph["1"]["inputs"]["model_folder"] = "easyanimate_tiny.safetensors"
+    graph["2"]["inputs"]["model_folder"] = "qwen2vl_tiny.safetensors"
+    graph["6"] = {
+        "class_type": "EasyAnimateEmptyLatentVideo",
+        "inputs": {"version": "V5.1", "width": W, "height": H, "frames": FRAMES, "batch_size": 1},
+    }
+    graph["10"] = our_sampler(seed=21)
+    graph["10"]["inputs"].update(positive=["3", 0], negative=["4", 0], latent=["6", 0])
+    assert saved_video_frames(setup, setup.run_prompt(graph, timeout=300)) == FRAMES
