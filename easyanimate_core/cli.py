@@ -14,12 +14,16 @@ import torch
 
 from .loading import inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
+from .pipeline import RESOLUTIONS
 
 # Parts a full model folder carries beside the transformer and the VAE, per version.
 _PIPELINE_PARTS = {
     "V5.1": ["text_encoder", "tokenizer"],
     "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
+    "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
 }
+# Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps).
+VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0)}
 
 
 def info(path: str) -> int:
@@ -58,6 +62,11 @@ def _generation_inputs(args) -> dict:
         raise ValueError(f"{', '.join(p + '/' for p in missing)} missing under {root}; download the full model folder")
     info = inspect_checkpoint(root / "transformer", kind="transformer")
     check_text_encoder_files(root, info.version.lower())
+    needs_clip = info.version == "V4" and info.variant == "InP" and bool(args.image)
+    if needs_clip:
+        from .image_encoder import check_image_encoder_files
+
+        check_image_encoder_files(root)
     suffix = Path(args.out).suffix.lower()
     if suffix and suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
@@ -77,21 +86,39 @@ def _generation_inputs(args) -> dict:
         raise ValueError("--ref-image needs a V5.1 Control model")
     if info.variant == "T2V" and (args.image or args.end_image):
         raise ValueError(f"{root} is a text-to-video model; --image / --end-image need an InP model")
+    frames, fps = VIDEO_DEFAULTS[info.version]
+    frames, fps = args.frames or frames, args.fps or fps
     inputs = {
         "start_image": read_image(args.image) if args.image else None,
         "end_image": read_image(args.end_image) if args.end_image else None,
         "ref_image": read_image(args.ref_image) if args.ref_image else None,
-        "video": read_video(args.video, args.frames) if args.video else None,
-        "control_video": read_video(args.control, args.frames) if args.control else None,
+        "video": read_video(args.video, frames) if args.video else None,
+        "control_video": read_video(args.control, frames) if args.control else None,
     }
     for name in ("video", "control_video"):
         clip = inputs[name]
-        if clip is not None and clip.shape[0] < args.frames:
-            raise ValueError(
-                f"--{name.split('_')[0]} has {clip.shape[0]} frames; --frames {args.frames} were requested"
-            )
+        if clip is not None and clip.shape[0] < frames:
+            raise ValueError(f"--{name.split('_')[0]} has {clip.shape[0]} frames; --frames {frames} were requested")
+    height, width = args.height, args.width
+    if args.resolution:
+        from .pipeline import size_bucket
+
+        # The bucket follows the input's aspect ratio (start image, else input / control video), else --width/--height.
+        source = next((inputs[k] for k in ("start_image", "video", "control_video") if inputs[k] is not None), None)
+        aspect = (source.shape[-3], source.shape[-2]) if source is not None else (height, width)
+        height, width = size_bucket(*aspect, args.resolution)
     guidance = args.guidance if args.guidance is not None else guidance
-    return {"root": root, "info": info, "sampler": sampler, "guidance": guidance, "inputs": inputs}
+    size = {"frames": frames, "height": height, "width": width}
+    return {
+        "root": root,
+        "info": info,
+        "sampler": sampler,
+        "guidance": guidance,
+        "inputs": inputs,
+        "size": size,
+        "fps": fps,
+        "needs_clip": needs_clip,
+    }
 
 
 def generate(args) -> int:
@@ -113,6 +140,11 @@ def generate(args) -> int:
     with placement.using("text_encoder", text):
         prompts = text.encode(args.prompt, args.negative_prompt)
     del text  # the text encoders are never needed again in this run
+    image_encoder = None
+    if job["needs_clip"]:  # V4 InP image-to-video: CLIP features of the start image
+        from .image_encoder import load_image_encoder
+
+        image_encoder = load_image_encoder(root, dtype=dtype, device=placement.load_device)
 
     where = {"device": placement.load_device, "operations": placement.operations}
     transformer = placement.prepare_transformer(load_transformer(root, dtype=dtype, **where))
@@ -125,10 +157,9 @@ def generate(args) -> int:
             vae,
             prompts,
             job["sampler"],
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
+            **job["size"],
             guidance=job["guidance"],
+            image_encoder=image_encoder,
             seed=args.seed,
             cfg_batched=not args.sequential_cfg,
             progress=lambda done, total: bar.update(done - bar.n),
@@ -151,13 +182,14 @@ def generate(args) -> int:
         "frames": frames.shape[0],
         "height": frames.shape[1],
         "width": frames.shape[2],
+        "fps": job["fps"],
         "dtype": args.dtype,
         "seconds": round(time.perf_counter() - started, 2),
     }
     for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
-    out = write_video(args.out, frames, fps=args.fps, metadata=metadata)
+    out = write_video(args.out, frames, fps=job["fps"], metadata=metadata)
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
     return 0
 
@@ -166,19 +198,28 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--image", help="start image (InP models)")
+    p.add_argument("--image", help="start image (InP models; V4 also needs the model's image_encoder/)")
     p.add_argument("--end-image", help="end image (InP models)")
     p.add_argument("--video", help="input video for video-to-video")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: share of the steps to run")
     p.add_argument("--control", help="control video (canny, depth, pose, ...) for Control models")
     p.add_argument("--ref-image", help="reference image for V5.1 Control models")
-    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--frames", type=int, help="default: the version's (49 for V5 / V5.1, 144 for V4; V4 takes 8k)")
     p.add_argument("--width", type=int, default=672)
     p.add_argument("--height", type=int, default=384)
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument(
+        "--resolution",
+        type=int,
+        choices=RESOLUTIONS,
+        help="pick width x height from the official size buckets at this base resolution, in the aspect ratio "
+        "of --image / --video / --control (else of --width x --height)",
+    )
+    p.add_argument("--fps", type=float, help="default: the version's (8 for V5 / V5.1, 24 for V4)")
     p.add_argument("--steps", type=int, help="default: the version's released default")
     p.add_argument("--guidance", type=float, help="default: the version's released default")
-    p.add_argument("--sampler", help="default: the version's released default (Flow for V5.1, DDIM for V5)")
+    p.add_argument(
+        "--sampler", help="default: the version's released default (Flow for V5.1, DDIM for V5, Euler for V4)"
+    )
     p.add_argument("--shift", type=float, help="V5.1 Flow time shift (default e, as released)")
     p.add_argument("--seed", type=int, default=43)
     p.add_argument(

@@ -110,7 +110,8 @@ class ModelPlacement:
     def prepare_transformer(self, model: nn.Module) -> nn.Module:
         """The transformer ready for this mode: fp8 block Linear weights in qfloat8 mode; returns it."""
         if self.mode == "model_cpu_offload_and_qfloat8":
-            store_linear_weights_fp8(model.transformer_blocks)
+            # V5 / V5.1 name their blocks transformer_blocks, V4 blocks.
+            store_linear_weights_fp8(model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks)
         return model
 
     def resident(self) -> tuple[str, ...]:

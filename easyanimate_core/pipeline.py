@@ -1,8 +1,10 @@
-"""Video generation with the V5 / V5.1 transformer and the mag VAE: text-, image-, video- and control-to-video.
+"""Video generation: V5 / V5.1 with the mag VAE, V4 with the slice VAE; text-, image-, video- and control-to-video.
 
     generate(transformer, vae, prompts, sampler, frames=49, height=384, width=672, guidance=6.0, seed=0,
-             start_image=None, end_image=None, video=None, control_video=None, ref_image=None)
+             start_image=None, end_image=None, video=None, control_video=None, ref_image=None,
+             image_encoder=None)
         -> frames [F, H, W, 3] float in [0, 1]
+    size_bucket(height, width, resolution) -> (height, width) of the official aspect-ratio buckets
 
 Pixels in and out are float tensors in [0, 1]: images [H, W, 3], videos [F, H, W, 3] (ComfyUI's IMAGE
 layout). Every random draw comes from one CPU ``torch.Generator`` seeded with ``seed``, in a fixed order
@@ -16,6 +18,11 @@ Conditioning follows the official pipelines (spec §3.8, §4.5):
   Without images both are zeros (text-to-video through an InP model).
 * Control models take the control video's latents (zeros without one); V5.1 Control models append the
   reference image's latents at latent frame 0 (zeros elsewhere).
+* V4 InP models (12 input channels, spec §1.7, §4.5 step 3) take [mask latents (4) ; masked-video latents (4)],
+  BOTH through the slice VAE (the {0, 1} mask tiled to three channels is encoded like a video) and drawn from
+  the posterior as the official V4 pipeline does; no noise augmentation. The start image also goes through the
+  CLIP image encoder: for the last 40 % of the steps the conditional branch sees its features, every other
+  call the learned padding. V4 also reads the text masks (padding positions get a learned table).
 """
 
 from __future__ import annotations
@@ -28,16 +35,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dataset import ASPECT_RATIO_512
 from .sampling import Sampler
 from .text_encoders import PromptEmbeds, PromptPair
 from .transformer import EasyAnimateTransformer3D
+from .transformer_v4 import EasyAnimateV4Transformer3D
 from .vae import MagvitVAE
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 StageFn = Callable[[str, torch.nn.Module], contextlib.AbstractContextManager]
+# Per-step extra transformer inputs of the (unconditional, conditional) branches.
+StepInputsFn = Callable[[int], tuple[dict, dict]]
+Transformer = EasyAnimateTransformer3D | EasyAnimateV4Transformer3D
 NOISE_AUG_STRENGTH = 0.0563  # σ of the noise added to kept pixels of InP inputs (official default)
+V4_CLIP_APPLY_RATIO = 0.4  # V4: the image features condition the last 40 % of the steps (official default)
+# Base sides of the official size buckets (the 512 aspect-ratio table scaled); V4 was trained on 512 to 1280.
+RESOLUTIONS = (512, 768, 960, 1024, 1280)
 
 
 def _no_stage(name: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -54,13 +69,22 @@ class VideoSize:
     width: int
 
 
-def model_version(transformer: EasyAnimateTransformer3D) -> str:
-    """ "V5.1" (Qwen2-VL text, RMSNorm projection) or "V5" (BERT + mT5 text)."""
+def model_version(transformer: Transformer) -> str:
+    """ "V4" (HunyuanDiT-based), "V5.1" (Qwen2-VL text, RMSNorm projection) or "V5" (BERT + mT5 text)."""
+    if isinstance(transformer, EasyAnimateV4Transformer3D):
+        return "V4"
     return "V5.1" if transformer.config.add_norm_text_encoder else "V5"
 
 
-def model_inputs(transformer: EasyAnimateTransformer3D, latent_channels: int) -> tuple[int, int]:
+def model_inputs(transformer: Transformer, latent_channels: int) -> tuple[int, int]:
     """(inpaint channels, control channels) the transformer expects beyond the noisy latents."""
+    if model_version(transformer) == "V4":
+        if transformer.config.latent_channels != latent_channels:
+            raise ValueError(
+                f"this V4 transformer denoises {transformer.config.latent_channels}-channel latents but the VAE "
+                f"makes {latent_channels}: use the V4 (slice) VAE"
+            )
+        return transformer.config.inpaint_channels, 0
     extra = transformer.config.in_channels - latent_channels
     if extra == 0:
         return 0, 0
@@ -95,12 +119,32 @@ def snap_size(frames: int, height: int, width: int, vae: MagvitVAE) -> VideoSize
     return VideoSize(new_f, new_h, new_w)
 
 
+def size_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(height, width) of the official bucket closest in aspect ratio, at ``resolution`` (512 ... 1280).
+
+    The official tools pick the 512-base aspect-ratio table's entry nearest to height / width, scale it by
+    resolution / 512 and round each side down to a multiple of 16.
+    """
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {resolution}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"cannot pick a size bucket for {width}x{height}")
+    ratio = min(ASPECT_RATIO_512, key=lambda r: abs(float(r) - height / width))
+    bucket_h, bucket_w = (int(x * resolution / 512 / 16) * 16 for x in ASPECT_RATIO_512[ratio])
+    return bucket_h, bucket_w
+
+
 def to_model_pixels(frames: torch.Tensor, size: VideoSize) -> torch.Tensor:
     """[F, H, W, 3] in [0, 1] -> [1, 3, F, h, w] in [-1, 1] at the target size (bilinear resize if needed)."""
     x = frames.float().permute(0, 3, 1, 2)  # [F, 3, H, W]
     if x.shape[-2:] != (size.height, size.width):
         x = F.interpolate(x, size=(size.height, size.width), mode="bilinear", align_corners=False, antialias=True)
     return (x * 2 - 1).clamp(-1, 1).transpose(0, 1).unsqueeze(0)
+
+
+def resized_image(image: torch.Tensor, size: VideoSize) -> torch.Tensor:
+    """An image [H, W, 3] in [0, 1] at the video's size (what the official pipelines hand to CLIP)."""
+    return (to_model_pixels(image[None], size)[0, :, 0].permute(1, 2, 0) + 1) / 2
 
 
 def resize_mask(mask: torch.Tensor, latent_shape: tuple[int, ...], first_frame_alone: bool) -> torch.Tensor:
@@ -134,6 +178,13 @@ def encode_mean(vae: MagvitVAE, pixels: torch.Tensor, device) -> torch.Tensor:
     return mean * vae.config.scaling_factor
 
 
+def encode_sample(vae: MagvitVAE, pixels: torch.Tensor, device, generator: torch.Generator) -> torch.Tensor:
+    """DiT-space latents drawn from the posterior (mean + std * noise), times the scaling factor (V4 pipelines)."""
+    mean, logvar = vae.encode(pixels.to(device))
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + torch.exp(0.5 * logvar) * noise) * vae.config.scaling_factor
+
+
 def inpaint_latents(
     vae: MagvitVAE,
     video: torch.Tensor | None,
@@ -156,6 +207,39 @@ def inpaint_latents(
     first_alone = vae.config.temporal_mode == "mag"
     mask_latents = resize_mask(1 - mask, masked_latents.shape, first_alone) * vae.config.scaling_factor
     return torch.cat([mask_latents.to(device), masked_latents], dim=1)
+
+
+def v4_inpaint_latents(
+    vae: MagvitVAE,
+    video: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    latent_shape: tuple[int, ...],
+    generator: torch.Generator,
+    device,
+) -> torch.Tensor:
+    """[mask latents (L) ; masked-video latents (L)] for a V4 InP model, both encoded by the VAE; zeros when
+    nothing is kept. The mask (1 = generate) is tiled to three channels and encoded as it is, in {0, 1}."""
+    b, channels = latent_shape[0], latent_shape[1]
+    if video is None or bool((mask > 0.5).all()):
+        return torch.zeros(b, 2 * channels, *latent_shape[2:], device=device)
+    masked = torch.where(mask < 0.5, video, torch.full_like(video, -1.0))
+    mask_latents = encode_sample(vae, mask.expand_as(video), device, generator)
+    masked_latents = encode_sample(vae, masked, device, generator)
+    return torch.cat([mask_latents, masked_latents], dim=1)
+
+
+def v4_clip_inputs(features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float) -> StepInputsFn:
+    """Per-step CLIP inputs of the V4 pipeline: the image features for the conditional branch during the last
+    ``ratio`` of the steps; otherwise none (the model then reads its learned image padding)."""
+
+    def inputs(i: int) -> tuple[dict, dict]:
+        if features is None or i < num_steps * (1 - ratio):
+            return {}, {}
+        ones = torch.ones(features.shape[0], n_query, device=features.device)
+        uncond = {"clip_encoder_hidden_states": torch.zeros_like(features), "clip_attention_mask": ones * 0}
+        return uncond, {"clip_encoder_hidden_states": features, "clip_attention_mask": ones}
+
+    return inputs
 
 
 def control_latents(
@@ -182,16 +266,20 @@ def control_latents(
     return torch.cat([control, ref], dim=1)
 
 
-def text_inputs(embeds: PromptEmbeds, device, dtype) -> dict:
-    """Transformer keyword arguments for the text streams (the transformer never sees the masks)."""
+def text_inputs(embeds: PromptEmbeds, device, dtype, masks: bool = False) -> dict:
+    """Transformer keyword arguments for the text streams; ``masks`` adds the token masks (V4 reads them, V5 never)."""
     kw = {"encoder_hidden_states": embeds.embeds.to(device, dtype)}
     if embeds.embeds_2 is not None:
         kw["encoder_hidden_states_t5"] = embeds.embeds_2.to(device, dtype)
+    if masks:
+        kw["text_embedding_mask"] = embeds.mask.to(device)
+        if embeds.mask_2 is not None:
+            kw["text_embedding_mask_t5"] = embeds.mask_2.to(device)
     return kw
 
 
 def denoise(
-    transformer: EasyAnimateTransformer3D,
+    transformer: Transformer,
     latents: torch.Tensor,
     sampler: Sampler,
     prompts: PromptPair,
@@ -200,30 +288,37 @@ def denoise(
     generator: torch.Generator,
     cfg_batched: bool = True,
     progress: ProgressFn | None = None,
+    step_inputs: StepInputsFn | None = None,
 ) -> torch.Tensor:
-    """The sampling loop with classifier-free guidance (uncond and cond in one batch, or one after the other)."""
+    """The sampling loop with classifier-free guidance (uncond and cond in one batch, or one after the other).
+
+    ``extra`` inputs are the same for both branches; ``step_inputs(i)`` gives per-step (uncond, cond) inputs.
+    """
     device, dtype = latents.device, latents.dtype
     use_cfg = guidance > 1.0
-    cond = text_inputs(prompts.positive, device, dtype)
-    uncond = text_inputs(prompts.negative, device, dtype) if use_cfg else None
+    masks = model_version(transformer) == "V4"
+    cond = text_inputs(prompts.positive, device, dtype, masks)
+    uncond = text_inputs(prompts.negative, device, dtype, masks) if use_cfg else None
     latent_channels = latents.shape[1]
 
-    def predict(x: torch.Tensor, t: torch.Tensor, text: dict, n: int) -> torch.Tensor:
-        out = transformer(x, t.expand(x.shape[0]), **text, **{k: v.repeat(n, 1, 1, 1, 1) for k, v in extra.items()})
+    def predict(x: torch.Tensor, t: torch.Tensor, inputs: dict, n: int) -> torch.Tensor:
+        out = transformer(x, t.expand(x.shape[0]), **inputs, **{k: v.repeat(n, 1, 1, 1, 1) for k, v in extra.items()})
         return out[:, :latent_channels]  # a learned-sigma output carries extra channels
 
     for i in range(sampler.num_steps):
         t = sampler.timesteps[i : i + 1].to(device=device, dtype=dtype)
         x = sampler.scale_model_input(latents, i)
+        step_uncond, step_cond = step_inputs(i) if step_inputs else ({}, {})
         if not use_cfg:
-            pred = predict(x, t, cond, 1)
+            pred = predict(x, t, {**cond, **step_cond}, 1)
         elif cfg_batched:
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            branch_uncond, branch_cond = {**uncond, **step_uncond}, {**cond, **step_cond}
+            both = {k: torch.cat([branch_uncond[k], branch_cond[k]]) for k in branch_cond}
             pred_uncond, pred_cond = predict(torch.cat([x, x]), t, both, 2).chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         else:
-            pred_uncond = predict(x, t, uncond, 1)
-            pred_cond = predict(x, t, cond, 1)
+            pred_uncond = predict(x, t, {**uncond, **step_uncond}, 1)
+            pred_cond = predict(x, t, {**cond, **step_cond}, 1)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = sampler.step(pred, i, latents, generator=generator)
         if progress:
@@ -233,7 +328,7 @@ def denoise(
 
 @torch.no_grad()
 def generate(
-    transformer: EasyAnimateTransformer3D,
+    transformer: Transformer,
     vae: MagvitVAE,
     prompts: PromptPair,
     sampler: Sampler,
@@ -248,6 +343,8 @@ def generate(
     video: torch.Tensor | None = None,
     control_video: torch.Tensor | None = None,
     ref_image: torch.Tensor | None = None,
+    image_encoder=None,
+    clip_apply_ratio: float = V4_CLIP_APPLY_RATIO,
     noise_aug_strength: float = NOISE_AUG_STRENGTH,
     cfg_batched: bool = True,
     latents: torch.Tensor | None = None,
@@ -260,15 +357,26 @@ def generate(
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
     DiT-space latents [1, C, T, h, w] (see the module docstring).
 
+    ``image_encoder`` (V4 InP image-to-video): the CLIP encoder of the start image (``load_image_encoder``);
+    ``clip_apply_ratio``: the share of final steps its features condition. ``noise_aug_strength``: V5 / V5.1 only.
     ``device``: where to compute (default: where the transformer's weights are; give it when they are
     streamed from the CPU). ``stage(name, model)``: a context manager around each use of a model
-    ("vae" encode, "transformer" sampling, "vae" decode), e.g. ``offload.ModelPlacement.using``.
+    ("image_encoder", "vae" encode, "transformer" sampling, "vae" decode), e.g. ``offload.ModelPlacement.using``.
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
+    is_v4 = model_version(transformer) == "V4"
     if control_ch and (start_image is not None or end_image is not None):
         raise ValueError("a Control model takes no start/end image; use ref_image for a V5.1 Control model")
     if (control_video is not None or ref_image is not None) and not control_ch:
         raise ValueError("control_video / ref_image need a Control model; this transformer is not one")
+    if (start_image is not None or end_image is not None) and not inpaint_ch:
+        raise ValueError("start/end images need an InP model; this transformer is text-to-video only")
+    clip_needed = is_v4 and start_image is not None and transformer.config.has_clip
+    if clip_needed and image_encoder is None:
+        raise ValueError(
+            "V4 image-to-video also conditions on the start image's CLIP features: pass "
+            "image_encoder=load_image_encoder(<model folder>) (the model's image_encoder/ folder)"
+        )
     if video is not None and sampler.start == 0:
         raise ValueError("video-to-video needs a sampler made with strength < 1 (the share of steps to run)")
     if video is not None and video.shape[0] < frames:
@@ -282,17 +390,24 @@ def generate(
     shape = (
         1,
         vae.config.latent_channels,
-        (size.frames - 1) // vae.config.temporal_compression + 1,
+        vae.latent_frames(size.frames),
         size.height // vae.config.spatial_compression,
         size.width // vae.config.spatial_compression,
     )
     noise = torch.randn(shape, generator=generator) if latents is None else latents.float().cpu()
     x0 = None
     extra = {}
+    step_inputs = None
+    if clip_needed:
+        with stage("image_encoder", image_encoder):
+            features = image_encoder.encode(resized_image(start_image, size)).to(device, dtype)
+        step_inputs = v4_clip_inputs(features, transformer.config.n_query, sampler.num_steps, clip_apply_ratio)
     encodes = any(t is not None for t in (video, start_image, end_image, control_video, ref_image))
     with stage("vae", vae) if encodes else contextlib.nullcontext():
         if video is not None:
-            x0 = encode_mean(vae, to_model_pixels(video[: size.frames], size), device).cpu()
+            pixels = to_model_pixels(video[: size.frames], size)
+            # The V4 pipeline samples the posterior; V5 / V5.1 take its mean.
+            x0 = (encode_sample(vae, pixels, device, generator) if is_v4 else encode_mean(vae, pixels, device)).cpu()
         if inpaint_ch:
             # Nothing kept (text- or video-to-video through an InP model) gives all-zero inpaint latents.
             pixels, mask = (
@@ -300,9 +415,11 @@ def generate(
                 if start_image is None and end_image is None
                 else (image_to_video_inputs(start_image, end_image, size))
             )
-            extra["inpaint_latents"] = inpaint_latents(
-                vae, pixels, mask, shape, generator, noise_aug_strength, device
-            ).to(dtype)
+            if is_v4:
+                inpaint = v4_inpaint_latents(vae, pixels, mask, shape, generator, device)
+            else:
+                inpaint = inpaint_latents(vae, pixels, mask, shape, generator, noise_aug_strength, device)
+            extra["inpaint_latents"] = inpaint.to(dtype)
         if control_ch:
             extra["control_latents"] = control_latents(
                 vae, control_video, ref_image, shape, control_ch, size, device
@@ -310,7 +427,9 @@ def generate(
     latents = sampler.initial_latents(noise, x0).to(device, dtype)
 
     with stage("transformer", transformer):
-        latents = denoise(transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress)
+        latents = denoise(
+            transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress, step_inputs
+        )
     if not decode:
         return latents
     with stage("vae", vae):
