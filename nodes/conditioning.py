@@ -164,7 +164,9 @@ class EasyAnimateImageToVideo:
         size = _checked_size(core, width, height, frames)
         latent = empty_video_latent(core.config, width, height, frames, batch_size)
         pixels, mask = image_to_video_inputs(
-            None if start_image is None else start_image[0], None if end_image is None else end_image[-1], size
+            None if start_image is None else start_image[0, ..., :3],
+            None if end_image is None else end_image[-1, ..., :3],
+            size,
         )
         device = _load(vae)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
@@ -204,7 +206,7 @@ class EasyAnimateVideoToVideo:
         _check_frames(video, frames, "video")
         core = easyanimate_vae(vae)
         size = _checked_size(core, width, height, frames)
-        pixels = to_model_pixels(video[:frames], size)
+        pixels = to_model_pixels(video[:frames, ..., :3], size)  # RGB (an alpha channel is dropped)
         device = _load(vae)
         bar = comfy.utils.ProgressBar(1)
         with torch.no_grad():
@@ -270,8 +272,8 @@ class EasyAnimateControlVideo:
         with torch.no_grad():
             control = control_latents(
                 core,
-                video[:frames],
-                None if ref_image is None else ref_image[0],
+                video[:frames, ..., :3],
+                None if ref_image is None else ref_image[0, ..., :3],
                 _latent_shape(latent),
                 channels,
                 size,
