@@ -658,11 +658,12 @@ class MagvitVAE(nn.Module):
             return tc * (latent_frames - 1) + 1
         return 1 if latent_frames == 1 else tc * latent_frames
 
-    def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None, overlap: int | None) -> int:
+    def check_video_shape(self, shape) -> None:
+        """Raise ValueError naming the nearest valid values unless ``shape`` is a video [B, C, F, H, W] it encodes."""
         cfg = self.config
-        if video.ndim != 5:
-            raise ValueError(f"video must be [B, C, F, H, W] (5 dims), got {video.ndim} dims {tuple(video.shape)}")
-        b, c, f, h, w = video.shape
+        if len(shape) != 5:
+            raise ValueError(f"video must be [B, C, F, H, W] (5 dims), got {len(shape)} dims {tuple(shape)}")
+        b, c, f, h, w = shape
         if c != cfg.in_channels:
             raise ValueError(f"video has {c} channels, expected {cfg.in_channels} (RGB in [-1, 1])")
         if cfg.temporal_mode == "mag" and (f - 1) % cfg.temporal_compression != 0:
@@ -682,6 +683,10 @@ class MagvitVAE(nn.Module):
                     f"{name} {size} is not a multiple of {cfg.pixel_multiple}; "
                     f"nearest valid: {_nearest_multiples(size, cfg.pixel_multiple)}"
                 )
+
+    def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None, overlap: int | None) -> int:
+        self.check_video_shape(video.shape)
+        cfg = self.config
         _check_tiling(tile, overlap)
         return self._chunk(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
 
@@ -899,3 +904,232 @@ class MagvitVAE(nn.Module):
         """Reconstruct ``video`` through the posterior mean (a convenience for checks)."""
         mean, _ = self.encode(video)
         return self.decode(mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory planning and out-of-memory retry (pure torch; the ComfyUI nodes call these)
+# --------------------------------------------------------------------------------------------------
+
+# Working memory of decode / encode in elements of the compute dtype, for the released geometry
+# (block_out_channels starting at 128; scaled linearly for narrower VAEs), output tensor excluded.
+# Measured on CPU in float32 by bench/bench_vae_memory.py (RSS high-water mark above the loaded weights):
+# * decode, frame by frame: 337k-415k elements per latent pixel of a tile (64-192 px frames; the
+#   conv caches plus one high-resolution frame), the same for 2 or 4 latents and chunks of 1 or 3:
+#   the length and the chunk do not change the peak. We count 400k (-3%..+19% of the measurements)
+#   plus, per latent of a chunk, the chunk-wide low-resolution stages (conv_in and the 512-channel mid
+#   block, a few thousand elements: below the measurement's noise, bounded from the layer widths).
+# * encode (chunks of frames through every stage): 4000 per pixel of a tile (conv caches) plus 400 per
+#   pixel and frame of a chunk; -9%..+21% of the measurements at 64-128 px, chunks of 4 and 8.
+DECODE_PER_LATENT_PIXEL = 400_000
+DECODE_PER_CHUNK_LATENT_PIXEL = 8_192
+ENCODE_PER_PIXEL = 4_000
+ENCODE_PER_CHUNK_PIXEL = 400
+# Smallest spatial tile the out-of-memory retry goes down to (latent pixels; 64 image pixels).
+MIN_TILE_LATENTS = 8
+
+
+def _width_scale(config: VAEConfig) -> float:
+    return config.block_out_channels[0] / 128
+
+
+def _tile_area(h: int, w: int, tile: int | None) -> int:
+    return (min(tile, h) * min(tile, w)) if tile else h * w
+
+
+def decode_memory(
+    config: VAEConfig, latent_shape, dtype: torch.dtype, chunk_latents: int | None = None, tile: int | None = None
+) -> int:
+    """Bytes of working memory ``MagvitVAE.decode`` needs for latents of ``latent_shape`` (output excluded)."""
+    b, _, t, h, w = latent_shape
+    chunk = min(chunk_latents or config.mini_batch_decoder, max(t - 1, 1))
+    frame_local = config.temporal_mode == "mag" and config.spatial_group_norm and config.mid_block_attention != "3d"
+    # Without frame-by-frame decoding every stage holds the chunk's frames at once.
+    frames = 1 if frame_local else chunk * config.temporal_compression
+    per_pixel = DECODE_PER_LATENT_PIXEL * frames + DECODE_PER_CHUNK_LATENT_PIXEL * chunk
+    return int(b * _tile_area(h, w, tile) * per_pixel * _width_scale(config) * dtype.itemsize)
+
+
+def encode_memory(
+    config: VAEConfig, video_shape, dtype: torch.dtype, chunk_frames: int | None = None, tile: int | None = None
+) -> int:
+    """Bytes of working memory ``MagvitVAE.encode`` needs for a video of ``video_shape`` (output excluded)."""
+    b, _, f, h, w = video_shape
+    s = config.spatial_compression
+    chunk = min(chunk_frames or config.mini_batch_encoder, max(f - 1, 1))
+    pixels = _tile_area(h // s, w // s, tile) * s * s
+    per_pixel = ENCODE_PER_PIXEL + ENCODE_PER_CHUNK_PIXEL * chunk
+    return int(b * pixels * per_pixel * _width_scale(config) * dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class ChunkTile:
+    """Temporal chunk and spatial tile settings of one decode / encode (``None``: the default)."""
+
+    chunk: int | None = None  # decode: latents per chunk; encode: frames per chunk
+    tile: int | None = None  # tile side in latent pixels; None: untiled
+    overlap: int | None = None  # tile overlap in latent pixels; None: a quarter tile
+
+
+# Largest automatic decode chunk: the length does not change the peak (frame-by-frame decoding), so a
+# bound keeps a progress update and an interrupt check every 8 latents (29 frames).
+MAX_AUTO_DECODE_CHUNK = 8
+
+
+def _largest_tile(h: int, w: int, per_latent_pixel_bytes: float, budget: float, min_tile: int) -> int | None:
+    """Largest square tile (latent pixels) whose working memory fits ``budget``; None when no tiling is needed."""
+    if h * w * per_latent_pixel_bytes <= budget:
+        return None
+    side = int((max(budget, 0) / per_latent_pixel_bytes) ** 0.5)
+    return max(min_tile, min(side, max(h, w) - 1))
+
+
+def plan_decode(
+    vae: MagvitVAE,
+    latent_shape,
+    dtype: torch.dtype,
+    budget_bytes: float,
+    requested: ChunkTile = ChunkTile(),
+    min_tile: int = MIN_TILE_LATENTS,
+) -> ChunkTile:
+    """Fill the ``None`` fields of ``requested`` with the largest chunk / tile whose memory fits ``budget_bytes``."""
+    cfg = vae.config
+    b, _, t, h, w = latent_shape
+    chunk = requested.chunk
+    if chunk is None and vae.frame_local:
+        fits = [
+            c
+            for c in range(1, min(MAX_AUTO_DECODE_CHUNK, max(t - 1, 1)) + 1)
+            if decode_memory(cfg, latent_shape, dtype, c, requested.tile) <= budget_bytes
+        ]
+        chunk = fits[-1] if fits else 1
+    tile = requested.tile
+    if tile is None:
+        per_pixel = decode_memory(cfg, (b, 0, t, 1, 1), dtype, chunk)
+        tile = _largest_tile(h, w, per_pixel, budget_bytes, min_tile)
+    return ChunkTile(chunk, tile, requested.overlap)
+
+
+def plan_encode(
+    vae: MagvitVAE,
+    video_shape,
+    dtype: torch.dtype,
+    budget_bytes: float,
+    requested: ChunkTile = ChunkTile(),
+    min_tile: int = MIN_TILE_LATENTS,
+) -> ChunkTile:
+    """Fill the ``None`` fields of ``requested``: the largest frame chunk, then the largest tile that fit."""
+    cfg = vae.config
+    b, _, f, h, w = video_shape
+    tc = cfg.temporal_compression
+    chunk = requested.chunk
+    if chunk is None and vae.frame_local:
+        candidates = range(tc, max(f - 1, tc) + 1, tc)
+        fits = [c for c in candidates if encode_memory(cfg, video_shape, dtype, c, requested.tile) <= budget_bytes]
+        chunk = fits[-1] if fits else tc
+    tile = requested.tile
+    if tile is None:
+        s = cfg.spatial_compression
+        per_pixel = encode_memory(cfg, (b, 0, f, s, s), dtype, chunk)
+        tile = _largest_tile(h // s, w // s, per_pixel, budget_bytes, min_tile)
+    return ChunkTile(chunk, tile, requested.overlap)
+
+
+def smaller_settings(
+    vae: MagvitVAE,
+    latent_hw: tuple[int, int],
+    current: ChunkTile,
+    min_chunk: int,
+    chunk_first: bool,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> ChunkTile | None:
+    """The next, smaller settings to try after running out of memory; None when nothing is left to shrink.
+
+    ``chunk_first`` (encode, whose peak grows with the chunk): halve the chunk down to ``min_chunk``
+    before tiling. Otherwise (decode, whose peak the chunk hardly changes) the chunk drops to
+    ``min_chunk`` together with the first tiling. The tile side is halved each time (an untiled run
+    starts at half the larger latent side) down to ``min_tile``.
+    """
+    chunk = current.chunk
+    if vae.frame_local and chunk is not None and chunk > min_chunk:
+        if chunk_first:
+            return replace(current, chunk=max(min_chunk, chunk // 2 // min_chunk * min_chunk))
+        chunk = min_chunk
+    side = max(latent_hw)
+    tile = (side + 1) // 2 if current.tile is None or current.tile >= side else current.tile // 2
+    if tile < max(min_tile, 1):
+        return None
+    overlap = None if current.overlap is None else min(current.overlap, tile // 4)
+    return ChunkTile(chunk, tile, overlap)
+
+
+def retry_on_oom(
+    run: Callable[[ChunkTile], torch.Tensor],
+    first: ChunkTile,
+    shrink: Callable[[ChunkTile], ChunkTile | None],
+    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    on_retry: Callable[[ChunkTile, str], None] | None = None,
+) -> torch.Tensor:
+    """``run(settings)``, retried with ``shrink(settings)`` after each out-of-memory error until it fits.
+
+    The retry starts after the ``except`` block has ended: the failed attempt's tensors are referenced by
+    the exception's traceback until then (ComfyUI's VAE fallback does the same). ``on_retry(next, error)``
+    can log and empty the allocator's cache. When nothing is left to shrink the last error is raised.
+    """
+    settings = first
+    while True:
+        try:
+            return run(settings)
+        except oom_errors as e:
+            smaller = shrink(settings)
+            if smaller is None:
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        settings = smaller
+        if on_retry is not None:
+            on_retry(settings, message)
+
+
+def decode_with_retry(
+    vae: MagvitVAE,
+    latents: torch.Tensor,
+    settings: ChunkTile = ChunkTile(),
+    *,
+    out: torch.Tensor | None = None,
+    progress: ProgressFn | None = None,
+    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    on_retry: Callable[[ChunkTile, str], None] | None = None,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> torch.Tensor:
+    """``vae.decode`` with ``settings``; out of memory, it retries with smaller chunks, then smaller tiles."""
+
+    def run(s: ChunkTile) -> torch.Tensor:
+        return vae.decode(
+            latents, chunk_latents=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, out=out, progress=progress
+        )
+
+    hw = tuple(latents.shape[3:])
+    return retry_on_oom(run, settings, lambda s: smaller_settings(vae, hw, s, 1, False, min_tile), oom_errors, on_retry)
+
+
+def encode_with_retry(
+    vae: MagvitVAE,
+    video: torch.Tensor,
+    settings: ChunkTile = ChunkTile(),
+    *,
+    progress: ProgressFn | None = None,
+    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    on_retry: Callable[[ChunkTile, str], None] | None = None,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> torch.Tensor:
+    """The posterior mean of ``vae.encode`` with ``settings``, retried smaller after out-of-memory errors."""
+
+    def run(s: ChunkTile) -> torch.Tensor:
+        mean, _ = vae.encode(
+            video, chunk_frames=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, progress=progress
+        )
+        return mean
+
+    s = vae.config.spatial_compression
+    hw = (video.shape[3] // s, video.shape[4] // s)
+    tc = vae.config.temporal_compression
+    return retry_on_oom(run, settings, lambda c: smaller_settings(vae, hw, c, tc, True, min_tile), oom_errors, on_retry)
