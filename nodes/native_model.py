@@ -9,7 +9,10 @@ never materialised twice; ComfyUI's own ``BaseModel`` constructor would build wi
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from pathlib import Path
 
 import comfy.conds
 import comfy.latent_formats
@@ -18,10 +21,12 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models_base
+import folder_paths
 import torch
 
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
 from easyanimate_core.pipeline import model_inputs, model_version
+from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
 from easyanimate_core.vae import VAE_V51
@@ -50,11 +55,59 @@ LATENT_CONDS = {
 
 
 class EasyAnimateLatentFormat(comfy.latent_formats.LatentFormat):
-    """The mag VAE's 16-channel video latents; model space = VAE space x scaling_factor (0.7125)."""
+    """The mag VAE's 16-channel video latents; model space = VAE space x scaling_factor (0.7125).
+
+    Live previews (ComfyUI's latent2rgb) need latent-to-RGB factors, which depend on the VAE's weights: they are
+    fitted from a VAE (``easyanimate_core.preview``) the first time ComfyUI's previewer reads them, then kept in
+    memory and in <user directory>/easyanimate/latent_rgb/ (a few seconds once per VAE file). Which VAE: the
+    model folder's own vae/ (``load_native_model`` calls ``attach_vae_near``), so a plain text-to-video workflow
+    previews on its first run whatever order ComfyUI runs the loaders in (a VAE loader may run after KSampler);
+    for a transformer loaded from a single file, the VAE the EasyAnimate VAE Loader loaded last (``recent_vae``).
+    Lazy, because with previews off (ComfyUI's default) the factors are never read and nothing is fitted; a
+    failed fit logs a warning and leaves the preview off, never the sampling.
+    """
 
     latent_channels = VAE_V51.latent_channels
     latent_dimensions = 3
     scale_factor = VAE_V51.scaling_factor
+    vae_source: Path | None = None  # a model folder with vae/, set per instance by attach_vae_near
+    recent_vae: Path | None = None  # class-wide: the last 16-channel VAE the EasyAnimate VAE Loader loaded
+
+    def attach_vae_near(self, path) -> None:
+        """Fit previews from the vae/ folder of the model folder ``path`` (or of the parent of its transformer/)."""
+        path = Path(path)
+        if path.is_dir():
+            self.vae_source = next((root for root in (path, path.parent) if (root / "vae").is_dir()), None)
+
+    @property
+    def latent_rgb_factors(self):
+        fit = self.latent_rgb()
+        return None if fit is None else fit.factors
+
+    @property
+    def latent_rgb_factors_bias(self):
+        fit = self.latent_rgb()
+        return None if fit is None else fit.bias
+
+    def latent_rgb(self) -> LatentRGB | None:
+        """The preview map for model-space latents, fitted on first use; None without a VAE (or when the fit fails)."""
+        source = self.vae_source or EasyAnimateLatentFormat.recent_vae
+        if source is None:
+            return None
+        done = self.__dict__.get("_latent_rgb")
+        if done is not None and done[0] == source:
+            return done[1]
+        try:
+            cache = os.path.join(folder_paths.get_user_directory(), "easyanimate", "latent_rgb")
+            fit = latent_rgb_for_checkpoint(source, cache)
+            fit = fit.scaled(self.scale_factor) if len(fit.factors) == self.latent_channels else None
+        except Exception as error:  # a preview must never stop sampling
+            logging.warning(
+                "EasyAnimate: no latent previews; fitting colours from the VAE at %s failed: %s", source, error
+            )
+            fit = None
+        self._latent_rgb = (source, fit)
+        return fit
 
 
 def sampling_settings(version: str) -> tuple[comfy.model_base.ModelType, dict]:
@@ -248,6 +301,7 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
     if model_version(transformer) != info.version:
         raise ValueError(f"{path}: detected {info.version} but the loaded transformer is {model_version(transformer)}")
     model = EasyAnimateModel(config, transformer, device=offload_device)
+    model.latent_format.attach_vae_near(path)  # live previews fitted from this folder's VAE
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 

@@ -186,7 +186,8 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         "comfy.model_management": mm,
         "comfy.weight_adapter": _module("comfy.weight_adapter", LoRAAdapter=LoRAAdapter),
         "comfy.model_patcher": _module("comfy.model_patcher", ModelPatcher=ModelPatcher),
-        "comfy.ops": _module("comfy.ops", pick_operations=pick_operations),
+        "comfy.ops": _module("comfy.ops", pick_operations=pick_operations, disable_weight_init=torch.nn),
+        **vae_standins(mm),
         "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, BaseModel=BaseModel),
         "comfy.conds": _module("comfy.conds", CONDRegular=CONDRegular, CONDCrossAttn=CONDCrossAttn),
         "comfy.latent_formats": _module("comfy.latent_formats", LatentFormat=LatentFormat),
@@ -202,6 +203,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         get_filename_list=get_filename_list,
         get_full_path_or_raise=get_full_path_or_raise,
         get_full_path=get_full_path,
+        get_user_directory=lambda: str(models_dir.parent / "user"),
     )
 
     class RouteTable:  # aiohttp.web.RouteTableDef's decorator API, recording the handlers
@@ -220,6 +222,66 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
     comfy_modules = {name: m for name, m in modules.items() if name.startswith("comfy.")}
     comfy = _module("comfy", __path__=[], **{name.split(".")[1]: m for name, m in comfy_modules.items()})
     return {"comfy": comfy, "folder_paths": folder_paths, "server": server, **top_level, **comfy_modules}
+
+
+def vae_standins(mm: types.ModuleType) -> dict[str, types.ModuleType]:
+    """What the VAE nodes use: memory / interrupt functions added to ``mm`` and ``comfy.sd.VAE``.
+
+    ``mm.free_memory`` is what ``get_free_memory`` reports (tests lower it to force tiling); setting
+    ``mm.interrupt_at`` to n makes the n-th ``throw_exception_if_processing_interrupted`` call raise.
+    ``comfy.sd.VAE`` keeps the real class's methods that our subclass does not override (0.3.64 code).
+    """
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_exception_if_processing_interrupted():
+        mm.interrupt_checks += 1
+        if mm.interrupt_at is not None and mm.interrupt_checks >= mm.interrupt_at:
+            raise InterruptProcessingException()
+
+    def vae_dtype(device=None, allowed_dtypes=[]):  # noqa: B006 (ComfyUI's signature)
+        return torch.float32  # CPU: neither fp16 nor bf16 is picked
+
+    mm.__dict__.update(
+        free_memory=64 << 30,
+        get_free_memory=lambda dev=None, torch_free_too=False: mm.free_memory,
+        soft_empty_cache=lambda force=False: None,
+        InterruptProcessingException=InterruptProcessingException,
+        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+        interrupt_at=None,
+        interrupt_checks=0,
+        OOM_EXCEPTION=torch.cuda.OutOfMemoryError,
+        vae_dtype=vae_dtype,
+    )
+
+    class VAE:
+        def throw_exception_if_invalid(self):
+            if self.first_stage_model is None:
+                raise RuntimeError("ERROR: VAE is invalid: None")
+
+        def get_sd(self):
+            return self.first_stage_model.state_dict()
+
+        def spacial_compression_decode(self):
+            try:
+                return self.upscale_ratio[-1]
+            except TypeError:
+                return self.upscale_ratio
+
+        def spacial_compression_encode(self):
+            try:
+                return self.downscale_ratio[-1]
+            except TypeError:
+                return self.downscale_ratio
+
+        def temporal_compression_decode(self):
+            try:
+                return round(self.upscale_ratio[0](8192) / 8192)
+            except TypeError:
+                return None
+
+    return {"comfy.sd": _module("comfy.sd", VAE=VAE)}
 
 
 def sampling_standins() -> types.SimpleNamespace:

@@ -135,25 +135,6 @@ def test_empty_latent_video_rejects_sizes_naming_the_nearest_valid(nodes, width,
     assert validate("V5", 672, 384, 49) is True
 
 
-def test_vae_decode_gives_image_frames_in_unit_range(nodes, tiny_folders):
-    name = install(nodes, tiny_folders, "V5.1")
-    handle = nodes.nodes.EasyAnimateVAELoader().load(name)[0]
-    latents = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
-    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": latents}, handle)
-    assert nodes.mm.loads == [[handle.patcher]]
-    assert image.shape == (9, 32, 48, 3)
-    assert 0 <= image.min() and image.max() <= 1
-    with torch.no_grad():
-        expected = ((handle.vae.decode(latents) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
-    torch.testing.assert_close(image, expected)
-
-
-def test_vae_decode_refuses_image_latents(nodes, tiny_folders):
-    handle = nodes.nodes.EasyAnimateVAELoader().load(install(nodes, tiny_folders, "V5.1"))[0]
-    with pytest.raises(ValueError, match=r"expected video latents \[B, 16, T, h, w\], got \[1, 4, 8, 8\]"):
-        nodes.nodes.EasyAnimateVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, handle)
-
-
 def test_flow_sigmas_are_the_core_v51_schedule(nodes):
     (sigmas,) = nodes.nodes.EasyAnimateFlowSigmas().get_sigmas(8, 1.0)
     torch.testing.assert_close(sigmas, flow_sigmas(8), rtol=0, atol=0)
