@@ -116,8 +116,18 @@ def load_image_encoder(
     """Load ``root/image_encoder`` (CLIP vision, safetensors only); files are checked before weights are read."""
     check_image_encoder_files(root)
     folder = Path(root) / FOLDER
-    model = transformers.CLIPVisionModel.from_pretrained(
-        folder, use_safetensors=True, local_files_only=True, **_dtype_kwargs(dtype)
-    )
+    # A released folder is a whole CLIP: transformers would print every unused text-tower key. Silence that
+    # report and check the one thing that matters here, that no vision weight is missing.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, report = transformers.CLIPVisionModel.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, output_loading_info=True, **_dtype_kwargs(dtype)
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(report.get("missing_keys", ()))
+    if missing:
+        raise ValueError(f"{folder}: the CLIP vision weights lack {len(missing)} tensor(s), e.g. {missing[:3]}")
     settings = _preprocessor_settings(folder, model.config.image_size)
     return ImageEncoder(_frozen(model, device), settings)

@@ -95,3 +95,14 @@ def test_bad_image_shape_is_refused(tmp_path):
     write_tiny_clip_image_encoder(tmp_path)
     with pytest.raises(ValueError, match=r"expected an image \[H, W, 3\]"):
         load_image_encoder(tmp_path).encode(torch.zeros(3, 32, 32))
+
+
+def test_missing_vision_weights_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_clip_image_encoder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    del state["vision_model.post_layernorm.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack 1 tensor\(s\), e.g. .*post_layernorm.weight"):
+        load_image_encoder(tmp_path)
