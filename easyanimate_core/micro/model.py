@@ -1,6 +1,6 @@
 """The micro model's architecture: EasyAnimate V5.1 at micro width and depth, and its text encoder.
 
-    VAE_CONFIG / vae_config()           mag VAE, blocks (16, 32, 48, 48): 8x spatial, 4x temporal, 16 latents
+    VAE_CONFIG / vae_config()           mag VAE, blocks (8, 16, 32, 32): 8x spatial, 4x temporal, 16 latents
     transformer_config(variant)         MMDiT, 6 dual-stream blocks of width 128 (4 heads x 32), Qwen-width text
     build_tokenizer()                   Qwen2 byte-level BPE whose merges make every caption word one token
     build_text_encoder(tokenizer, seed) a 2-layer, 64-wide Qwen2-VL, random and frozen (see MODEL_CARD.md)
@@ -33,13 +33,13 @@ VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "latent_channels": 16,
-    "block_out_channels": [16, 32, 48, 48],
+    "block_out_channels": [8, 16, 32, 32],
     "down_block_types": ["SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D"]
     + ["SpatialTemporalDownBlock3D"],
     "up_block_types": ["SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D"]
     + ["SpatialTemporalUpBlock3D"],
     "layers_per_block": 1,
-    "norm_num_groups": 8,
+    "norm_num_groups": 4,
     "act_fn": "silu",
     "spatial_group_norm": True,
     "scaling_factor": 1.0,  # replaced by 1 / std of the trained VAE's latents
@@ -202,11 +202,12 @@ def write_initial_checkpoint(root: str | Path, variant: str = "InP", seed: int =
     """
     root = Path(root)
     with atomic_dir(root) as tmp:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # each model from its own reseed: the VAE is the same for every variant
         config = transformer_config(variant)
         save_model_folder(
             tmp / "transformer", EasyAnimateTransformer3D(config).state_dict(), transformer_json(config), torch.float32
         )
+        torch.manual_seed(seed)
         save_model_folder(tmp / "vae", MagvitVAE(vae_config()).state_dict(), VAE_CONFIG, torch.float32)
         write_text_encoder(tmp)
     return root
@@ -217,3 +218,13 @@ def write_text_encoder(root: Path) -> None:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
     build_text_encoder(tokenizer).save_pretrained(root / "text_encoder", safe_serialization=True)
+
+
+def inpaint_from_text_to_video(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An InP transformer's weights from a T2V one: the patch projection gains zero weights for the 17
+    inpaint channels (mask + masked-video latents), so the InP model starts out computing exactly the T2V
+    model and training only has to learn to use the new inputs."""
+    weight = state_dict["proj.weight"]  # [D, 16, p, p]
+    extra = VARIANT_IN_CHANNELS["V5.1"]["InP"] - weight.shape[1]
+    zeros = torch.zeros(weight.shape[0], extra, *weight.shape[2:], dtype=weight.dtype)
+    return {**state_dict, "proj.weight": torch.cat([weight, zeros], dim=1)}
