@@ -10,7 +10,6 @@ Control model is checked when it sees the conditioning (``native_model.condition
 from __future__ import annotations
 
 import comfy.model_management as mm
-import comfy.utils
 import node_helpers
 import torch
 import torch.nn.functional as F
@@ -28,20 +27,11 @@ from easyanimate_core.vae import MagvitVAE
 
 from .common import CATEGORY
 from .latents import empty_video_latent, video_size_error
+from .vae_nodes import easyanimate_vae
 
 # The augmentation noise on kept pixels (sigma 0.0563) is drawn from this fixed seed so that a node's output
 # depends on its inputs only (ComfyUI caches node outputs by their inputs).
 AUG_NOISE_SEED = 0
-
-
-def easyanimate_vae(vae) -> MagvitVAE:
-    """The core MagvitVAE inside a VAE input, or a clear error for any other VAE."""
-    core = getattr(vae, "first_stage_model", None)
-    if not isinstance(core, MagvitVAE):
-        core = getattr(vae, "vae", None)  # the pack's VAE handle before it became ComfyUI's VAE type
-    if not isinstance(core, MagvitVAE):
-        raise ValueError("this VAE is not an EasyAnimate VAE; load it with EasyAnimate VAE Loader")
-    return core
 
 
 def _common_inputs(video_tooltip: str | None = None) -> dict:
@@ -50,8 +40,7 @@ def _common_inputs(video_tooltip: str | None = None) -> dict:
     inputs = {
         "positive": ("CONDITIONING", {"tooltip": "The prompt (EasyAnimate Text Encode)."}),
         "negative": ("CONDITIONING", {"tooltip": "The negative prompt (EasyAnimate Text Encode)."}),
-        # Both while the pack's VAE loader moves from its own type to ComfyUI's VAE.
-        "vae": ("VAE,EASYANIMATE_VAE", {"tooltip": "The EasyAnimate VAE (EasyAnimate VAE Loader)."}),
+        "vae": ("VAE", {"tooltip": "The EasyAnimate VAE (EasyAnimate VAE Loader)."}),
     }
     if video_tooltip:
         inputs["video"] = ("IMAGE", {"tooltip": video_tooltip})
@@ -89,9 +78,11 @@ def _check_frames(video: torch.Tensor, frames: int, what: str) -> None:
         raise ValueError(f"the {what} has {video.shape[0]} frames but frames is {frames}: set frames to {fit} or less")
 
 
-def _load(vae) -> torch.device:
-    """Put the VAE on its compute device (as ComfyUI's VAE.encode does) and return that device."""
-    mm.load_models_gpu([vae.patcher])
+def _load(vae, size: VideoSize) -> torch.device:
+    """Put the VAE on its compute device for encoding a video of ``size`` (as its encode does); return the device."""
+    shape = (1, 3, size.frames, size.height, size.width)
+    memory = vae.memory_used_encode(shape, vae.vae_dtype)
+    mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
     return vae.patcher.load_device
 
 
@@ -168,7 +159,7 @@ class EasyAnimateImageToVideo:
             None if end_image is None else end_image[-1, ..., :3],
             size,
         )
-        device = _load(vae)
+        device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
             inpaint = inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, noise_aug_strength, device)
@@ -206,17 +197,16 @@ class EasyAnimateVideoToVideo:
         _check_frames(video, frames, "video")
         core = easyanimate_vae(vae)
         size = _checked_size(core, width, height, frames)
-        pixels = to_model_pixels(video[:frames, ..., :3], size)  # RGB (an alpha channel is dropped)
-        device = _load(vae)
-        bar = comfy.utils.ProgressBar(1)
-        with torch.no_grad():
-            mean, _ = core.encode(pixels.to(device), progress=lambda done, total: bar.update_absolute(done, total))
+        pixels = to_model_pixels(video[:frames, ..., :3], size)  # RGB (an alpha channel is dropped), [-1, 1]
+        with torch.no_grad():  # the VAE's own encode: chunks and tiles planned from free memory, OOM retry, progress
+            mean = vae.encode_video((pixels + 1) / 2)
         # The official video-to-video path (no mask) regenerates every pixel: all-zero inpaint latents on an InP
         # model, which the MODEL feeds by itself; nothing is attached then.
         latent = {"samples": mean.float().repeat(batch_size, 1, 1, 1, 1).to(mm.intermediate_device())}
         if mask is None:
             return (positive, negative, latent)
         generate = _video_mask(mask, size)
+        device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
             inpaint = inpaint_latents(
@@ -268,7 +258,7 @@ class EasyAnimateControlVideo:
         # Without a reference image only the control latents are attached; a V5.1 Control model appends the
         # all-zero reference it then reads (native_model.fit_control_latents), a V5 one takes them as they are.
         channels = core.config.latent_channels * (1 if ref_image is None else 2)
-        device = _load(vae)
+        device = _load(vae, size)
         with torch.no_grad():
             control = control_latents(
                 core,

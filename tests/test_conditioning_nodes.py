@@ -44,7 +44,7 @@ def load_vae(nodes, tiny_folders, version="V5.1"):
 
 
 def core_vae(vae):
-    return vae.first_stage_model if hasattr(vae, "first_stage_model") else vae.vae
+    return vae.first_stage_model
 
 
 def test_nodes_are_registered_with_three_outputs(nodes):
@@ -52,7 +52,7 @@ def test_nodes_are_registered_with_three_outputs(nodes):
         cls = nodes.package.NODE_CLASS_MAPPINGS[name]
         assert cls.RETURN_TYPES == ("CONDITIONING", "CONDITIONING", "LATENT")
         required = cls.INPUT_TYPES()["required"]
-        assert "VAE" in required["vae"][0].split(",") and all(spec[1].get("tooltip") for spec in required.values())
+        assert required["vae"][0] == "VAE" and all(spec[1].get("tooltip") for spec in required.values())
 
 
 @pytest.mark.parametrize("node", ["EasyAnimateImageToVideo", "EasyAnimateVideoToVideo", "EasyAnimateControlVideo"])
@@ -102,7 +102,8 @@ def test_video_to_video_latent_is_the_raw_vae_mean_and_nothing_is_attached(nodes
     with torch.no_grad():
         mean, _ = core_vae(vae).encode(to_model_pixels(video[:F], SIZE))
     assert latent["samples"].shape == (2, 16, 2, 2, 4)
-    torch.testing.assert_close(latent["samples"], mean.repeat(2, 1, 1, 1, 1), rtol=0, atol=0)
+    # Through the VAE's own encode ([0, 1] in, so [-1, 1] pixels round-trip once): float32 rounding only.
+    torch.testing.assert_close(latent["samples"], mean.repeat(2, 1, 1, 1, 1), rtol=0, atol=1e-6)
     # The official path regenerates every pixel: zero inpaint latents, which the MODEL feeds by itself.
     assert pos is positive and neg is positive
 
