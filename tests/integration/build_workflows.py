@@ -50,7 +50,7 @@ BUILD = f"""async (spec) => {{
     const i = b.inputs.findIndex((s) => s.name === input);
     if (o < 0) throw new Error(`${{a.type}} has no output ${{output}}: ${{a.outputs.map((s) => s.name)}}`);
     if (i < 0) throw new Error(`${{b.type}} has no input ${{input}}: ${{b.inputs.map((s) => s.name)}}`);
-    a.connect(o, b, i);
+    if (!a.connect(o, b, i)) throw new Error(`cannot link ${{a.type}}.${{output}} to ${{b.type}}.${{input}}`);
   }}
   // Columns left to right, each stacked top to bottom with the nodes' own sizes.
   let x = 40;

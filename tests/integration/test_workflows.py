@@ -10,10 +10,14 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from comfy_harness import PACK_DIR_NAME, REPO_ROOT
 from frontend import APP
+from safetensors.torch import save_file
 from workflow_specs import TINY_STAND_INS, WORKFLOWS
 
+from easyanimate_core.loading import load_transformer
+from easyanimate_core.lora import kohya_name
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -54,9 +58,24 @@ def test_template_browser_lists_the_workflows(comfy_server):
     assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOW_FILES)
 
 
-def small_prompt(output: dict, tiny: dict, input_dir: Path) -> dict:
-    """The converted prompt with tiny model folders, small sizes and steps, and its input images written."""
+def write_tiny_lora(path: Path, checkpoint: Path) -> None:
+    """An official-layout LoRA on a few Linear layers of the tiny transformer at ``checkpoint``."""
+    transformer = load_transformer(checkpoint)
+    linears = [name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)][:4]
+    g, tensors = torch.Generator().manual_seed(0), {}
+    for name in linears:
+        weight = transformer.get_submodule(name).weight
+        tensors[kohya_name(name) + ".lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g) * 0.1
+        tensors[kohya_name(name) + ".lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g) * 0.1
+        tensors[kohya_name(name) + ".alpha"] = torch.tensor(4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def small_prompt(output: dict, tiny: dict, base_dir: Path) -> dict:
+    """The converted prompt with tiny model folders, small sizes and steps, and the files it reads written."""
     rng = np.random.default_rng(0)
+    models = base_dir / "models"
     for node in output.values():
         inputs = node["inputs"]
         for name, value in list(inputs.items()):
@@ -66,9 +85,17 @@ def small_prompt(output: dict, tiny: dict, input_dir: Path) -> dict:
                 inputs[name] = tiny[value]
             elif name in SMALL:
                 inputs[name] = SMALL[name]
-        if node["class_type"] == "LoadImage":
+    for node in output.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadImage":
             image = (rng.random((SMALL["height"], SMALL["width"], 3)) * 255).astype(np.uint8)
-            iio.imwrite(input_dir / inputs["image"], image)
+            iio.imwrite(base_dir / "input" / inputs["image"], image)
+        elif kind == "LoadVideo":
+            video = (rng.random((SMALL["frames"] + 3, SMALL["height"], SMALL["width"], 3)) * 255).astype(np.uint8)
+            iio.imwrite(base_dir / "input" / inputs["file"], video, extension=".mp4", fps=8)
+        elif kind == "EasyAnimateLoraLoader":
+            model_folder = next(n["inputs"]["model_folder"] for n in output.values() if "model_folder" in n["inputs"])
+            write_tiny_lora(models / "loras" / inputs["lora_name"], models / "EasyAnimate" / model_folder)
     return output
 
 
@@ -78,7 +105,7 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
     result = page.evaluate(LOAD, workflow)
     assert result["missing"] == [], result["missing"]
     assert "Missing" not in result["dialog"], result["dialog"]
-    prompt = small_prompt(result["output"], tiny_models, comfy_server.base_dir / "input")
+    prompt = small_prompt(result["output"], tiny_models, comfy_server.base_dir)
     entry = comfy_server.run_prompt(prompt, timeout=600)
     videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
     assert len(videos) == 1, entry["outputs"]

@@ -90,9 +90,106 @@ def text_to_video_nodes(model: str, prompt: str) -> tuple[list[Node], list[tuple
     return nodes, links
 
 
+def sampler_node(denoise: float = 1.0) -> Node:
+    """The one-node EasyAnimate sampler with the version's released settings ("default")."""
+    widgets = {"seed": 43, "control_after_generate": "fixed", "steps": 50, "cfg": 6.0, "denoise": denoise}
+    return Node("sampler", "EasyAnimateSampler", {**widgets, "sampler_name": "default", "scheduler": "default"}, 3)
+
+
+def conditioned_nodes(model: str, prompt: str, conditioning: Node, inputs: list[Node], denoise: float = 1.0):
+    """Loaders and prompts, a conditioning node fed by ``inputs``, our sampler, decode and save."""
+    nodes = [
+        Node("model", "EasyAnimateModelLoader", {"model_folder": model, "weight_dtype": "default"}, 0),
+        Node("text_encoder", "EasyAnimateTextEncoderLoader", {"model_folder": model}, 0),
+        Node("vae", "EasyAnimateVAELoader", {"model_folder": model}, 0),
+        *inputs,
+        Node("positive", "EasyAnimateTextEncode", {"text": prompt}, 1, "Positive prompt"),
+        Node("negative", "EasyAnimateTextEncode", {"text": NEGATIVE}, 1, "Negative prompt"),
+        conditioning,
+        sampler_node(denoise),
+        Node("decode", "EasyAnimateVAEDecode", {}, 4),
+        Node("create", "CreateVideo", {"fps": 8.0}, 4),
+        Node("save", "SaveVideo", {"filename_prefix": "video/EasyAnimate"}, 5),
+    ]
+    links = [
+        ("text_encoder", "text_encoder", "positive", "text_encoder"),
+        ("text_encoder", "text_encoder", "negative", "text_encoder"),
+        ("positive", "CONDITIONING", conditioning.key, "positive"),
+        ("negative", "CONDITIONING", conditioning.key, "negative"),
+        ("vae", "vae", conditioning.key, "vae"),
+        ("model", "model", "sampler", "model"),
+        (conditioning.key, "positive", "sampler", "positive"),
+        (conditioning.key, "negative", "sampler", "negative"),
+        (conditioning.key, "latent", "sampler", "latent"),
+        ("sampler", "LATENT", "decode", "samples"),
+        ("vae", "vae", "decode", "vae"),
+        ("decode", "IMAGE", "create", "images"),
+        ("create", "VIDEO", "save", "video"),
+    ]
+    return nodes, links
+
+
+SIZE = {"width": 672, "height": 384, "frames": 49, "batch_size": 1}
+
+
 def t2v() -> Workflow:
     nodes, links = text_to_video_nodes(V51_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
     return Workflow("easyanimate_v51_t2v", "EasyAnimate V5.1: text to video", nodes, links)
 
 
-WORKFLOWS = [t2v]
+def i2v() -> Workflow:
+    """Start and end images (stock LoadImage) on an InP model."""
+    conditioning = Node("i2v", "EasyAnimateImageToVideo", {**SIZE, "noise_aug_strength": 0.0563}, 2)
+    inputs = [
+        Node("start", "LoadImage", {"image": "easyanimate_start.png"}, 1, "Start image"),
+        Node("end", "LoadImage", {"image": "easyanimate_end.png"}, 1, "End image"),
+    ]
+    prompt = "A dog running across a meadow towards the camera, sunny day"
+    nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs)
+    links += [("start", "IMAGE", "i2v", "start_image"), ("end", "IMAGE", "i2v", "end_image")]
+    return Workflow("easyanimate_v51_i2v", "EasyAnimate V5.1: image to video (start and end image)", nodes, links)
+
+
+def v2v() -> Workflow:
+    """A source video (stock LoadVideo + GetVideoComponents) re-noised and denoised at strength 0.7."""
+    conditioning = Node("v2v", "EasyAnimateVideoToVideo", SIZE, 2)
+    inputs = [
+        Node("load", "LoadVideo", {"file": "easyanimate_source.mp4"}, 1, "Source video"),
+        Node("frames", "GetVideoComponents", {}, 1),
+    ]
+    prompt = "A cat walking in the snow, cinematic lighting"
+    nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs, denoise=0.7)
+    links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
+    return Workflow("easyanimate_v51_v2v", "EasyAnimate V5.1: video to video (strength 0.7)", nodes, links)
+
+
+def control() -> Workflow:
+    """A control video (e.g. pose, depth or canny frames) and a reference image on a Control model."""
+    conditioning = Node("control", "EasyAnimateControlVideo", SIZE, 2)
+    inputs = [
+        Node("load", "LoadVideo", {"file": "easyanimate_control.mp4"}, 1, "Control video (pose / depth / canny)"),
+        Node("frames", "GetVideoComponents", {}, 1),
+        Node("reference", "LoadImage", {"image": "easyanimate_reference.png"}, 1, "Reference image"),
+    ]
+    prompt = "A person dancing in a studio, soft light"
+    nodes, links = conditioned_nodes(V51_CONTROL, prompt, conditioning, inputs)
+    links += [
+        ("load", "VIDEO", "frames", "video"),
+        ("frames", "images", "control", "video"),
+        ("reference", "IMAGE", "control", "ref_image"),
+    ]
+    return Workflow("easyanimate_v51_control", "EasyAnimate V5.1: control video with a reference image", nodes, links)
+
+
+def lora() -> Workflow:
+    """Text to video with a LoRA (official, peft or diffusers layout) from models/loras/."""
+    nodes, links = text_to_video_nodes(V51_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
+    nodes.insert(
+        1, Node("lora", "EasyAnimateLoraLoader", {"lora_name": "easyanimate_style.safetensors", "strength": 1.0}, 0)
+    )
+    links = [link for link in links if link[:2] != ("model", "model")]
+    links += [("model", "model", "lora", "model"), ("lora", "MODEL", "sampler", "model")]
+    return Workflow("easyanimate_v51_lora", "EasyAnimate V5.1: text to video with a LoRA", nodes, links)
+
+
+WORKFLOWS = [t2v, i2v, v2v, control, lora]
