@@ -318,7 +318,8 @@ def _memory_inputs(chunk_unit: str, chunk_step: int) -> dict:
                 "min": 0,
                 "max": 1024,
                 "step": 8,
-                "tooltip": "Overlap of neighbouring tiles in pixels (at most a quarter tile), blended linearly.",
+                "tooltip": "Overlap of neighbouring tiles in pixels (at most a quarter tile), blended linearly; "
+                "automatic tiles overlap by a quarter tile.",
             },
         ),
     }

@@ -135,6 +135,11 @@ def test_stock_vae_methods_equal_the_node(nodes, tiny_folders):
     pixels = node  # [5, 48, 48, 3]
     (encoded,) = nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae)
     torch.testing.assert_close(vae.encode(pixels), encoded["samples"], rtol=0, atol=0)
+    # VAEEncodeTiled passes pixels and frames: 32 px tiles, 8 px overlap, 8 frames -> 4 / 1 latent pixels, chunk 8.
+    (tiled_encoded,) = nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae, 8, 32, 8)
+    stock_tiled = vae.encode_tiled(pixels, tile_x=32, tile_y=32, overlap=8, tile_t=8, overlap_t=4)
+    torch.testing.assert_close(stock_tiled, tiled_encoded["samples"], rtol=0, atol=0)
+    assert not torch.equal(stock_tiled, encoded["samples"])  # it did tile
 
 
 def test_auto_tiles_when_free_memory_is_short(nodes, tiny_folders, monkeypatch):
