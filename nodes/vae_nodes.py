@@ -72,9 +72,9 @@ def _on_retry(what: str):
     return log_and_free
 
 
-def _progress(bar_total: int = 1):
+def _progress():
     """A ``progress(done, total)`` callback: interrupt check between chunks and a ComfyUI progress bar."""
-    bar = comfy.utils.ProgressBar(bar_total)
+    bar = comfy.utils.ProgressBar(1)  # the total is set by the first update
 
     def progress(done: int, total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
@@ -86,11 +86,10 @@ def _progress(bar_total: int = 1):
 class EasyAnimateVAE(comfy.sd.VAE):
     """ComfyUI's VAE type over our MagViT VAE; LATENT holds raw VAE-space latents [B, 16, T, h, w]."""
 
-    def __init__(self, vae: MagvitVAE, source: Path, device=None, dtype=None):
+    def __init__(self, vae: MagvitVAE, device=None, dtype=None):
         # The attributes comfy.sd.VAE.__init__ sets, with the values of a Wan-2.1-like causal 3-D VAE.
         cfg = vae.config
         s, tc = cfg.spatial_compression, cfg.temporal_compression
-        self.source = source
         self.memory_used_encode = lambda shape, dtype: encode_memory(cfg, shape, dtype)
         self.memory_used_decode = lambda shape, dtype: decode_memory(cfg, shape, dtype)
         self.downscale_ratio = (lambda frames: vae.latent_frames(frames) if frames > 0 else 0, s, s)
@@ -282,7 +281,7 @@ class EasyAnimateVAELoader:
         core = load_vae(path, dtype=dtype, device=mm.vae_offload_device(), operations=comfy.ops.disable_weight_init)
         if core.config.latent_channels == EasyAnimateLatentFormat.latent_channels:
             EasyAnimateLatentFormat.recent_vae = path  # preview colours for models loaded without a vae/ folder
-        return (EasyAnimateVAE(core, path, device=device, dtype=dtype),)
+        return (EasyAnimateVAE(core, device=device, dtype=dtype),)
 
 
 # ---- decode / encode nodes -------------------------------------------------------------------------
