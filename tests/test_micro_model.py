@@ -74,8 +74,8 @@ def test_vae_training_path_equals_encode_and_decode(micro_root):
 
 def _vae_args(micro_root, output, steps):
     return SimpleNamespace(
-        model=micro_root, output=output, steps=steps, batch=1, frames=1, lr=1e-3, warmup=2, seed=0,
-        checkpoint_every=100, minutes=0,
+        model=micro_root, output=output, steps=steps, batch=1, frames=1, crop=32, full_from=3, full_batch=1,
+        full_frames=1, lr=1e-3, warmup=2, seed=0, checkpoint_every=100, minutes=0,
     )  # fmt: skip
 
 
