@@ -915,11 +915,11 @@ class MagvitVAE(nn.Module):
 # Measured on CPU in float32 by bench/bench_vae_memory.py (RSS high-water mark above the loaded weights):
 # * decode, frame by frame: 337k-415k elements per latent pixel of a tile (64-192 px frames; the
 #   conv caches plus one high-resolution frame), the same for 2 or 4 latents and chunks of 1 or 3:
-#   the length and the chunk do not change the peak. We count 400k (-3%..+19% of the measurements)
+#   the length and the chunk do not change the peak. We count 400k (-2%..+21% of the measurements)
 #   plus, per latent of a chunk, the chunk-wide low-resolution stages (conv_in and the 512-channel mid
 #   block, a few thousand elements: below the measurement's noise, bounded from the layer widths).
 # * encode (chunks of frames through every stage): 4000 per pixel of a tile (conv caches) plus 400 per
-#   pixel and frame of a chunk; -9%..+21% of the measurements at 64-128 px, chunks of 4 and 8.
+#   pixel and frame of a chunk; -9%..+22% of the measurements at 64-128 px, chunks of 4 and 8.
 DECODE_PER_LATENT_PIXEL = 400_000
 DECODE_PER_CHUNK_LATENT_PIXEL = 8_192
 ENCODE_PER_PIXEL = 4_000
