@@ -6,6 +6,8 @@ own copy, so widget snapping can never disagree with the validation in the nodes
 
 from __future__ import annotations
 
+import sys
+
 from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51, VAEConfig
 
 RULES_ROUTE = "/easyanimate/video_rules"
@@ -41,10 +43,18 @@ def video_rules() -> dict[str, dict[str, int]]:
 
 
 def register_routes() -> None:
-    """Add the rules route to ComfyUI's server (also served under /api by ComfyUI)."""
-    from server import PromptServer
+    """Add the rules route to ComfyUI's running server (also served under /api by ComfyUI).
 
-    @PromptServer.instance.routes.get(RULES_ROUTE)
+    Only when a server exists: main.py imports ``server`` and creates the instance before loading custom nodes.
+    A script that imports the pack without a server (tests, tools) must not import ``server`` itself: that import
+    assumes main.py's start-up and can break ComfyUI's ``utils`` package for the rest of the process.
+    """
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return
+
+    @instance.routes.get(RULES_ROUTE)
     async def get_video_rules(request):
         from aiohttp import web
 
