@@ -21,13 +21,7 @@ sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's com
 sys.path[:0] = [COMFYUI_PATH]
 import comfy.options
 comfy.options.enable_args_parsing()
-import types
 import torch
-# No server runs in this script: the pack's route registration gets a stand-in route table instead of
-# ComfyUI's server module (whose import outside main.py picks up comfy/utils.py as "utils").
-routes = types.SimpleNamespace(get=lambda path, **kw: (lambda handler: handler))
-instance = types.SimpleNamespace(routes=routes)
-sys.modules["server"] = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=instance))
 sys.path.insert(0, REPO)
 from tests.tiny_checkpoint import write_tiny_checkpoint
 sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
