@@ -41,7 +41,7 @@ from easyanimate_core.micro import data, model, train_vae  # noqa: E402
 
 STAGES = ("init", "vae", "data", "t2v", "inp", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
-VAE = {"steps": 4000, "batch": 4, "frames": 5, "crop": 32, "full-from": 3600, "full-batch": 2, "full-frames": 9}
+VAE = {"steps": 8000, "batch": 4, "frames": 5, "crop": 32, "full-from": 7200, "full-batch": 2, "full-frames": 9}
 # Shared by both transformer runs (the InP run starts from the T2V weights).
 TRANSFORMER = [
     "--resolutions", "64", "--frames", "17", "--stride", "1", "--batch-size", "16", "--lr-scheduler", "constant",

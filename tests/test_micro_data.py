@@ -107,3 +107,17 @@ def test_scorers_take_float_tensors():
     assert scoring.score(frames, clip.attributes)["direction_ok"]
     with pytest.raises(ValueError, match=r"expected frames \[F, H, W, 3\]"):
         scoring.analyse(frames[0])
+
+
+def test_eval_cases_spread_over_held_out_prompts_with_distinct_seeds():
+    from easyanimate_core.micro.evaluate import eval_cases, start_image
+
+    held = data.held_out_attributes()
+    few = eval_cases(held, 8, first_seed=100)
+    assert len(few) == 8 and len({c.attributes for c in few}) == 8 and [c.seed for c in few] == list(range(100, 108))
+    many = eval_cases(held, len(held) + 4)
+    assert [c.attributes for c in many[: len(held)]] == held and many[len(held)].attributes == held[0]
+    image = start_image(few[0])
+    assert image.shape == (data.SIZE, data.SIZE, 3) and torch.equal(image, start_image(few[0]))
+    # A first frame of the asked-for attributes, from a seed far from the training data's.
+    assert scoring.analyse(image[None].repeat(2, 1, 1, 1)).colour == few[0].attributes.colour
