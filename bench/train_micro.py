@@ -11,7 +11,8 @@ Stages (each is skipped when its output exists, so the script continues where a 
     t2v    easyanimate train --mode full on the T2V transformer (latents cached once)
     inp    the trained T2V transformer widened to InP (zero weights on the 17 inpaint channels), then
            easyanimate train --mode full in inpaint mode (text-, image-, start/end-to-video masks)
-    ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer
+    lora   easyanimate train --mode lora on the InP model: clips of a colour no base caption names (cyan)
+    ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
     eval   bench/eval_micro.py on held-out prompts (JSON next to the work folder's outputs)
 
 Both trainers resume exactly (a batch, its noise and timesteps depend only on the seed and the step), so
@@ -39,18 +40,36 @@ import torch  # noqa: E402
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import data, model, train_vae  # noqa: E402
 
-STAGES = ("init", "vae", "data", "t2v", "inp", "ship", "eval")
+STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
-VAE = {"steps": 8000, "batch": 4, "frames": 5, "crop": 32, "full-from": 7200, "full-batch": 2, "full-frames": 9}
+# Whole 64 x 64 clips of 9 frames (frame 0 alone, then one 8-frame chunk: both causal modes), rendered ahead
+# by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
+VAE = {
+    "steps": 6000, "batch": 16, "frames": 9, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
+    "workers": 8, "checkpoint-every": 500,
+}  # fmt: skip
 # Shared by both transformer runs (the InP run starts from the T2V weights).
 TRANSFORMER = [
-    "--resolutions", "64", "--frames", "17", "--stride", "1", "--batch-size", "16", "--lr-scheduler", "constant",
+    "--resolutions", "64", "--frames", "17", "--stride", "1", "--batch-size", "32", "--lr-scheduler", "constant",
     "--warmup-steps", "100", "--weight-decay", "0", "--max-grad-norm", "1.0", "--caption-dropout", "0.1",
-    "--dtype", "fp32", "--checkpoint-every", "25", "--keep-checkpoints", "2",
+    "--dtype", "fp32", "--checkpoint-every", "250", "--keep-checkpoints", "2",
 ]  # fmt: skip
-T2V = {"steps": 3000, "lr": "3e-4"}
-INP = {"steps": 1000, "lr": "1e-4"}
+# Constant rates after warm-up: a run extended to more steps equals one trained to that many from the start.
+T2V = {"steps": 6000, "lr": "3e-4"}
+INP = {"steps": 3000, "lr": "1e-4"}
 SHIP = REPO / "easyanimate_core" / "micro_model"
+LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
+LORA_NAME = f"micro_{LORA_CONCEPT}"
+LORA_PER_COMBINATION = 2  # 96 cyan combinations -> 192 clips
+LORA = {"steps": 800, "lr": "1e-3", "rank": 16}
+# --smoke: every stage at a few steps on a few clips, to check a machine runs the recipe (minutes, not hours).
+SMOKE = {
+    "vae": {**VAE, "steps": 4, "batch": 2, "workers": 2, "checkpoint-every": 2, "warmup": 2},
+    "clips": 12,
+    "t2v": {"steps": 3, "lr": T2V["lr"]},
+    "inp": {"steps": 3, "lr": INP["lr"]},
+    "batch": "2",
+}
 
 
 class OutOfTime(Exception):
@@ -65,6 +84,16 @@ class Recipe:
         self.work = Path(args.work).resolve()
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        self.vae_settings, self.t2v_settings, self.inp_settings = VAE, T2V, INP
+        self.transformer_args = list(TRANSFORMER)
+        if args.smoke:
+            self.vae_settings, self.t2v_settings, self.inp_settings = SMOKE["vae"], SMOKE["t2v"], SMOKE["inp"]
+            batch = self.transformer_args.index("--batch-size") + 1
+            self.transformer_args[batch] = SMOKE["batch"]
+
+    def training_attributes(self) -> list[data.Attributes]:
+        attributes = data.training_attributes()
+        return attributes[:: len(attributes) // SMOKE["clips"]] if self.args.smoke else attributes
 
     def minutes_left(self) -> float:
         if self.deadline is None:
@@ -85,19 +114,23 @@ class Recipe:
         if (run / "vae").is_dir():
             return
         argv = ["--model", str(self.work / "init"), "--output", str(run), "--seed", str(self.args.seed)]
-        argv += ["--threads", str(self.args.threads)] + [f"--{k}={v}" for k, v in VAE.items()]
+        argv += ["--threads", str(self.args.threads)] + [f"--{k}={v}" for k, v in self.vae_settings.items()]
         limit = self.minutes_left()
         if limit:
             argv += ["--minutes", f"{limit - 0.5:.1f}"]
         train_vae.main(argv)
         state = json.loads((run / "state" / "state.json").read_text())
-        if state["step"] < VAE["steps"]:
+        if state["step"] < self.vae_settings["steps"]:
             raise OutOfTime
         train_vae.finish(self.work / "init", run)
+        clips = 2 if self.args.smoke else 32
+        print("VAE reconstructions:", json.dumps(train_vae.reconstruction_scores(run / "vae", clips)), flush=True)
 
     def data(self) -> None:
         if not (self.work / "data" / "metadata.json").is_file():
-            data.write_dataset(self.work / "data", data.training_attributes(), PER_COMBINATION, seed=self.args.seed)
+            data.write_dataset(
+                self.work / "data", self.training_attributes(), PER_COMBINATION, seed=self.args.seed, video_format="png"
+            )
 
     def base(self, name: str, transformer_state: dict | None, config: dict | None) -> Path:
         """A model folder ``name``: init's text encoder and tokenizer, the trained VAE, and a transformer."""
@@ -114,13 +147,15 @@ class Recipe:
                 model.save_model_folder(tmp / "transformer", transformer_state, config, torch.float32)
         return root
 
-    def train_transformer(self, name: str, base: Path, settings: dict) -> Path:
-        """Run ``easyanimate train --mode full`` into work/<name>, resuming; returns its transformer/ folder."""
+    def train_transformer(self, name: str, base: Path, settings: dict, data_name: str = "data", extra=()) -> Path:
+        """Run ``easyanimate train`` (``--mode full`` unless ``extra`` says otherwise) into work/<name>,
+        resuming; returns the run folder."""
         output = self.work / name
-        if (output / "transformer").is_dir():
-            return output / "transformer"
+        if (output / "done").is_file():
+            return output
         argv = [sys.executable, "-m", "easyanimate_core.cli", "train", "--mode", "full", "--model", str(base)]
-        argv += ["--data", str(self.work / "data" / "metadata.json"), "--output", str(output), *TRANSFORMER]
+        argv += ["--data", str(self.work / data_name / "metadata.json"), "--output", str(output)]
+        argv += [*self.transformer_args, *extra]
         argv += ["--max-steps", str(settings["steps"]), "--lr", settings["lr"], "--seed", str(self.args.seed)]
         argv += ["--cache-dir", str(self.work / "cache" / name), "--cache-latents"]
         if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
@@ -136,10 +171,11 @@ class Recipe:
             raise OutOfTime from None
         if code != 0:
             raise SystemExit(f"easyanimate train failed with exit code {code}")
-        return output / "transformer"
+        (output / "done").write_text("")
+        return output
 
     def t2v(self) -> None:
-        self.train_transformer("t2v_run", self.base("base_t2v", None, None), T2V)
+        self.train_transformer("t2v_run", self.base("base_t2v", None, None), self.t2v_settings)
 
     def inp(self) -> None:
         from safetensors.torch import load_file
@@ -147,7 +183,25 @@ class Recipe:
         t2v = self.work / "t2v_run" / "transformer"
         state = model.inpaint_from_text_to_video(load_file(t2v / model.WEIGHTS_NAME))
         config = model.transformer_json(model.transformer_config("InP"))
-        self.train_transformer("inp_run", self.base("base_inp", state, config), INP)
+        self.train_transformer("inp_run", self.base("base_inp", state, config), self.inp_settings)
+
+    def lora(self) -> None:
+        """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""
+        from safetensors.torch import load_file
+
+        if not (self.work / "data_lora" / "metadata.json").is_file():
+            attributes = data.all_attributes([LORA_CONCEPT])
+            if self.args.smoke:
+                attributes = attributes[:: len(attributes) // SMOKE["clips"]]
+            data.write_dataset(
+                self.work / "data_lora", attributes, LORA_PER_COMBINATION, seed=self.args.seed, video_format="png"
+            )
+        trained = self.work / "inp_run" / "transformer"
+        config = json.loads((trained / "config.json").read_text())
+        base = self.base("base_lora", load_file(trained / model.WEIGHTS_NAME), config)
+        settings = {**LORA, "steps": SMOKE["t2v"]["steps"]} if self.args.smoke else LORA
+        extra = ["--mode", "lora", "--rank", str(LORA["rank"]), "--alpha", str(LORA["rank"]), "--name", LORA_NAME]
+        self.train_transformer("lora_run", base, settings, "data_lora", extra)
 
     def ship(self) -> None:
         from safetensors.torch import load_file
@@ -160,13 +214,18 @@ class Recipe:
         config = json.loads((trained / "config.json").read_text())
         with atomic_dir(target / "transformer") as tmp:
             model.save_model_folder(tmp, load_file(trained / model.WEIGHTS_NAME), config, torch.float16)
+        (target / "loras").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.work / "lora_run" / f"{LORA_NAME}.safetensors", target / "loras" / f"{LORA_NAME}.safetensors")
         print(f"shipped {target}")
 
     def eval(self) -> None:
         sys.path.insert(0, str(REPO / "bench"))
         from eval_micro import main as eval_main
 
-        eval_main(["--model", self.args.ship_to, "--json", str(self.work / "eval.json")])
+        argv = ["--model", self.args.ship_to, "--json", str(self.work / "eval.json")]
+        lora = Path(self.args.ship_to) / "loras" / f"{LORA_NAME}.safetensors"
+        argv += ["--lora", str(lora), "--concept", LORA_CONCEPT]
+        eval_main(argv + (["--samples", "2", "--steps", "2"] if self.args.smoke else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=0, help="stop after about this long; run again to continue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ship-to", default=str(SHIP))
+    p.add_argument("--smoke", action="store_true", help="every stage at a few steps: check this machine runs it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(args)

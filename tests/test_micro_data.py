@@ -58,9 +58,10 @@ def test_scorers_get_rendered_videos_right(seed):
     }
 
 
-def test_scorers_get_the_written_mp4_right(tmp_path):
+@pytest.mark.parametrize("video_format", ["mp4", "png"])
+def test_scorers_get_the_written_videos_right(tmp_path, video_format):
     attributes = _spread(data.training_attributes(), 12)
-    json_path = data.write_dataset(tmp_path, attributes, per_combination=1, seed=5)
+    json_path = data.write_dataset(tmp_path, attributes, per_combination=1, seed=5, video_format=video_format)
     entries = json.loads(json_path.read_text())
     samples = load_dataset(json_path, log=lambda _: None)  # the trainer's own checks accept it
     assert [s.text for s in samples] == [a.caption for a in attributes]

@@ -68,14 +68,17 @@ def test_vae_training_path_equals_encode_and_decode(micro_root):
     with torch.no_grad():
         mean, logvar = train_vae.posterior(vae, video)
         ref_mean, ref_logvar = vae.encode(video)
-        assert torch.equal(mean, ref_mean) and torch.equal(logvar, ref_logvar)
+        # Same layers and chunking; only the convolution algorithm may differ with the input's length.
+        torch.testing.assert_close(mean, ref_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logvar, ref_logvar, atol=1e-5, rtol=0)
         torch.testing.assert_close(train_vae.reconstruct(vae, mean), vae.decode(mean), atol=1e-5, rtol=0)
 
 
 def _vae_args(micro_root, output, steps):
     return SimpleNamespace(
         model=micro_root, output=output, steps=steps, batch=1, frames=1, crop=32, full_from=3, full_batch=1,
-        full_frames=1, lr=1e-3, warmup=2, seed=0, checkpoint_every=100, minutes=0,
+        full_frames=1, lr=1e-3, warmup=2, seed=0, checkpoint_every=100, minutes=0, lr_schedule="cosine",
+        device="cpu", workers=0,
     )  # fmt: skip
 
 

@@ -205,23 +205,27 @@ def write_dataset(
     name: str = "metadata.json",
     fps: float = 8.0,
     progress=None,
+    video_format: str = "mp4",
 ) -> Path:
-    """Render clips of ``attributes`` to ``root/videos/*.mp4`` and write ``root/name``; return its path.
+    """Render clips of ``attributes`` to ``root/videos/`` and write ``root/name``; return its path.
 
-    Entries are the official {file_path, text, type} plus "clip" (attributes and geometry, for scoring);
-    the same seed writes the same clips. The metadata file is written last, atomically, so it only exists
-    once every video does.
+    ``video_format`` "mp4" writes H.264 files; "png" writes a folder of lossless PNG frames per clip (the
+    training recipe's choice: exact pixels, and no ffmpeg needed on the training machine). Entries are the
+    official {file_path, text, type} plus "clip" (attributes and geometry, for scoring); the same seed writes
+    the same clips. The metadata file is written last, atomically, so it only exists once every video does.
     """
     import torch
 
     from ..atomic import atomic_path
     from ..video_io import write_video
 
+    if video_format not in ("mp4", "png"):
+        raise ValueError(f"video_format must be 'mp4' or 'png', got {video_format!r}")
     root = Path(root)
     clips = sample_clips(attributes, per_combination, seed)
     entries = []
     for i, clip in enumerate(clips):
-        file_path = f"videos/{i:05d}.mp4"
+        file_path = f"videos/{i:05d}" + (".mp4" if video_format == "mp4" else "")
         frames = torch.from_numpy(render(clip)).float() / 255
         write_video(root / file_path, frames, fps=fps, metadata={"caption": clip.attributes.caption})
         entries.append(

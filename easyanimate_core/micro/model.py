@@ -1,6 +1,6 @@
 """The micro model's architecture: EasyAnimate V5.1 at micro width and depth, and its text encoder.
 
-    VAE_CONFIG / vae_config()           mag VAE, blocks (8, 16, 32, 32): 8x spatial, 4x temporal, 16 latents
+    VAE_CONFIG / vae_config()           mag VAE, blocks (32, 64, 64, 64): 8x spatial, 4x temporal, 16 latents
     transformer_config(variant)         MMDiT, 6 dual-stream blocks of width 128 (4 heads x 32), Qwen-width text
     build_tokenizer()                   Qwen2 byte-level BPE whose merges make every caption word one token
     build_text_encoder(tokenizer, seed) a 2-layer, 64-wide Qwen2-VL, random and frozen (see MODEL_CARD.md)
@@ -33,13 +33,13 @@ VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "latent_channels": 16,
-    "block_out_channels": [8, 16, 32, 32],
+    "block_out_channels": [32, 64, 64, 64],
     "down_block_types": ["SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D"]
     + ["SpatialTemporalDownBlock3D"],
     "up_block_types": ["SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D"]
     + ["SpatialTemporalUpBlock3D"],
     "layers_per_block": 1,
-    "norm_num_groups": 4,
+    "norm_num_groups": 8,
     "act_fn": "silu",
     "spatial_group_norm": True,
     "scaling_factor": 1.0,  # replaced by 1 / std of the trained VAE's latents

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..atomic import atomic_dir
 from ..loading import load_vae
@@ -87,9 +89,13 @@ def reconstruct(vae: MagvitVAE, latents: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(vae: MagvitVAE, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Weighted L1 + MSE reconstruction of a posterior sample, plus KL_WEIGHT x KL; returns (loss, parts)."""
+    """Weighted L1 + MSE reconstruction of a posterior sample, plus KL_WEIGHT x KL; returns (loss, parts).
+
+    The noise is drawn on the CPU from ``generator`` whatever the device, so a step's sample is the same
+    on every machine.
+    """
     mean, logvar = posterior(vae, video)
-    noise = torch.randn(mean.shape, generator=generator)
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     out = reconstruct(vae, mean + (0.5 * logvar).exp() * noise)
     background = video.flatten(2).median(dim=2).values[:, :, None, None, None]
     objects = ((video - background).abs().sum(1, keepdim=True) > 0.1).float()
@@ -108,6 +114,28 @@ def batch_for_step(args, step: int) -> torch.Tensor:
     if args.full_from is not None and step >= args.full_from:
         return training_batch(args.seed, step, args.full_batch, args.full_frames)
     return training_batch(args.seed, step, args.batch, args.frames, args.crop)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """``batch_for_step(args, step)`` for steps ``start``..``args.steps``: DataLoader workers render ahead."""
+
+    def __init__(self, args, start: int):
+        self.args, self.start = args, start
+
+    def __len__(self) -> int:
+        return max(self.args.steps - self.start, 0)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return batch_for_step(self.args, self.start + i)
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up to ``--lr``, then constant or (``--lr-schedule cosine``) a cosine down to a tenth."""
+    warmup = min(1.0, (step + 1) / args.warmup)
+    if args.lr_schedule == "constant" or step < args.warmup:
+        return args.lr * warmup
+    progress = min(1.0, (step - args.warmup) / max(args.steps - args.warmup, 1))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def _save_state(vae: MagvitVAE, optimizer: torch.optim.Optimizer, step: int, folder: Path, args) -> None:
@@ -137,20 +165,22 @@ def train(args) -> int:
     """Train from ``args.model``'s vae/ (or resume ``args.output/state``) up to ``args.steps``; returns the step."""
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(args.model, dtype=torch.float32).train().requires_grad_(True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = load_vae(args.model, dtype=torch.float32).to(device).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     step = _load_state(vae, optimizer, output / STATE, args) if (output / STATE).is_dir() else 0
-    for group in optimizer.param_groups:
-        group["lr"] = args.lr
+    batches = torch.utils.data.DataLoader(
+        _Batches(args, step), batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None
+    )
     started = time.monotonic()
     log = open(output / "loss.jsonl", "a", encoding="utf-8")
+    progress = tqdm(total=args.steps, initial=step, desc="micro VAE", unit="step", dynamic_ncols=True)
     try:
-        while step < args.steps:
-            video = batch_for_step(args, step)
+        for video in batches:
+            video = video.to(device, non_blocking=True)
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            warmup = min(1.0, (step + 1) / args.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * warmup
+                group["lr"] = learning_rate(args, step)
             loss, parts = vae_loss(vae, video, generator)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -158,9 +188,10 @@ def train(args) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             log.write(json.dumps({"step": step, **parts}) + "\n")
+            progress.update()
             if step % 10 == 0:
                 log.flush()
-                print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in parts.items()), flush=True)
+                progress.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.3g}")
             out_of_time = args.minutes and time.monotonic() - started > args.minutes * 60
             if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
                 _save_state(vae, optimizer, step, output / STATE, args)
@@ -168,6 +199,7 @@ def train(args) -> int:
                 print(f"stopped after {args.minutes} minutes at step {step}; run again to continue", flush=True)
                 break
     finally:
+        progress.close()
         log.close()
     return step
 
@@ -197,6 +229,27 @@ def finish(model: Path, output: Path, clips: int = 32) -> Path:
     return output / "vae"
 
 
+@torch.no_grad()
+def reconstruction_scores(vae_folder: str | Path, clips: int = 32, seed: int = 4242) -> dict:
+    """Encode and decode ``clips`` held-out 17-frame clips through ``MagvitVAE.encode`` / ``decode`` (posterior
+    means); returns the scorers' rates on the reconstructions and their PSNR (dB, pixels in [0, 1])."""
+    from .data import held_out_attributes
+    from .scoring import score, summarise
+
+    vae = load_vae(vae_folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    attributes = held_out_attributes()
+    rows, squared_errors = [], []
+    for _ in range(clips):
+        clip = sample_clip(attributes[int(rng.integers(len(attributes)))], rng)
+        video = torch.from_numpy(render(clip)).float() / 127.5 - 1  # [F, H, W, 3]
+        mean, _ = vae.encode(video.permute(3, 0, 1, 2)[None])
+        out = ((vae.decode(mean)[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) / 2).float()
+        squared_errors.append(((out - (video + 1) / 2) ** 2).mean().item())
+        rows.append(score(out, clip.attributes))
+    return {**summarise(rows), "psnr_db": round(float(-10 * np.log10(np.mean(squared_errors))), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m easyanimate_core.micro.train_vae", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder whose vae/ is the starting point")
@@ -210,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-frames", type=int, default=9)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering batches ahead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--minutes", type=float, default=0, help="stop at a checkpoint after this long (0: never)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--finish", action="store_true", help="only write <output>/vae with its scaling factor")
+    p.add_argument("--scores", action="store_true", help="only score reconstructions of held-out clips by <output>/vae")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if (args.frames - 1) % 4 or (args.full_frames - 1) % 4:
@@ -223,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--crop must be a multiple of 16 up to 64 (0: whole frames), got {args.crop}")
     if args.finish:
         print(f"wrote {finish(Path(args.model), Path(args.output))}")
+        return 0
+    if args.scores:
+        print(json.dumps(reconstruction_scores(Path(args.output) / "vae")))
         return 0
     train(args)
     return 0
