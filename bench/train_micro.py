@@ -4,13 +4,13 @@
     python bench/train_micro.py --work /tmp/micro-work --minutes 18    # stop after ~18 min; run again to go on
 
 Stages (each is skipped when its output exists, so the script continues where a run stopped):
-    init   untrained model folder: micro T2V transformer, VAE, frozen word-level Qwen2-VL text encoder
+    init   untrained model folder: micro InP transformer, VAE, frozen word-level Qwen2-VL text encoder
     vae    python -m easyanimate_core.micro.train_vae (procedural clips rendered on the fly), then its
            scaling factor (1 / latent std)
     data   the training set: every non-held-out caption combination, PER_COMBINATION clips each
-    t2v    easyanimate train --mode full on the T2V transformer (latents cached once)
-    inp    the trained T2V transformer widened to InP (zero weights on the 17 inpaint channels), then
-           easyanimate train --mode full in inpaint mode (text-, image-, start/end-to-video masks)
+    inp    easyanimate train --mode full on the InP transformer from scratch, in inpaint mode: its random
+           masks make 20% of the samples text-to-video (all frames generated), 35% image-to-video, the rest
+           start/end, box and frame masks, so one model learns both tasks (latents cached once)
     lora   easyanimate train --mode lora on the InP model: clips of a colour no base caption names (cyan)
     ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
     eval   bench/eval_micro.py on held-out prompts (JSON next to the work folder's outputs)
@@ -40,23 +40,22 @@ import torch  # noqa: E402
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import data, model, train_vae  # noqa: E402
 
-STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
+STAGES = ("init", "vae", "data", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
 # Whole 64 x 64 clips of 9 frames (frame 0 alone, then one 8-frame chunk: both causal modes), rendered ahead
 # by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
 VAE = {
-    "steps": 6000, "batch": 16, "frames": 9, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
-    "workers": 8, "checkpoint-every": 500,
+    "steps": 2400, "batch": 16, "frames": 9, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
+    "workers": 12, "checkpoint-every": 500,
 }  # fmt: skip
-# Shared by both transformer runs (the InP run starts from the T2V weights).
+# Shared by the transformer runs (the InP model and its LoRA).
 TRANSFORMER = [
     "--resolutions", "64", "--frames", "17", "--stride", "1", "--batch-size", "32", "--lr-scheduler", "constant",
     "--warmup-steps", "100", "--weight-decay", "0", "--max-grad-norm", "1.0", "--caption-dropout", "0.1",
-    "--dtype", "fp32", "--checkpoint-every", "250", "--keep-checkpoints", "2",
+    "--dtype", "fp32", "--checkpoint-every", "100", "--keep-checkpoints", "2",
 ]  # fmt: skip
 # Constant rates after warm-up: a run extended to more steps equals one trained to that many from the start.
-T2V = {"steps": 6000, "lr": "3e-4"}
-INP = {"steps": 3000, "lr": "1e-4"}
+INP = {"steps": 6000, "lr": "3e-4"}
 SHIP = REPO / "easyanimate_core" / "micro_model"
 LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
 LORA_NAME = f"micro_{LORA_CONCEPT}"
@@ -66,7 +65,6 @@ LORA = {"steps": 800, "lr": "1e-3", "rank": 16}
 SMOKE = {
     "vae": {**VAE, "steps": 4, "batch": 2, "workers": 2, "checkpoint-every": 2, "warmup": 2},
     "clips": 12,
-    "t2v": {"steps": 3, "lr": T2V["lr"]},
     "inp": {"steps": 3, "lr": INP["lr"]},
     "batch": "2",
 }
@@ -84,10 +82,10 @@ class Recipe:
         self.work = Path(args.work).resolve()
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.vae_settings, self.t2v_settings, self.inp_settings = VAE, T2V, INP
+        self.vae_settings, self.inp_settings = VAE, INP
         self.transformer_args = list(TRANSFORMER)
         if args.smoke:
-            self.vae_settings, self.t2v_settings, self.inp_settings = SMOKE["vae"], SMOKE["t2v"], SMOKE["inp"]
+            self.vae_settings, self.inp_settings = SMOKE["vae"], SMOKE["inp"]
             batch = self.transformer_args.index("--batch-size") + 1
             self.transformer_args[batch] = SMOKE["batch"]
 
@@ -107,7 +105,7 @@ class Recipe:
 
     def init(self) -> None:
         if not (self.work / "init").is_dir():
-            model.write_initial_checkpoint(self.work / "init", "T2V", seed=self.args.seed)
+            model.write_initial_checkpoint(self.work / "init", "InP", seed=self.args.seed)
 
     def vae(self) -> None:
         run = self.work / "vae_run"
@@ -174,16 +172,8 @@ class Recipe:
         (output / "done").write_text("")
         return output
 
-    def t2v(self) -> None:
-        self.train_transformer("t2v_run", self.base("base_t2v", None, None), self.t2v_settings)
-
     def inp(self) -> None:
-        from safetensors.torch import load_file
-
-        t2v = self.work / "t2v_run" / "transformer"
-        state = model.inpaint_from_text_to_video(load_file(t2v / model.WEIGHTS_NAME))
-        config = model.transformer_json(model.transformer_config("InP"))
-        self.train_transformer("inp_run", self.base("base_inp", state, config), self.inp_settings)
+        self.train_transformer("inp_run", self.base("base_inp", None, None), self.inp_settings)
 
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""
@@ -199,7 +189,7 @@ class Recipe:
         trained = self.work / "inp_run" / "transformer"
         config = json.loads((trained / "config.json").read_text())
         base = self.base("base_lora", load_file(trained / model.WEIGHTS_NAME), config)
-        settings = {**LORA, "steps": SMOKE["t2v"]["steps"]} if self.args.smoke else LORA
+        settings = {**LORA, "steps": SMOKE["inp"]["steps"]} if self.args.smoke else LORA
         extra = ["--mode", "lora", "--rank", str(LORA["rank"]), "--alpha", str(LORA["rank"]), "--name", LORA_NAME]
         self.train_transformer("lora_run", base, settings, "data_lora", extra)
 

@@ -218,13 +218,3 @@ def write_text_encoder(root: Path) -> None:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
     build_text_encoder(tokenizer).save_pretrained(root / "text_encoder", safe_serialization=True)
-
-
-def inpaint_from_text_to_video(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An InP transformer's weights from a T2V one: the patch projection gains zero weights for the 17
-    inpaint channels (mask + masked-video latents), so the InP model starts out computing exactly the T2V
-    model and training only has to learn to use the new inputs."""
-    weight = state_dict["proj.weight"]  # [D, 16, p, p]
-    extra = VARIANT_IN_CHANNELS["V5.1"]["InP"] - weight.shape[1]
-    zeros = torch.zeros(weight.shape[0], extra, *weight.shape[2:], dtype=weight.dtype)
-    return {**state_dict, "proj.weight": torch.cat([weight, zeros], dim=1)}
