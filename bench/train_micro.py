@@ -8,9 +8,11 @@ Stages (each is skipped when its output exists, so the script continues where a 
     vae    python -m easyanimate_core.micro.train_vae (procedural clips rendered on the fly), then its
            scaling factor (1 / latent std)
     data   the training set: every non-held-out caption combination, PER_COMBINATION clips each
-    inp    easyanimate train --mode full on the InP transformer from scratch, in inpaint mode: its random
-           masks make 20% of the samples text-to-video (all frames generated), 35% image-to-video, the rest
-           start/end, box and frame masks, so one model learns both tasks (latents cached once)
+    t2v    easyanimate train --mode full --train-mode normal on the InP transformer: text-to-video only
+           (all-zero inpaint latents, as the released InP models get for text-to-video); latents are
+           cached once, so a step costs one transformer pass
+    inp    the same transformer trained on in inpaint mode: random start / start-end / box / frame masks and
+           20% text-to-video; the masked clip goes through the VAE every step (GPU work)
     lora   easyanimate train --mode lora on the InP model: clips of a colour no base caption names (cyan)
     ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
     eval   bench/eval_micro.py on held-out prompts (JSON next to the work folder's outputs)
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import data, model, train_vae  # noqa: E402
 
-STAGES = ("init", "vae", "data", "inp", "lora", "ship", "eval")
+STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
 # Whole 64 x 64 clips of 9 frames (frame 0 alone, then one 8-frame chunk: both causal modes), rendered ahead
 # by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
@@ -55,7 +57,8 @@ TRANSFORMER = [
     "--dtype", "fp32", "--checkpoint-every", "100", "--keep-checkpoints", "2",
 ]  # fmt: skip
 # Constant rates after warm-up: a run extended to more steps equals one trained to that many from the start.
-INP = {"steps": 6000, "lr": "3e-4"}
+T2V = {"steps": 6000, "lr": "3e-4"}
+INP = {"steps": 2000, "lr": "1e-4"}
 SHIP = REPO / "easyanimate_core" / "micro_model"
 LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
 LORA_NAME = f"micro_{LORA_CONCEPT}"
@@ -65,6 +68,7 @@ LORA = {"steps": 800, "lr": "1e-3", "rank": 16}
 SMOKE = {
     "vae": {**VAE, "steps": 4, "batch": 2, "workers": 2, "checkpoint-every": 2, "warmup": 2},
     "clips": 12,
+    "t2v": {"steps": 3, "lr": T2V["lr"]},
     "inp": {"steps": 3, "lr": INP["lr"]},
     "batch": "2",
 }
@@ -82,10 +86,10 @@ class Recipe:
         self.work = Path(args.work).resolve()
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.vae_settings, self.inp_settings = VAE, INP
+        self.vae_settings, self.t2v_settings, self.inp_settings = VAE, T2V, INP
         self.transformer_args = list(TRANSFORMER)
         if args.smoke:
-            self.vae_settings, self.inp_settings = SMOKE["vae"], SMOKE["inp"]
+            self.vae_settings, self.t2v_settings, self.inp_settings = SMOKE["vae"], SMOKE["t2v"], SMOKE["inp"]
             batch = self.transformer_args.index("--batch-size") + 1
             self.transformer_args[batch] = SMOKE["batch"]
 
@@ -172,8 +176,17 @@ class Recipe:
         (output / "done").write_text("")
         return output
 
+    def t2v(self) -> None:
+        extra = ["--train-mode", "normal"]
+        self.train_transformer("t2v_run", self.base("base_t2v", None, None), self.t2v_settings, extra=extra)
+
     def inp(self) -> None:
-        self.train_transformer("inp_run", self.base("base_inp", None, None), self.inp_settings)
+        from safetensors.torch import load_file
+
+        trained = self.work / "t2v_run" / "transformer"
+        config = json.loads((trained / "config.json").read_text())
+        base = self.base("base_inp", load_file(trained / model.WEIGHTS_NAME), config)
+        self.train_transformer("inp_run", base, self.inp_settings, extra=["--train-mode", "inpaint"])
 
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""

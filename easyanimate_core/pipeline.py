@@ -185,6 +185,27 @@ def encode_sample(vae: MagvitVAE, pixels: torch.Tensor, device, generator: torch
     return (mean + torch.exp(0.5 * logvar) * noise) * vae.config.scaling_factor
 
 
+def masked_video(
+    video: torch.Tensor | None, mask: torch.Tensor | None, generator: torch.Generator, noise_aug_strength: float
+) -> torch.Tensor | None:
+    """The clip an InP model sees: generated pixels at -1, kept pixels noise-augmented; None when nothing is kept."""
+    if video is None or bool((mask > 0.5).all()):
+        return None
+    keep = mask < 0.5
+    masked = torch.where(keep, video, torch.full_like(video, -1.0))
+    if noise_aug_strength > 0:
+        noise = torch.randn(masked.shape, generator=generator) * noise_aug_strength
+        masked = masked + torch.where(masked == -1, torch.zeros_like(noise), noise)
+    return masked
+
+
+def inpaint_from_masked(vae: MagvitVAE, masked_latents: torch.Tensor, mask: torch.Tensor, device) -> torch.Tensor:
+    """[mask (1) ; masked-video latents (L)] from the DiT-space latents of ``masked_video``."""
+    first_alone = vae.config.temporal_mode == "mag"
+    mask_latents = resize_mask(1 - mask, masked_latents.shape, first_alone) * vae.config.scaling_factor
+    return torch.cat([mask_latents.to(device), masked_latents.to(device)], dim=1)
+
+
 def inpaint_latents(
     vae: MagvitVAE,
     video: torch.Tensor | None,
@@ -196,17 +217,10 @@ def inpaint_latents(
 ) -> torch.Tensor:
     """[mask (1) ; masked-video latents (L)] for an InP model; zeros when nothing is kept."""
     b, channels = latent_shape[0], latent_shape[1]
-    if video is None or bool((mask > 0.5).all()):
+    masked = masked_video(video, mask, generator, noise_aug_strength)
+    if masked is None:
         return torch.zeros(b, 1 + channels, *latent_shape[2:], device=device)
-    keep = mask < 0.5
-    masked = torch.where(keep, video, torch.full_like(video, -1.0))
-    if noise_aug_strength > 0:
-        noise = torch.randn(masked.shape, generator=generator) * noise_aug_strength
-        masked = masked + torch.where(masked == -1, torch.zeros_like(noise), noise)
-    masked_latents = encode_mean(vae, masked, device)
-    first_alone = vae.config.temporal_mode == "mag"
-    mask_latents = resize_mask(1 - mask, masked_latents.shape, first_alone) * vae.config.scaling_factor
-    return torch.cat([mask_latents.to(device), masked_latents], dim=1)
+    return inpaint_from_masked(vae, encode_mean(vae, masked, device), mask, device)
 
 
 def v4_inpaint_latents(

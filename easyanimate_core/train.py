@@ -9,7 +9,7 @@ One step, per sample (spec §4 and §6; the official scripts/train_lora.py):
 * V5.1 regresses the flow velocity noise - x0 at sigma = (t + 1) / 1000, V5 the v-prediction target on its
   zero-terminal-SNR schedule (``sampling.training_target``), t uniform in [0, 1000);
 * InP models train in inpaint mode: a random mask (start frames, start and end, a box, random frames, or
-  everything for text-to-video) gives [mask ; masked-video latents] through ``pipeline.inpaint_latents``,
+  everything for text-to-video) gives [mask ; masked-video latents] as ``pipeline.inpaint_latents`` does,
   with noise exp(N(-3, 0.5)) on the kept pixels as the official trainer;
 * captions are dropped (empty prompt) with probability ``--caption-dropout`` for classifier-free guidance;
 * the loss is the official masked MSE (elements off by more than 50 are ignored), averaged over the batch.
@@ -147,9 +147,10 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (diff.square() * (diff.abs() <= LOSS_THRESHOLD)).flatten(1).mean(1)
 
 
-def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | str]:
-    """The noisy latents, target, timestep, caption and inpaint latents of one Example (its draws in order)."""
-    from .pipeline import inpaint_latents
+def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | str | None]:
+    """The noisy latents, target, timestep and caption of one Example, and for inpaint mode its mask and masked
+    clip (encoded later, with the rest of the micro-batch); the draws come in a fixed order per example."""
+    from .pipeline import masked_video
 
     g, device, vae = seeded(run.args.seed, step, ex.slot, 1), run.procs.device, run.vae
     text = "" if float(torch.rand((), generator=g)) < run.args.caption_dropout else ex.text
@@ -160,18 +161,31 @@ def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | s
             mean, logvar = (m.cpu() for m in vae.encode(ex.pixels[None].to(device)))
     eps = torch.randn(mean.shape, generator=g)
     x0 = (mean + (0.5 * logvar).exp() * eps) * vae.config.scaling_factor
-    inpaint = None
-    if run.inpaint_channels:
-        inpaint = torch.zeros(1, run.inpaint_channels, *x0.shape[2:], device=device)
-        if run.inpaint:
-            mask = random_inpaint_mask(*ex.pixels.shape[1:], g)
-            sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))
-            with torch.no_grad():
-                inpaint = inpaint_latents(vae, ex.pixels[None], mask, tuple(x0.shape), g, sigma, device)
+    mask = masked = None
+    if run.inpaint_channels and run.inpaint:
+        mask = random_inpaint_mask(*ex.pixels.shape[1:], g)
+        sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))
+        masked = masked_video(ex.pixels[None], mask, g, sigma)
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.training_timesteps(1, generator=g)
     noisy, target, timestep = sampling.training_target(run.version, x0, noise, t)
-    return {"noisy": noisy, "target": target, "timestep": timestep, "text": text, "inpaint": inpaint}
+    return {"noisy": noisy, "target": target, "timestep": timestep, "text": text, "mask": mask, "masked": masked}
+
+
+@torch.no_grad()
+def inpaint_batch(run: Run, items: list[dict], latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, 1 + L, ...] inpaint latents of a micro-batch: every masked clip through the VAE in one batch (one
+    call instead of one per sample: on a GPU the per-sample calls, not the transformer, bounded the step)."""
+    from .pipeline import encode_mean, inpaint_from_masked
+
+    device = run.procs.device
+    inpaint = torch.zeros(len(items), run.inpaint_channels, *latent_shape[2:], device=device)
+    kept = [i for i, it in enumerate(items) if it["masked"] is not None]
+    if kept:
+        latents = encode_mean(run.vae, torch.cat([items[i]["masked"] for i in kept]), device)
+        for row, i in enumerate(kept):
+            inpaint[i] = inpaint_from_masked(run.vae, latents[row : row + 1], items[i]["mask"], device)[0]
+    return inpaint
 
 
 def train_step(run: Run, step: int, examples: list[Example]) -> float:
@@ -185,9 +199,9 @@ def train_step(run: Run, step: int, examples: list[Example]) -> float:
         kwargs = {"encoder_hidden_states": text.embeds.to(device, run.input_dtype)}
         if text.embeds_2 is not None:
             kwargs["encoder_hidden_states_t5"] = text.embeds_2.to(device, run.input_dtype)
-        if run.inpaint_channels:
-            kwargs["inpaint_latents"] = torch.cat([it["inpaint"] for it in items]).to(device, run.input_dtype)
         noisy = torch.cat([it["noisy"] for it in items]).to(device, run.input_dtype)
+        if run.inpaint_channels:
+            kwargs["inpaint_latents"] = inpaint_batch(run, items, tuple(noisy.shape)).to(run.input_dtype)
         target = torch.cat([it["target"] for it in items]).to(device)
         timestep = torch.cat([it["timestep"] for it in items]).to(device, run.input_dtype)
         with run.autocast():

@@ -232,3 +232,30 @@ def test_sizes_snap_with_a_warning_that_says_what_changed(caplog):
     )
     caplog.clear()
     assert snap_size(49, 384, 672, vae) == size and not caplog.text
+
+
+def test_inpaint_latents_of_a_batch_equal_those_of_each_clip():
+    """The trainer encodes a micro-batch's masked clips in one VAE call; that must equal one call per clip."""
+    from easyanimate_core.pipeline import encode_mean, inpaint_from_masked, inpaint_latents, masked_video
+
+    torch.manual_seed(0)
+    vae = MagvitVAE(VAEConfig.from_dict(VAE_CONFIG)).eval()
+    clips = [torch.rand(1, 3, 9, 32, 32) * 2 - 1 for _ in range(4)]
+    masks = [torch.ones(1, 1, 9, 32, 32) for _ in range(4)]  # 1 = generate
+    masks[0].zero_()  # keep everything
+    masks[1][:, :, :1] = 0  # image to video
+    masks[2][:, :, [0, -1]] = 0  # start and end
+    masks[3][..., 8:24, 4:20] = 0  # keep a box
+    shape = (1, LATENT, 3, 4, 4)
+    pairs = list(zip(clips, masks, strict=True))
+    with torch.no_grad():
+        one_by_one = [
+            inpaint_latents(vae, c, m, shape, torch.Generator().manual_seed(i), 0.05, "cpu")
+            for i, (c, m) in enumerate(pairs)
+        ]
+        masked = [masked_video(c, m, torch.Generator().manual_seed(i), 0.05) for i, (c, m) in enumerate(pairs)]
+        latents = encode_mean(vae, torch.cat(masked), "cpu")
+        batched = [inpaint_from_masked(vae, latents[i : i + 1], m, "cpu") for i, m in enumerate(masks)]
+    for one, many in zip(one_by_one, batched, strict=True):
+        torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
+    assert masked_video(clips[0], torch.ones_like(masks[0]), torch.Generator(), 0.05) is None  # nothing kept
