@@ -44,10 +44,10 @@ from easyanimate_core.micro import data, model, train_vae  # noqa: E402
 
 STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
-# Whole 64 x 64 clips of 9 frames (frame 0 alone, then one 8-frame chunk: both causal modes), rendered ahead
-# by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
+# Whole 64 x 64 clips of 17 frames, the generated length (a VAE trained on 9 ghosted frames 11-16), rendered
+# ahead by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
 VAE = {
-    "steps": 2400, "batch": 16, "frames": 9, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
+    "steps": 3000, "batch": 12, "frames": 17, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
     "workers": 12, "checkpoint-every": 500,
 }  # fmt: skip
 # Shared by the transformer runs (the InP model and its LoRA).

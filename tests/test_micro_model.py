@@ -74,12 +74,22 @@ def test_vae_training_path_equals_encode_and_decode(micro_root):
         torch.testing.assert_close(train_vae.reconstruct(vae, mean), vae.decode(mean), atol=1e-5, rtol=0)
 
 
-def _vae_args(micro_root, output, steps):
+def _vae_args(micro_root, output, steps, workers=0):
     return SimpleNamespace(
         model=micro_root, output=output, steps=steps, batch=1, frames=1, crop=32, full_from=3, full_batch=1,
         full_frames=1, lr=1e-3, warmup=2, seed=0, checkpoint_every=100, minutes=0, lr_schedule="cosine",
-        device="cpu", workers=0,
+        device="cpu", workers=workers,
     )  # fmt: skip
+
+
+def test_vae_batches_rendered_by_workers_train_the_same_weights(micro_root, tmp_path):
+    from safetensors.torch import load_file
+
+    assert train_vae.train(_vae_args(micro_root, tmp_path / "main", 3)) == 3
+    assert train_vae.train(_vae_args(micro_root, tmp_path / "workers", 3, workers=2)) == 3
+    main = load_file(tmp_path / "main" / "state" / "vae.safetensors")
+    workers = load_file(tmp_path / "workers" / "state" / "vae.safetensors")
+    assert all(torch.equal(main[k], workers[k]) for k in main)
 
 
 def test_vae_training_resumes_exactly(micro_root, tmp_path):
