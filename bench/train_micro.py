@@ -217,6 +217,7 @@ class Recipe:
         config = json.loads((trained / "config.json").read_text())
         with atomic_dir(target / "transformer") as tmp:
             model.save_model_folder(tmp, load_file(trained / model.WEIGHTS_NAME), config, torch.float16)
+        model.write_generation_defaults(target)
         (target / "loras").mkdir(parents=True, exist_ok=True)
         shutil.copy2(self.work / "lora_run" / f"{LORA_NAME}.safetensors", target / "loras" / f"{LORA_NAME}.safetensors")
         print(f"shipped {target}")

@@ -46,6 +46,43 @@ def info(path: str) -> int:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_SIZE = (384, 672)  # height, width of a generation when neither the flags nor the model folder say
+
+
+def model_root(model: str | None) -> Path:
+    """The model folder of ``--model``; without one, the shipped micro model (an error says what to do when this
+    install has none)."""
+    if model:
+        return Path(model).expanduser()
+    from .micro import MICRO_MODEL, shipped_micro_model
+
+    root = shipped_micro_model()
+    if root is None:
+        raise ValueError(
+            f"no --model given, and the built-in micro model has no weights in this install ({MICRO_MODEL}); "
+            "pass --model <model folder> (see README: models)"
+        )
+    return root
+
+
+def read_folder_defaults(root: Path) -> dict:
+    """A model folder's own generation settings (``generation_defaults.json``: width, height, frames, fps, steps,
+    guidance, sampler), {} when it has none; command-line flags override them."""
+    import json
+
+    from .micro import DEFAULTS_FILE
+
+    path = root / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+    known = {"width", "height", "frames", "fps", "steps", "guidance", "sampler"}
+    if not isinstance(defaults, dict) or set(defaults) - known:
+        raise ValueError(f"{path}: expected a JSON object with some of {sorted(known)}")
+    return defaults
 
 
 def _generation_inputs(args) -> dict:
@@ -54,9 +91,10 @@ def _generation_inputs(args) -> dict:
     from .text_encoders import check_text_encoder_files
     from .video_io import VIDEO_SUFFIXES, read_image, read_video
 
-    root = Path(args.model).expanduser()
+    root = model_root(args.model)
     if not root.is_dir():
         raise ValueError(f"{root}: --model must be a model folder (with transformer/, vae/, text_encoder/, ...)")
+    folder_defaults = read_folder_defaults(root)
     missing = [part for part in ("transformer", "vae") if not (root / part).is_dir()]
     if missing:
         raise ValueError(f"{', '.join(p + '/' for p in missing)} missing under {root}; download the full model folder")
@@ -72,6 +110,8 @@ def _generation_inputs(args) -> dict:
         raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
 
     sampler_name, steps, guidance = sampling.DEFAULTS[info.version]
+    sampler_name = folder_defaults.get("sampler", sampler_name)
+    steps, guidance = folder_defaults.get("steps", steps), folder_defaults.get("guidance", guidance)
     sampler_name = args.sampler or sampler_name
     steps = args.steps or steps
     strength = args.strength if args.video else 1.0
@@ -87,6 +127,7 @@ def _generation_inputs(args) -> dict:
     if info.variant == "T2V" and (args.image or args.end_image):
         raise ValueError(f"{root} is a text-to-video model; --image / --end-image need an InP model")
     frames, fps = VIDEO_DEFAULTS[info.version]
+    frames, fps = folder_defaults.get("frames", frames), folder_defaults.get("fps", fps)
     frames, fps = args.frames or frames, args.fps or fps
     inputs = {
         "start_image": read_image(args.image) if args.image else None,
@@ -99,7 +140,8 @@ def _generation_inputs(args) -> dict:
         clip = inputs[name]
         if clip is not None and clip.shape[0] < frames:
             raise ValueError(f"--{name.split('_')[0]} has {clip.shape[0]} frames; --frames {frames} were requested")
-    height, width = args.height, args.width
+    height = args.height or folder_defaults.get("height", DEFAULT_SIZE[0])
+    width = args.width or folder_defaults.get("width", DEFAULT_SIZE[1])
     if args.resolution:
         from .pipeline import size_bucket
 
@@ -195,7 +237,7 @@ def generate(args) -> int:
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
+    p.add_argument("--model", help="model folder (official or diffusers layout); default: the built-in micro model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="start image (InP models; V4 also needs the model's image_encoder/)")
@@ -205,8 +247,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", help="control video (canny, depth, pose, ...) for Control models")
     p.add_argument("--ref-image", help="reference image for V5.1 Control models")
     p.add_argument("--frames", type=int, help="default: the version's (49 for V5 / V5.1, 144 for V4; V4 takes 8k)")
-    p.add_argument("--width", type=int, default=672)
-    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, help="default: the model folder's, else 672")
+    p.add_argument("--height", type=int, help="default: the model folder's, else 384")
     p.add_argument(
         "--resolution",
         type=int,

@@ -11,7 +11,7 @@ import torch
 from easyanimate_core import inspect_checkpoint, load_text_encoders, load_vae
 from easyanimate_core.cli import main as cli_main
 from easyanimate_core.micro import data, model, train_vae
-from easyanimate_core.video_io import read_video
+from easyanimate_core.video_io import read_metadata, read_video
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,34 @@ def test_vae_training_resumes_exactly(micro_root, tmp_path):
     config = json.loads((vae_folder / "config.json").read_text())
     assert config["scaling_factor"] > 0 and config["scaling_factor"] != model.VAE_CONFIG["scaling_factor"]
     assert load_vae(vae_folder).config.scaling_factor == config["scaling_factor"]
+
+
+def test_generate_without_model_uses_the_shipped_micro_model_and_its_defaults(micro_root, tmp_path, monkeypatch):
+    import easyanimate_core.micro as micro
+
+    monkeypatch.setattr(micro, "MICRO_MODEL", micro_root)
+    out = tmp_path / "video.mp4"
+    assert cli_main(["generate", "--prompt", "a red circle moving left slowly on a black background", "--steps", "2",
+                     "--out", str(out)]) == 0  # fmt: skip
+    assert read_video(out).shape == (model.GENERATION_DEFAULTS["frames"], 64, 64, 3)  # the folder's 17 x 64 x 64
+    assert read_metadata(out)["model"] == str(micro_root)
+
+
+def test_generate_without_model_in_an_install_without_weights_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    import easyanimate_core.micro as micro
+
+    monkeypatch.setattr(micro, "MICRO_MODEL", tmp_path / "micro_model")
+    assert cli_main(["generate", "--prompt", "a red circle", "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "no --model given" in err and "pass --model <model folder>" in err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_a_broken_generation_defaults_file_is_named(micro_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "model"
+    shutil.copytree(micro_root, root)
+    (root / "generation_defaults.json").write_text('{"width": 64, "colour": "red"}')
+    assert cli_main(["generate", "--model", str(root), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "generation_defaults.json: expected a JSON object" in capsys.readouterr().err

@@ -26,6 +26,8 @@ from .data import ALL_COLOURS, BACKGROUNDS, DIRECTIONS, SHAPES, SPEEDS
 TEXT_WIDTH = 64  # hidden size of the micro Qwen2-VL = the transformer's text_embed_dim
 MAX_TOKENS = 32  # tokenizer model_max_length: the chat-templated caption is ~20 tokens
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# The CLI's defaults for this model folder (generation_defaults.json): the size and length it was trained on.
+GENERATION_DEFAULTS = {"width": 64, "height": 64, "frames": 17, "fps": 8, "steps": 25, "guidance": 6.0}
 
 # vae/config.json: official (cache_mag_vae, mid_block_use_attention) and diffusers keys, both read by VAEConfig.
 VAE_CONFIG = {
@@ -210,7 +212,15 @@ def write_initial_checkpoint(root: str | Path, variant: str = "InP", seed: int =
         torch.manual_seed(seed)
         save_model_folder(tmp / "vae", MagvitVAE(vae_config()).state_dict(), VAE_CONFIG, torch.float32)
         write_text_encoder(tmp)
+        write_generation_defaults(tmp)
     return root
+
+
+def write_generation_defaults(root: Path) -> None:
+    """``root/generation_defaults.json``: the CLI generates 17 frames at 64 x 64 unless told otherwise."""
+    from . import DEFAULTS_FILE
+
+    (root / DEFAULTS_FILE).write_text(json.dumps(GENERATION_DEFAULTS, indent=1) + "\n", encoding="utf-8")
 
 
 def write_text_encoder(root: Path) -> None:
