@@ -83,6 +83,12 @@ class VAEConfig:
     # Pixel height/width must be a multiple of this: 8x VAE compression times the DiT's 2x2 patch.
     pixel_multiple: int = 16
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a valid pixel frame count (mag: frame 0 alone, then t per latent; slice: t per latent)."""
+        if self.temporal_mode == "mag":
+            return (frames - 1) // self.temporal_compression + 1
+        return 1 if frames == 1 else frames // self.temporal_compression  # 8 frames -> 2 latents
+
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
@@ -647,9 +653,7 @@ class MagvitVAE(nn.Module):
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames for a valid pixel frame count."""
-        if self.config.temporal_mode == "mag":
-            return (frames - 1) // self.config.temporal_compression + 1
-        return 1 if frames == 1 else frames // self.config.temporal_compression  # 8 frames -> 2 latents
+        return self.config.latent_frames(frames)
 
     def video_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from ``latent_frames`` latents."""

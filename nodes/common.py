@@ -7,11 +7,23 @@ from pathlib import Path
 
 import folder_paths
 
-from easyanimate_core.vae import VAE_V5, VAE_V51
+from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51, VAEConfig
 
 CATEGORY = "EasyAnimate"
 FOLDER = "EasyAnimate"
-VAE_CONFIGS = {"V5.1": VAE_V51, "V5": VAE_V5}
+# The versions the nodes run, newest first, with the VAE each one's latents come from.
+VAE_CONFIGS = {"V5.1": VAE_V51, "V5": VAE_V5, "V4": VAE_V4}
+NATIVE_VERSIONS = tuple(VAE_CONFIGS)
+
+
+def frame_rule(vae: VAEConfig) -> tuple[int, int]:
+    """Valid frame counts as (step, offset): frames = step * k + offset >= 1 (and 1 itself: a still image)."""
+    # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
+    # slice VAE, whole encoder chunks -> multiples of mini_batch_encoder (8).
+    if vae.temporal_mode == "mag":
+        return vae.temporal_compression, 1
+    return vae.mini_batch_encoder, 0
+
 
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
 

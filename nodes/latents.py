@@ -1,4 +1,4 @@
-"""Latent nodes: the empty video latent and the V5.1 Flow sigmas."""
+"""Latent nodes: the empty video latent (V5.1, V5, V4) and the V5.1 Flow sigmas."""
 
 from __future__ import annotations
 
@@ -8,40 +8,48 @@ import torch
 from easyanimate_core.sampling import DEFAULTS, make_sampler
 from easyanimate_core.vae import VAE_V51
 
-from .common import CATEGORY, VAE_CONFIGS
-from .native_model import EasyAnimateLatentFormat
+from .common import CATEGORY, VAE_CONFIGS, frame_rule
+
+# The conditioning nodes encode with the mag VAE of V5.1 / V5: V4's image conditioning (slice VAE + CLIP) is not a
+# node yet, so their size check covers those versions.
+CONDITIONING_VERSIONS = ("V5.1", "V5")
 
 
-def video_size_error(width: int, height: int, frames: int, versions=tuple(VAE_CONFIGS)) -> str | None:
+def video_size_error(width: int, height: int, frames: int, versions=CONDITIONING_VERSIONS) -> str | None:
     """Why a video size breaks the frame / size rules of ``versions`` (naming the nearest valid values), or None."""
     for version in versions:
         vae = VAE_CONFIGS[version]
-        m, step = vae.pixel_multiple, vae.temporal_compression
+        m = vae.pixel_multiple
         for name, size in (("width", width), ("height", height)):
             if size % m or size <= 0:
                 nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), (size // m + 1) * m)))
                 return f"{name} {size} is not a multiple of {m}; nearest valid: {nearest}"
-        if frames < 1 or (frames - 1) % step:
-            lower, upper = max(1, (frames - 1) // step * step + 1), ((frames - 1) // step + 1) * step + 1
-            return f"frames {frames} must be {step}k+1 for {version}; nearest valid: {lower} or {upper}"
+        step, offset = frame_rule(vae)
+        if frames < 1 or ((frames - offset) % step and frames != 1):
+            lower = max(step if offset == 0 else 1, (frames - offset) // step * step + offset)
+            upper = ((frames - offset) // step + 1) * step + offset
+            rule = f"{step}k+{offset}" if offset else f"a multiple of {step}"
+            return f"frames {frames} must be {rule} for {version}; nearest valid: {lower} or {upper}"
     return None
 
 
 def empty_video_latent(vae, width: int, height: int, frames: int, batch_size: int) -> dict:
-    """A zero LATENT [B, 16, (frames - 1) / t + 1, H / s, W / s] for a VAE config's compression."""
-    s, t = vae.spatial_compression, vae.temporal_compression
-    shape = (batch_size, EasyAnimateLatentFormat.latent_channels, (frames - 1) // t + 1, height // s, width // s)
+    """A zero LATENT [B, C, T, H / s, W / s] with the VAE config's channels and latent frames for ``frames``."""
+    s = vae.spatial_compression
+    shape = (batch_size, vae.latent_channels, vae.latent_frames(frames), height // s, width // s)
     return {"samples": torch.zeros(shape, device=mm.intermediate_device())}
 
 
 class EasyAnimateEmptyLatentVideo:
-    """An empty video LATENT [B, 16, (frames - 1) / 4 + 1, H / 8, W / 8] for the EasyAnimate MODEL."""
+    """An empty video LATENT for the EasyAnimate MODEL: [B, 16, (frames - 1) / 4 + 1, H / 8, W / 8] for V5 / V5.1,
+    [B, 4, frames / 4, H / 8, W / 8] for V4 (slice VAE)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         vae = VAE_V51
         step, multiple = vae.temporal_compression, vae.pixel_multiple
-        size, frames = f"Pixels, a multiple of {multiple}.", f"Video frames, {step}k+1 (1, 5, 9, ..., 49)."
+        size = f"Pixels, a multiple of {multiple}."
+        frames = f"Video frames: V5.1 / V5 {step}k+1 (1, 5, 9, ..., 49); V4 a multiple of 8 (8, 16, ..., 144)."
         return {
             "required": {
                 "version": (list(VAE_CONFIGS), {"tooltip": "The model version (sets the size and frame rules)."}),

@@ -19,12 +19,11 @@ from easyanimate_core.loading import inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 
-from .common import CATEGORY, model_folder_path, model_folders
+from .common import CATEGORY, NATIVE_VERSIONS, model_folder_path, model_folders
 from .native_model import WEIGHT_DTYPES, EasyAnimateNet, load_native_model, lora_patches
 
 DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's standard folders for single files
 TEXT_ENCODERS = "text_encoders"
-NATIVE_VERSIONS = ("V5", "V5.1")
 
 
 def _safetensors_in(folder_name: str) -> list[str]:
@@ -69,7 +68,7 @@ def _diffusion_model_error(path: str, mtime_ns: int, size: int) -> str | None:
             return f"{name} is a {family} checkpoint, not EasyAnimate; use ComfyUI's UNETLoader (Load Diffusion Model)"
         return f"{name} is not an EasyAnimate transformer ({error}); load other models with ComfyUI's UNETLoader"
     if info.version not in NATIVE_VERSIONS:
-        return f"{name} is an EasyAnimate {info.version} transformer; this loader takes V5 and V5.1"
+        return f"{name} is an EasyAnimate {info.version} transformer; this loader takes {', '.join(NATIVE_VERSIONS)}"
     return None
 
 
@@ -119,21 +118,24 @@ class EasyAnimateModelLoader:
 
 
 def _text_encoder_version(root: Path) -> str:
-    """ "V5.1" (Qwen2-VL) or "V5" (BERT + mT5) for a folder holding text_encoder/ (and, for V5, text_encoder_2/)."""
+    """ "V5.1" (Qwen2-VL), or "V5" / "V4" (BERT + mT5) for a folder holding text_encoder/ (and text_encoder_2/)."""
     # BERT + mT5 serve V4 (with masks) and V5 (without): a model folder's transformer says which.
     if (root / "transformer").is_dir():
         version = inspect_checkpoint(root, "transformer").version
         if version not in NATIVE_VERSIONS:
-            raise ValueError(f"{root}: the text-encoder loader takes V5 / V5.1 folders, this one is {version}")
+            takes = ", ".join(NATIVE_VERSIONS)
+            raise ValueError(f"{root}: the text-encoder loader takes {takes} folders, not {version}")
         return version
     config = root / "text_encoder" / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
     if model_type == "qwen2_vl":
         return "V5.1"
     if model_type == "bert":
-        return "V5"  # the pack's MODEL takes V5 and V5.1 only
+        # Without a transformer beside it nothing says V4 or V5 (V4 encodes with the masks): take V5, the newer.
+        return "V5"
     raise ValueError(
-        f"{root}: the text-encoder loader takes V5 / V5.1 folders (text_encoder/config.json: {model_type})"
+        f"{root}: the text-encoder loader takes V5.1 (Qwen2-VL) or V5 / V4 (BERT + mT5) folders "
+        f"(text_encoder/config.json: {model_type})"
     )
 
 
@@ -277,8 +279,11 @@ class EasyAnimateTextEncode:
         embeds = text_encoder.encoders.encode_texts([text])
         out = mm.intermediate_device()
         extras = {}
-        if embeds.embeds_2 is not None:  # V5's mT5 stream, passed to the model through extra_conds
+        if embeds.embeds_2 is not None:  # the mT5 stream of V5 / V4, passed to the model through extra_conds
             extras["easyanimate_text_2"] = embeds.embeds_2.to(out)
+        if text_encoder.encoders.version == "v4":  # V4 reads the token masks; V5 never does
+            extras["easyanimate_text_mask"] = embeds.mask.to(out)
+            extras["easyanimate_text_2_mask"] = embeds.mask_2.to(out)
         return ([[embeds.embeds.to(out), extras]],)
 
 

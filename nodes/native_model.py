@@ -1,4 +1,4 @@
-"""EasyAnimate V5 / V5.1 as a native ComfyUI MODEL (a ModelPatcher over a comfy BaseModel).
+"""EasyAnimate V5.1 / V5 / V4 as a native ComfyUI MODEL (a ModelPatcher over a comfy BaseModel).
 
 Choice: the BaseModel is built with ``disable_unet_model_creation`` and its ``diffusion_model`` is set
 to our transformer, loaded by ``easyanimate_core.loading.load_transformer`` with the comfy.ops
@@ -29,7 +29,10 @@ from easyanimate_core.pipeline import model_inputs, model_version
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
-from easyanimate_core.vae import VAE_V51
+from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
+from easyanimate_core.vae import VAE_V4, VAE_V51
+
+from .common import NATIVE_VERSIONS, VAE_CONFIGS
 
 WEIGHT_DTYPES = {
     "default": None,
@@ -42,6 +45,8 @@ WEIGHT_DTYPES = {
 # Conditioning-dict keys (set by our text-encode / conditioning nodes) -> transformer keyword arguments.
 COND_TO_KWARG = {
     "easyanimate_text_2": "encoder_hidden_states_t5",
+    "easyanimate_text_mask": "text_embedding_mask",  # V4 reads its token masks (padding gets a learned table)
+    "easyanimate_text_2_mask": "text_embedding_mask_t5",
     "easyanimate_inpaint_latents": "inpaint_latents",
     "easyanimate_control_latents": "control_latents",
 }
@@ -110,6 +115,17 @@ class EasyAnimateLatentFormat(comfy.latent_formats.LatentFormat):
         return fit
 
 
+class EasyAnimateV4LatentFormat(EasyAnimateLatentFormat):
+    """The slice VAE's 4-channel latents of V4 (model space = VAE space x its scaling factor)."""
+
+    latent_channels = VAE_V4.latent_channels
+    scale_factor = VAE_V4.scaling_factor
+    recent_vae = None  # its own: a 16-channel VAE's colours never fit these latents
+
+
+LATENT_FORMATS = {"V5.1": EasyAnimateLatentFormat, "V5": EasyAnimateLatentFormat, "V4": EasyAnimateV4LatentFormat}
+
+
 def sampling_settings(version: str) -> tuple[comfy.model_base.ModelType, dict]:
     """ComfyUI model type and sampling settings equal to the version's released schedule."""
     schedule = SCHEDULES[version]
@@ -117,7 +133,7 @@ def sampling_settings(version: str) -> tuple[comfy.model_base.ModelType, dict]:
         # ModelSamplingDiscreteFlow: sigma(t) = time_snr_shift(shift, t / 1000) = s t / (1 + (s - 1) t), which is
         # our e^mu / (e^mu + 1/t - 1) for s = e^mu; the model is fed sigma * multiplier = sigma * 1000 as ours.
         return comfy.model_base.ModelType.FLOW, {"shift": math.exp(schedule.mu), "multiplier": 1000}
-    # V5: v-prediction on the scaled_linear betas, rescaled to zero terminal SNR.
+    # V5 / V4: v-prediction on the scaled_linear betas (V5's rescaled to zero terminal SNR).
     return comfy.model_base.ModelType.V_PREDICTION, {
         "beta_schedule": "linear",  # comfy's "linear" is the sqrt-space (scaled_linear) schedule
         "linear_start": schedule.beta_start,
@@ -138,6 +154,7 @@ class EasyAnimateModelConfig(comfy.supported_models_base.BASE):
     def __init__(self, version: str):
         super().__init__(self.unet_config)
         self.version = version
+        self.latent_format = LATENT_FORMATS[version]()  # BASE.__init__ instantiated the class attribute
         self.model_type, settings = sampling_settings(version)
         self.sampling_settings = settings
 
@@ -145,16 +162,23 @@ class EasyAnimateModelConfig(comfy.supported_models_base.BASE):
 class EasyAnimateNet(torch.nn.Module):
     """ComfyUI's diffusion-model call ``(x, timesteps, context, **conds)`` onto our transformer."""
 
-    def __init__(self, transformer: EasyAnimateTransformer3D):
+    def __init__(self, transformer: EasyAnimateTransformer3D | EasyAnimateV4Transformer3D):
         super().__init__()
         self.transformer = transformer
-        self.inpaint_channels, self.control_channels = model_inputs(
-            transformer, EasyAnimateLatentFormat.latent_channels
-        )
+        self.version = model_version(transformer)
+        self.latent_format = LATENT_FORMATS[self.version]
+        self.inpaint_channels, self.control_channels = model_inputs(transformer, self.latent_format.latent_channels)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.proj.weight.dtype
+        return next(self.transformer.parameters()).dtype
+
+    def text_widths(self) -> tuple[int, int | None]:
+        """Widths of the first text stream (Qwen2-VL or BERT) and of the second (mT5; None for V5.1)."""
+        config = self.transformer.config
+        if self.version == "V4":
+            return config.cross_attention_dim, config.cross_attention_dim_t5
+        return config.text_embed_dim, config.text_embed_dim_t5
 
     @property
     def variant(self) -> str:
@@ -188,10 +212,11 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
 
     def memory_required(self, input_shape, cond_shapes=None):
         """Bytes of activations for one model call on latents ``input_shape`` (what load_models_gpu reserves)."""
-        config = self.diffusion_model.transformer.config
+        net = self.diffusion_model
+        config = net.transformer.config
         batch, _, frames, height, width = input_shape
         p = config.patch_size
-        text_tokens = 256 + (77 if config.text_embed_dim_t5 is not None else 0)  # Qwen2-VL, or BERT + mT5 (V5)
+        text_tokens = 256 + (77 if net.text_widths()[1] is not None else 0)  # Qwen2-VL, or BERT + mT5 (V5, V4)
         tokens = frames * (height // p) * (width // p) + text_tokens
         dtype = self.manual_cast_dtype or self.diffusion_model.dtype
         return ACTIVATION_BYTES_PER_TOKEN * batch * tokens * config.inner_dim * max(2, dtype.itemsize)
@@ -212,27 +237,34 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
         return out
 
 
-def _describe_grid(shape) -> str:
+def _describe_grid(shape, version: str = "V5.1") -> str:
     """Latent grid [.., T, h, w] as the video it stands for ("9 frames at 64x32")."""
-    t, s = VAE_V51.temporal_compression, VAE_V51.spatial_compression
-    return f"{(shape[-3] - 1) * t + 1} frames at {shape[-1] * s}x{shape[-2] * s}"
+    vae = VAE_CONFIGS[version]
+    t, s, latents = vae.temporal_compression, vae.spatial_compression, shape[-3]
+    frames = (latents - 1) * t + 1 if vae.temporal_mode == "mag" else (1 if latents == 1 else latents * t)
+    return f"{frames} frames at {shape[-1] * s}x{shape[-2] * s}"
 
 
 def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | None:
     """Why one conditioning dict cannot drive ``net`` on latents of ``latent_shape``, or None if it can."""
-    config = net.transformer.config
+    width, width_2 = net.text_widths()
     context = cond.get("cross_attn")
-    if context is not None and context.shape[-1] != config.text_embed_dim:
+    if context is not None and context.shape[-1] != width:
         return (
-            f"the prompt embeddings are {context.shape[-1]} wide but this {net.variant} model takes "
-            f"{config.text_embed_dim}: encode the prompt with the text encoder of the same EasyAnimate version "
+            f"the prompt embeddings are {context.shape[-1]} wide but this {net.version} {net.variant} model takes "
+            f"{width}: encode the prompt with the text encoder of the same EasyAnimate version "
             "(EasyAnimate Text Encoder Loader on the model's folder)"
         )
-    if (config.text_embed_dim_t5 is not None) != (cond.get("easyanimate_text_2") is not None):
-        needs = "needs" if config.text_embed_dim_t5 is not None else "takes no"
+    if (width_2 is not None) != (cond.get("easyanimate_text_2") is not None):
+        needs = "needs" if width_2 is not None else "takes no"
         return (
-            f"this model {needs} the second (mT5) text stream of V5: encode the prompt with the text encoder "
-            "of the same EasyAnimate version"
+            f"this {net.version} model {needs} the second (mT5) text stream of V4 / V5: encode the prompt with the "
+            "text encoder of the same EasyAnimate version"
+        )
+    if net.version == "V4" and cond.get("easyanimate_text_mask") is None:
+        return (
+            "this V4 model reads the prompt's token masks, which this conditioning lacks (a BERT + mT5 folder without "
+            "a V4 transformer beside it is taken as V5's): load the text encoder from the V4 model folder itself"
         )
     inpaint, control = cond.get("easyanimate_inpaint_latents"), cond.get("easyanimate_control_latents")
     if control is not None and not net.control_channels:
@@ -251,14 +283,15 @@ def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | N
         value = cond.get(key)
         if value is not None and tuple(value.shape[2:]) != tuple(latent_shape[2:]):
             return (
-                f"the {node} conditioning was made for {_describe_grid(value.shape)} but the latent to sample is "
-                f"{_describe_grid(latent_shape)}: sample that node's LATENT output, or give both the same width, "
+                f"the {node} conditioning was made for {_describe_grid(value.shape, net.version)} but the latent to "
+                f"sample is {_describe_grid(latent_shape, net.version)}: sample that node's LATENT output, or give "
+                "both the same width, "
                 "height and frames"
             )
     if inpaint is not None and inpaint.shape[1] != net.inpaint_channels:
         return f"inpaint latents have {inpaint.shape[1]} channels; this model takes {net.inpaint_channels}"
     if control is not None:
-        channels, latent = control.shape[1], EasyAnimateLatentFormat.latent_channels
+        channels, latent = control.shape[1], net.latent_format.latent_channels
         if channels == 2 * latent and net.control_channels == latent:
             return (
                 "this V5 Control model takes no reference image (V5.1 Control models do): disconnect ref_image "
@@ -282,8 +315,8 @@ def fit_control_latents(latents: torch.Tensor, channels: int) -> torch.Tensor:
 def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher over our transformer at ``path``, with dtypes and operations picked as comfy.sd does."""
     info = inspect_checkpoint(path, "transformer")
-    if info.version not in ("V5", "V5.1"):
-        raise ValueError(f"{path} holds an EasyAnimate {info.version} transformer; this loader takes V5 and V5.1")
+    if info.version not in NATIVE_VERSIONS:
+        raise ValueError(f"{path} holds an EasyAnimate {info.version} transformer; this loader takes {NATIVE_VERSIONS}")
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     config = EasyAnimateModelConfig(info.version)

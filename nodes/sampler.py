@@ -2,8 +2,9 @@
 
 It is KSampler (``comfy.sample.sample``: same noise, CFG guider, samplers, progress bar and latent previews) with
 "default" choices resolved from the MODEL's version: the released sampler (V5.1 Flow -> ComfyUI's euler, V5 DDIM
--> ComfyUI's ddim) on the released schedule (``latents.released_sigmas``), where ``denoise`` is the official
-strength. With a ComfyUI scheduler chosen it samples exactly as the stock KSampler with the same settings.
+-> ComfyUI's ddim, V4 Euler -> ComfyUI's euler) on the released schedule (``latents.released_sigmas``), where
+``denoise`` is the official strength. With a ComfyUI scheduler chosen it samples exactly as the stock KSampler
+with the same settings.
 The conditioning is checked against the model before the model is loaded.
 """
 
@@ -16,14 +17,13 @@ import latent_preview
 
 from easyanimate_core.sampling import DEFAULTS
 
-from .common import CATEGORY
+from .common import CATEGORY, NATIVE_VERSIONS
 from .latents import released_sigmas
 from .native_model import EasyAnimateNet, conditioning_error
 
 DEFAULT = "default"
 # The official sampler names of the released defaults -> the ComfyUI sampler computing the same steps.
-COMFY_SAMPLERS = {"Flow": "euler", "DDIM": "ddim"}
-NATIVE_VERSIONS = ("V5.1", "V5")
+COMFY_SAMPLERS = {"Flow": "euler", "DDIM": "ddim", "Euler": "euler"}
 
 
 def _released(field: int) -> str:
@@ -96,7 +96,7 @@ class EasyAnimateSampler:
                 ),
                 "sampler_name": (
                     [DEFAULT, *comfy.samplers.KSampler.SAMPLERS],
-                    {"tooltip": f"default: the released sampler ({_released(0)}; Flow = euler, DDIM = ddim)."},
+                    {"tooltip": f"default: the released sampler ({_released(0)}; Flow, Euler = euler, DDIM = ddim)."},
                 ),
                 "scheduler": (
                     [DEFAULT, *comfy.samplers.KSampler.SCHEDULERS],

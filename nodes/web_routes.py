@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import sys
 
-from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51, VAEConfig
+from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51
+
+from .common import frame_rule
 
 RULES_ROUTE = "/easyanimate/video_rules"
 
 # Frame rates the released models were trained at (spec easyanimate_arch.md 4.3): what a duration is shown in.
 TRAINED_FPS = {"V4": 24, "V5": 8, "V5.1": 8}
 VAE_BY_VERSION = {"V4": VAE_V4, "V5": VAE_V5, "V5.1": VAE_V51}
-
-
-def frame_rule(vae: VAEConfig) -> tuple[int, int]:
-    """Valid frame counts as (step, offset): frames = step * k + offset >= 1 (and 1 itself: a still image)."""
-    # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
-    # slice VAE, whole encoder chunks -> multiples of mini_batch_encoder (8).
-    if vae.temporal_mode == "mag":
-        return vae.temporal_compression, 1
-    return vae.mini_batch_encoder, 0
 
 
 def video_rules() -> dict[str, dict[str, int]]:

@@ -419,9 +419,9 @@ def nodes(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
-    """Tiny random InP checkpoints for V5.1 and V5 (written once, symlinked into each test's models folder)."""
+    """Tiny random InP checkpoints for V5.1, V5 and V4 (written once, symlinked into each test's models folder)."""
     root = tmp_path_factory.mktemp("tiny")
-    return {v: write_tiny_checkpoint(root / v.replace(".", ""), "InP", version=v) for v in ("V5.1", "V5")}
+    return {v: write_tiny_checkpoint(root / v.replace(".", ""), "InP", version=v) for v in ("V5.1", "V5", "V4")}
 
 
 def install(nodes, tiny_folders, version: str) -> str:

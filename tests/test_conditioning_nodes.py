@@ -231,5 +231,5 @@ def test_conditioning_for_another_video_size_is_refused_naming_both(nodes, tiny_
 def test_conditioning_from_the_other_versions_text_encoder_is_refused(nodes, tiny_folders):
     model = load_model(nodes, install(nodes, tiny_folders, "V5"))
     [[embeds, _]] = text_conditioning("V5.1")  # no mT5 stream
-    with pytest.raises(ValueError, match="needs the second \\(mT5\\) text stream of V5"):
+    with pytest.raises(ValueError, match="V5 model needs the second \\(mT5\\) text stream"):
         model.extra_conds(cross_attn=embeds, noise=torch.zeros(1, 16, 2, 2, 4))
