@@ -321,6 +321,10 @@ def sampling_standins() -> types.SimpleNamespace:
                 sigmas = ((1 - abar) / abar) ** 0.5
             self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
 
+        @property
+        def sigma_max(self):
+            return self.sigmas[-1]
+
         def sigma(self, timestep):
             t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
             low, high, w = t.floor().long(), t.ceil().long(), t.frac()

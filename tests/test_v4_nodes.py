@@ -98,3 +98,7 @@ def test_v4_sampler_default_is_euler_on_the_released_leading_timesteps(nodes, ti
     assert core.timesteps[:3].long().tolist() == [961, 921, 881]  # leading spacing, steps_offset 1
     # ComfyUI's sigma table (float64, then float32) at the released timesteps against core's float32 one.
     torch.testing.assert_close(call["sigmas"].double(), core.sigmas.double(), rtol=1e-4, atol=0)
+    # ComfyUI starts at sigma_0 * noise; the released Euler at sqrt(sigma_0^2 + 1) * noise: the node scales the noise.
+    sigma_0 = float(call["sigmas"][0])
+    expected_noise = torch.randn(1, 4, 2, 2, 4, generator=torch.manual_seed(3)) * (sigma_0**2 + 1) ** 0.5 / sigma_0
+    torch.testing.assert_close(call["noise"], expected_noise, rtol=1e-5, atol=0)

@@ -1,0 +1,97 @@
+"""EasyAnimate V4 as a native MODEL in real ComfyUI: its sampling equals the core V4 pipeline, and a text-to-video
+graph (our loaders, stock KSampler, our VAE decode) runs through the server."""
+
+from __future__ import annotations
+
+import pytest
+from comfy_harness import run_in_comfy_python
+
+from tests.integration.test_native_model import text_to_video_prompt
+from tests.tiny_checkpoint import write_tiny_checkpoint
+
+pytestmark = pytest.mark.integration
+
+FOLDER = "tiny-v4-inp"
+
+SAMPLING_SCRIPT = r"""
+import importlib.util, json, sys, tempfile
+sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
+sys.path[:0] = [COMFYUI_PATH]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+sys.path.insert(0, REPO)
+from tests.tiny_checkpoint import write_tiny_checkpoint
+sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
+spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
+                                              submodule_search_locations=[REPO])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["easyanimate_pack"] = pack
+spec.loader.exec_module(pack)
+from easyanimate_core.loading import load_transformer, load_vae
+from easyanimate_core.pipeline import generate
+from easyanimate_core.sampling import make_sampler
+from easyanimate_core.text_encoders import load_text_encoders
+loaders = sys.modules["easyanimate_pack.nodes.loaders"]
+sampler_node = sys.modules["easyanimate_pack.nodes.sampler"]
+
+STEPS, GUIDANCE, FRAMES, H, W = 6, 7.0, 16, 32, 64
+root = tempfile.mkdtemp() + "/tiny"
+write_tiny_checkpoint(root, "InP", version="V4")
+model = loaders.load_native_model(root)
+te = loaders.EasyAnimateTextEncoderHandle(load_text_encoders(root, "v4"))
+encode = loaders.EasyAnimateTextEncode().encode
+positive, negative = encode(te, "a red fox")[0], encode(te, "blurry")[0]
+shape = (1, 4, FRAMES // 4, H // 8, W // 8)
+noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+
+# ComfyUI: EasyAnimate Sampler with the released defaults (euler on the V4 leading timesteps), seed 3's noise.
+latent = {"samples": torch.zeros(shape)}
+(out,) = sampler_node.EasyAnimateSampler().sample(model, positive, negative, latent, 3, STEPS, GUIDANCE,
+                                                   "default", "default", 1.0, 0.0)
+comfy_latents = out["samples"] * model.model.latent_format.scale_factor  # LATENT is VAE space; core's model space
+comfy_noise = torch.randn(shape, generator=torch.manual_seed(3))  # ComfyUI's prepare_noise
+
+# Core: the V4 pipeline with diffusers-style Euler from the same noise.
+transformer = load_transformer(root, dtype=torch.float32)
+vae = load_vae(root, dtype=torch.float32)
+prompts = load_text_encoders(root, "v4").encode("a red fox", "blurry")
+core_latents = generate(transformer, vae, prompts, make_sampler("Euler", "V4", STEPS), frames=FRAMES, height=H,
+                        width=W, guidance=GUIDANCE, latents=comfy_noise, decode=False)
+diff = (comfy_latents - core_latents).abs().max().item()
+print(json.dumps({"max_diff": diff, "scale": core_latents.abs().max().item(), "shape": list(comfy_latents.shape)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def v4_sampling():
+    return run_in_comfy_python(SAMPLING_SCRIPT, "COMFYUI_PATH is not set: no ComfyUI checkout to sample with")
+
+
+def test_easyanimate_sampler_on_the_v4_model_reproduces_the_core_v4_pipeline(v4_sampling):
+    assert v4_sampling["shape"] == [1, 4, 4, 4, 8]
+    # The node scales ComfyUI's start noise to the released sqrt(sigma_0^2 + 1) (without that: 1.5e-4 relative at
+    # 6 steps); what is left is float32 operation order and ComfyUI's float64 sigma table.
+    assert v4_sampling["max_diff"] <= 1e-5 * v4_sampling["scale"], v4_sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_v4(comfy_server):
+    root = comfy_server.base_dir / "models" / "EasyAnimate" / FOLDER
+    if not root.is_dir():
+        write_tiny_checkpoint(root, "InP", version="V4")
+    return FOLDER
+
+
+def test_v4_text_to_video_graph_runs_to_frames_of_the_requested_count(comfy_server, tiny_v4):
+    prompt = text_to_video_prompt(tiny_v4, "V4", frames=16, prefix="easyanimate_v4_t2v")
+    files = comfy_server.output_files(comfy_server.run_prompt(prompt, timeout=300))
+    assert len(files) == 16 and all(f.stat().st_size > 0 for f in files)
+
+
+def test_v4_frames_not_a_multiple_of_8_are_refused_at_validation(comfy_server, tiny_v4):
+    from comfy_harness import ComfyError
+
+    prompt = text_to_video_prompt(tiny_v4, "V4", frames=17, prefix="easyanimate_v4_bad")
+    with pytest.raises(ComfyError, match="frames 17 must be a multiple of 8 for V4; nearest valid: 16 or 24"):
+        comfy_server.run_prompt(prompt, timeout=60)
