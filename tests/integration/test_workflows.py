@@ -23,8 +23,16 @@ from tests.tiny_checkpoint import write_tiny_checkpoint
 pytestmark = pytest.mark.integration
 
 WORKFLOW_FILES = sorted((REPO_ROOT / "workflows").glob("*.json"))
-# Small enough for a CPU run; each still a valid size / frame count for V5.1.
+# Small enough for a CPU run; each still a valid size / frame count for V5.1 (V4: frames in multiples of 8).
 SMALL = {"width": 64, "height": 32, "frames": 9, "steps": 2}
+SMALL_FRAMES = {"V5.1": 9, "V5": 9, "V4": 8}
+
+
+def workflow_version(output: dict) -> str:
+    """The version of a converted workflow's Empty Latent Video (V5.1 for the conditioning-node workflows)."""
+    versions = [n["inputs"]["version"] for n in output.values() if n["class_type"] == "EasyAnimateEmptyLatentVideo"]
+    return versions[0] if versions else "V5.1"
+
 
 LOAD = f"""async (workflow) => {{
   const app = {APP};
@@ -76,6 +84,7 @@ def small_prompt(output: dict, tiny: dict, base_dir: Path) -> dict:
     """The converted prompt with tiny model folders, small sizes and steps, and the files it reads written."""
     rng = np.random.default_rng(0)
     models = base_dir / "models"
+    small = {**SMALL, "frames": SMALL_FRAMES[workflow_version(output)]}
     for node in output.values():
         inputs = node["inputs"]
         for name, value in list(inputs.items()):
@@ -83,8 +92,8 @@ def small_prompt(output: dict, tiny: dict, base_dir: Path) -> dict:
                 continue  # a link
             if name == "model_folder":
                 inputs[name] = tiny[value]
-            elif name in SMALL:
-                inputs[name] = SMALL[name]
+            elif name in small:
+                inputs[name] = small[name]
     for node in output.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LoadImage":
@@ -110,4 +119,5 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
     videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
     assert len(videos) == 1, entry["outputs"]
     frames = iio.imread(videos[0])
-    assert frames.shape == (SMALL["frames"], SMALL["height"], SMALL["width"], 3), frames.shape
+    expected_frames = SMALL_FRAMES[workflow_version(prompt)]
+    assert frames.shape == (expected_frames, SMALL["height"], SMALL["width"], 3), frames.shape

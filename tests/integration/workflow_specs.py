@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 
 V51_INP = "EasyAnimateV5.1-12b-zh-InP"
 V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
+V4_INP = "EasyAnimateV4-XL-2-InP"
 # The tiny random checkpoints the tests put in place of the released folders:
 # released name -> (tiny folder name, variant, version).
-TINY_STAND_INS = {V51_INP: ("tiny-v51-inp", "InP", "V5.1"), V51_CONTROL: ("tiny-v51-control", "Control", "V5.1")}
+TINY_STAND_INS = {
+    V51_INP: ("tiny-v51-inp", "InP", "V5.1"),
+    V51_CONTROL: ("tiny-v51-control", "Control", "V5.1"),
+    V4_INP: ("tiny-v4-inp", "InP", "V4"),
+}
 NEGATIVE = (
     "Twisted body, limb deformities, text captions, comic, static, ugly, error, messy code, blurred, "
     "low quality, watermark"
@@ -90,10 +95,10 @@ def text_to_video_nodes(model: str, prompt: str) -> tuple[list[Node], list[tuple
     return nodes, links
 
 
-def sampler_node(denoise: float = 1.0) -> Node:
+def sampler_node(denoise: float = 1.0, steps: int = 50, cfg: float = 6.0, column: int = 3) -> Node:
     """The one-node EasyAnimate sampler with the version's released settings ("default")."""
-    widgets = {"seed": 43, "control_after_generate": "fixed", "steps": 50, "cfg": 6.0, "denoise": denoise}
-    return Node("sampler", "EasyAnimateSampler", {**widgets, "sampler_name": "default", "scheduler": "default"}, 3)
+    widgets = {"seed": 43, "control_after_generate": "fixed", "steps": steps, "cfg": cfg, "denoise": denoise}
+    return Node("sampler", "EasyAnimateSampler", {**widgets, "sampler_name": "default", "scheduler": "default"}, column)
 
 
 def conditioned_nodes(model: str, prompt: str, conditioning: Node, inputs: list[Node], denoise: float = 1.0):
@@ -192,4 +197,17 @@ def lora() -> Workflow:
     return Workflow("easyanimate_v51_lora", "EasyAnimate V5.1: text to video with a LoRA", nodes, links)
 
 
-WORKFLOWS = [t2v, i2v, v2v, control, lora]
+def v4_t2v() -> Workflow:
+    """V4 text to video: its released 25 Euler steps at guidance 7 (EasyAnimate Sampler "default"), 144 frames at
+    24 fps (multiples of 8), BERT + mT5 prompts."""
+    nodes, links = text_to_video_nodes(V4_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
+    nodes = [n for n in nodes if n.key != "sampler"]
+    latent = next(n for n in nodes if n.key == "latent")
+    latent.widgets = {**latent.widgets, "version": "V4", "frames": 144}
+    next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
+    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=25, cfg=7.0, column=2))
+    links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
+    return Workflow("easyanimate_v4_t2v", "EasyAnimate V4: text to video", nodes, links)
+
+
+WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v]
