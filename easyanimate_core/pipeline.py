@@ -242,12 +242,17 @@ def v4_inpaint_latents(
     return torch.cat([mask_latents, masked_latents], dim=1)
 
 
+def v4_clip_active(i: int, num_steps: int, ratio: float = V4_CLIP_APPLY_RATIO) -> bool:
+    """Whether step ``i`` of ``num_steps`` is among the last ``ratio`` of the steps, where V4 reads CLIP features."""
+    return i >= num_steps * (1 - ratio)
+
+
 def v4_clip_inputs(features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float) -> StepInputsFn:
     """Per-step CLIP inputs of the V4 pipeline: the image features for the conditional branch during the last
     ``ratio`` of the steps; otherwise none (the model then reads its learned image padding)."""
 
     def inputs(i: int) -> tuple[dict, dict]:
-        if features is None or i < num_steps * (1 - ratio):
+        if features is None or not v4_clip_active(i, num_steps, ratio):
             return {}, {}
         ones = torch.ones(features.shape[0], n_query, device=features.device)
         uncond = {"clip_encoder_hidden_states": torch.zeros_like(features), "clip_attention_mask": ones * 0}

@@ -20,8 +20,10 @@ from easyanimate_core.pipeline import (
     control_latents,
     image_to_video_inputs,
     inpaint_latents,
+    resized_image,
     snap_size,
     to_model_pixels,
+    v4_inpaint_latents,
 )
 from easyanimate_core.vae import MagvitVAE
 
@@ -50,7 +52,13 @@ def _common_inputs(video_tooltip: str | None = None) -> dict:
             "height": ("INT", {"default": 384, "min": 16, "max": 4096, "step": 16, "tooltip": size}),
             "frames": (
                 "INT",
-                {"default": 49, "min": 1, "max": 1025, "step": 4, "tooltip": "Video frames, 4k+1 (1, 5, ..., 49)."},
+                {
+                    "default": 49,
+                    "min": 1,
+                    "max": 1025,
+                    "step": 1,
+                    "tooltip": "Video frames: 4k+1 (V5.1 / V5), 8k (V4).",
+                },
             ),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
         }
@@ -58,9 +66,13 @@ def _common_inputs(video_tooltip: str | None = None) -> dict:
     return inputs
 
 
-def _validate_size(width, height, frames) -> bool | str:
-    """VALIDATE_INPUTS for width / height / frames: the rules every supported version shares."""
-    return video_size_error(width, height, frames) or True
+def _validate_size(width, height, frames, versions=("V5.1",)) -> bool | str:
+    """VALIDATE_INPUTS for width / height / frames: valid for one of ``versions`` (the VAE, unknown here, decides at
+    run time: ``_checked_size``). V5 shares V5.1's rules."""
+    errors = [video_size_error(width, height, frames, [version]) for version in versions]
+    if not all(errors):
+        return True
+    return "; ".join(dict.fromkeys(errors))
 
 
 def _checked_size(core: MagvitVAE, width: int, height: int, frames: int) -> VideoSize:
@@ -122,6 +134,10 @@ class EasyAnimateImageToVideo:
             "optional": {
                 "start_image": ("IMAGE", {"tooltip": "The first frame (the first image of the batch is used)."}),
                 "end_image": ("IMAGE", {"tooltip": "The last frame (the last image of the batch is used)."}),
+                "image_encoder": (
+                    "EASYANIMATE_IMAGE_ENCODER",
+                    {"tooltip": "V4 only: the start image's CLIP features (EasyAnimate Image Encoder Loader)."},
+                ),
             },
         }
 
@@ -132,7 +148,7 @@ class EasyAnimateImageToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, frames):
-        return _validate_size(width, height, frames)
+        return _validate_size(width, height, frames, ("V5.1", "V4"))
 
     def encode(
         self,
@@ -146,12 +162,21 @@ class EasyAnimateImageToVideo:
         noise_aug_strength,
         start_image=None,
         end_image=None,
+        image_encoder=None,
     ):
         if start_image is None and end_image is None:
             raise ValueError(
                 "connect a start_image and/or an end_image (for text-to-video use EasyAnimate Empty Latent Video)"
             )
         core = easyanimate_vae(vae)
+        is_v4 = core.config.temporal_mode == "slice"
+        if is_v4 and start_image is not None and image_encoder is None:
+            raise ValueError(
+                "V4 image-to-video also conditions on the start image's CLIP features: connect an EasyAnimate "
+                "Image Encoder Loader (V4) on the model folder to image_encoder"
+            )
+        if image_encoder is not None and not is_v4:
+            raise ValueError("image_encoder is for V4 models (slice VAE); disconnect it for V5 / V5.1")
         size = _checked_size(core, width, height, frames)
         latent = empty_video_latent(core.config, width, height, frames, batch_size)
         pixels, mask = image_to_video_inputs(
@@ -162,8 +187,22 @@ class EasyAnimateImageToVideo:
         device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
-            inpaint = inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, noise_aug_strength, device)
-        return (*_attach(positive, negative, {"easyanimate_inpaint_latents": inpaint}), latent)
+            if is_v4:  # mask and masked video through the slice VAE, posterior samples (no noise augmentation)
+                inpaint = v4_inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, device)
+            else:
+                shape = _latent_shape(latent)
+                inpaint = inpaint_latents(core, pixels, mask, shape, generator, noise_aug_strength, device)
+        positive, negative = _attach(positive, negative, {"easyanimate_inpaint_latents": inpaint})
+        if is_v4 and start_image is not None:
+            # The conditional branch reads the features, the unconditional one zeros with a zero mask (official).
+            features = image_encoder.encode(resized_image(start_image[0, ..., :3], size))
+            positive = node_helpers.conditioning_set_values(
+                positive, {"easyanimate_clip": features, "easyanimate_clip_weight": torch.ones(1)}
+            )
+            negative = node_helpers.conditioning_set_values(
+                negative, {"easyanimate_clip": torch.zeros_like(features), "easyanimate_clip_weight": torch.zeros(1)}
+            )
+        return (positive, negative, latent)
 
 
 class EasyAnimateVideoToVideo:

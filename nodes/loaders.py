@@ -19,7 +19,7 @@ from easyanimate_core.loading import inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 
-from .common import CATEGORY, NATIVE_VERSIONS, model_folder_path, model_folders
+from .common import CATEGORY, NATIVE_VERSIONS, folder_input, model_folder_path, model_folders
 from .native_model import WEIGHT_DTYPES, EasyAnimateNet, load_native_model, lora_patches
 
 DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's standard folders for single files
@@ -287,6 +287,46 @@ class EasyAnimateTextEncode:
         return ([[embeds.embeds.to(out), extras]],)
 
 
+class EasyAnimateImageEncoderHandle:
+    """Our CLIP ImageEncoder with its torch module in a ModelPatcher (offloaded by ComfyUI after use)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        # In a ModuleList: ModelPatcher sets ``.device`` on its model, a read-only property of transformers' models.
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            torch.nn.ModuleList([encoder.model]),
+            load_device=mm.text_encoder_device(),
+            offload_device=mm.text_encoder_offload_device(),
+        )
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [H, W, 3] in [0, 1] -> CLIP patch features [1, patches, hidden] on the intermediate device."""
+        mm.load_models_gpu([self.patcher])
+        return self.encoder.encode(image).to(mm.intermediate_device())
+
+
+class EasyAnimateImageEncoderLoader:
+    """Load the CLIP vision encoder (image_encoder/) of an EasyAnimate V4 InP model folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        tooltip = "A V4 InP model folder; its image_encoder/ gives the start image's CLIP features."
+        return {"required": {"model_folder": folder_input("image_encoder", tooltip)}}
+
+    RETURN_TYPES = ("EASYANIMATE_IMAGE_ENCODER",)
+    RETURN_NAMES = ("image_encoder",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model_folder):
+        from easyanimate_core.image_encoder import load_image_encoder
+
+        encoder = load_image_encoder(
+            model_folder_path(model_folder), dtype=mm.text_encoder_dtype(), device=mm.text_encoder_offload_device()
+        )
+        return (EasyAnimateImageEncoderHandle(encoder),)
+
+
 class EasyAnimateLoraLoader:
     """Apply a LoRA (official, peft or diffusers layout) to an EasyAnimate MODEL as weight patches."""
 
@@ -324,6 +364,7 @@ NODE_CLASS_MAPPINGS = {
     "EasyAnimateTextEncoderLoader": EasyAnimateTextEncoderLoader,
     "EasyAnimateTextEncode": EasyAnimateTextEncode,
     "EasyAnimateLoraLoader": EasyAnimateLoraLoader,
+    "EasyAnimateImageEncoderLoader": EasyAnimateImageEncoderLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -331,4 +372,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EasyAnimateTextEncoderLoader": "EasyAnimate Text Encoder Loader",
     "EasyAnimateTextEncode": "EasyAnimate Text Encode",
     "EasyAnimateLoraLoader": "EasyAnimate LoRA Loader",
+    "EasyAnimateImageEncoderLoader": "EasyAnimate Image Encoder Loader (V4)",
 }

@@ -25,7 +25,7 @@ import folder_paths
 import torch
 
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
-from easyanimate_core.pipeline import model_inputs, model_version
+from easyanimate_core.pipeline import model_inputs, model_version, v4_clip_active
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
@@ -49,6 +49,8 @@ COND_TO_KWARG = {
     "easyanimate_text_2_mask": "text_embedding_mask_t5",
     "easyanimate_inpaint_latents": "inpaint_latents",
     "easyanimate_control_latents": "control_latents",
+    "easyanimate_clip": "clip_encoder_hidden_states",  # V4 image-to-video: the start image's CLIP features
+    "easyanimate_clip_weight": "clip_weight",  # 1 on the positive branch, 0 on the negative (its mask)
 }
 
 
@@ -187,12 +189,28 @@ class EasyAnimateNet(torch.nn.Module):
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         extra = {name: kwargs[name] for name in COND_TO_KWARG.values() if kwargs.get(name) is not None}
+        clip, clip_weight = extra.pop("clip_encoder_hidden_states", None), extra.pop("clip_weight", None)
+        if clip is not None and self.clip_step(transformer_options):
+            extra["clip_encoder_hidden_states"] = clip
+            mask = clip_weight.to(clip)[:, None].expand(clip.shape[0], self.transformer.config.n_query)
+            extra["clip_attention_mask"] = mask
         # Without images / a control video the official pipelines feed zeros (text-to-video on InP / Control models).
         for name, channels in (("inpaint_latents", self.inpaint_channels), ("control_latents", self.control_channels)):
             if channels and name not in extra:
                 extra[name] = x.new_zeros(x.shape[0], channels, *x.shape[2:])
         out = self.transformer(x, timesteps, context, **extra)
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
+
+    @staticmethod
+    def clip_step(transformer_options: dict | None) -> bool:
+        """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
+        options = transformer_options or {}
+        sample_sigmas, sigmas = options.get("sample_sigmas"), options.get("sigmas")
+        if sample_sigmas is None or sigmas is None or len(sample_sigmas) < 2:
+            return True  # called outside a ComfyUI sampling loop
+        steps = sample_sigmas[:-1].to(sigmas)
+        i = int((steps - sigmas.flatten()[0]).abs().argmin())
+        return v4_clip_active(i, len(steps))
 
 
 # Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured

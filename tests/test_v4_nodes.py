@@ -6,6 +6,8 @@ tests/integration/test_v4_native.py.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -84,8 +86,6 @@ def test_empty_latent_for_v4_has_4_channels_and_takes_multiples_of_8_frames(node
 
 
 def test_v4_sampler_default_is_euler_on_the_released_leading_timesteps(nodes, tiny_folders, v4_model):
-    import sys
-
     model = v4_model[0]
     cond = v4_conditioning(nodes, tiny_folders)
     calls = sys.modules["comfy.sample"].calls
@@ -102,3 +102,46 @@ def test_v4_sampler_default_is_euler_on_the_released_leading_timesteps(nodes, ti
     sigma_0 = float(call["sigmas"][0])
     expected_noise = torch.randn(1, 4, 2, 2, 4, generator=torch.manual_seed(3)) * (sigma_0**2 + 1) ** 0.5 / sigma_0
     torch.testing.assert_close(call["noise"], expected_noise, rtol=1e-5, atol=0)
+
+
+def v4_i2v_inputs(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V4")
+    vae = nodes.nodes.EasyAnimateVAELoader().load(name)[0]
+    (image_encoder,) = nodes.nodes.EasyAnimateImageEncoderLoader().load(name)
+    cond = v4_conditioning(nodes, tiny_folders)
+    start = torch.rand(1, 32, 64, 3, generator=torch.Generator().manual_seed(2))
+    return vae, image_encoder, cond, start
+
+
+def test_v4_image_to_video_attaches_slice_vae_latents_and_clip_features(nodes, tiny_folders):
+    from easyanimate_core.pipeline import VideoSize, image_to_video_inputs, v4_inpaint_latents
+
+    vae, image_encoder, cond, start = v4_i2v_inputs(nodes, tiny_folders)
+    node = nodes.nodes.EasyAnimateImageToVideo()
+    positive, negative, latent = node.encode(cond, cond, vae, 64, 32, 16, 1, 0.0563, start, None, image_encoder)
+    assert latent["samples"].shape == (1, 4, 4, 4, 8)
+    pos, neg = positive[0][1], negative[0][1]
+    pixels, mask = image_to_video_inputs(start[0], None, VideoSize(16, 32, 64))
+    core = sys.modules[f"{nodes.package.__name__}.vae_nodes"].easyanimate_vae(vae)
+    # The node's posterior samples come from the fixed generator seed 0 (outputs depend on inputs only).
+    expected = v4_inpaint_latents(core, pixels, mask, (1, 4, 4, 4, 8), torch.Generator().manual_seed(0), "cpu")
+    assert expected.shape == (1, 8, 4, 4, 8)  # mask latents + masked-video latents
+    torch.testing.assert_close(pos["easyanimate_inpaint_latents"], expected, rtol=0, atol=0)
+    assert pos["easyanimate_clip"].abs().sum() > 0 and neg["easyanimate_clip"].abs().sum() == 0
+    assert float(pos["easyanimate_clip_weight"]) == 1.0 and float(neg["easyanimate_clip_weight"]) == 0.0
+
+
+def test_v4_image_to_video_without_the_image_encoder_names_the_node_to_connect(nodes, tiny_folders):
+    vae, _, cond, start = v4_i2v_inputs(nodes, tiny_folders)
+    with pytest.raises(ValueError, match="connect an EasyAnimate Image Encoder Loader"):
+        nodes.nodes.EasyAnimateImageToVideo().encode(cond, cond, vae, 64, 32, 16, 1, 0.0563, start, None, None)
+
+
+def test_clip_features_reach_the_transformer_on_the_last_40_percent_of_the_steps(nodes):
+    net_class = nodes.native.EasyAnimateNet
+    sample_sigmas = torch.linspace(10, 0, 11)  # 10 steps
+    active = [
+        net_class.clip_step({"sample_sigmas": sample_sigmas, "sigmas": sample_sigmas[i : i + 1]}) for i in range(10)
+    ]
+    assert active == [False] * 6 + [True] * 4  # the official 0.4 of 10 steps
+    assert net_class.clip_step(None)  # outside a sampling loop the features are used

@@ -95,3 +95,48 @@ def test_v4_frames_not_a_multiple_of_8_are_refused_at_validation(comfy_server, t
     prompt = text_to_video_prompt(tiny_v4, "V4", frames=17, prefix="easyanimate_v4_bad")
     with pytest.raises(ComfyError, match="frames 17 must be a multiple of 8 for V4; nearest valid: 16 or 24"):
         comfy_server.run_prompt(prompt, timeout=60)
+
+
+I2V_SCRIPT = (
+    SAMPLING_SCRIPT.split("# ComfyUI: EasyAnimate Sampler")[0]
+    + r"""
+from easyanimate_core.image_encoder import load_image_encoder
+conditioning = sys.modules["easyanimate_pack.nodes.conditioning"]
+vae_nodes = sys.modules["easyanimate_pack.nodes.vae_nodes"]
+import folder_paths, os
+os.makedirs(folder_paths.models_dir + "/EasyAnimate", exist_ok=True)
+link = folder_paths.models_dir + "/EasyAnimate/tiny-v4-i2v-script"
+if not os.path.exists(link):
+    os.symlink(root, link)
+(vae,) = vae_nodes.EasyAnimateVAELoader().load("tiny-v4-i2v-script")[:1]
+(image_encoder,) = loaders.EasyAnimateImageEncoderLoader().load("tiny-v4-i2v-script")
+start = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(9))
+pos, neg, latent = conditioning.EasyAnimateImageToVideo().encode(
+    positive, negative, vae, W, H, FRAMES, 1, 0.0563, start_image=start, image_encoder=image_encoder)
+(out,) = sampler_node.EasyAnimateSampler().sample(model, pos, neg, latent, 3, STEPS, GUIDANCE,
+                                                   "default", "default", 1.0, 0.0)
+comfy_latents = out["samples"] * model.model.latent_format.scale_factor
+comfy_noise = torch.randn(shape, generator=torch.manual_seed(3))
+transformer = load_transformer(root, dtype=torch.float32)
+core_vae = load_vae(root, dtype=torch.float32)
+prompts = load_text_encoders(root, "v4").encode("a red fox", "blurry")
+# ComfyUI keeps encoders in text_encoder_dtype() (float16, even on the CPU): core's encoder in the same dtype.
+encoder = load_image_encoder(root, dtype=image_encoder.encoder.dtype)
+# seed 0: the generator the node's posterior samples come from (AUG_NOISE_SEED), the noise is given
+core_latents = generate(transformer, core_vae, prompts, make_sampler("Euler", "V4", STEPS), frames=FRAMES, height=H,
+                        width=W, guidance=GUIDANCE, seed=0, latents=comfy_noise, start_image=start[0],
+                        image_encoder=encoder, decode=False)
+without_clip = generate(transformer, core_vae, prompts, make_sampler("Euler", "V4", STEPS), frames=FRAMES, height=H,
+                        width=W, guidance=GUIDANCE, seed=0, latents=comfy_noise, start_image=start[0],
+                        image_encoder=encoder, clip_apply_ratio=0.0, decode=False)
+print(json.dumps({"max_diff": (comfy_latents - core_latents).abs().max().item(),
+                  "clip_effect": (core_latents - without_clip).abs().max().item(),
+                  "scale": core_latents.abs().max().item()}))
+"""
+)
+
+
+def test_v4_image_to_video_nodes_reproduce_the_core_v4_pipeline():
+    result = run_in_comfy_python(I2V_SCRIPT, "COMFYUI_PATH is not set: no ComfyUI checkout to sample with")
+    assert result["clip_effect"] > 1e-3 * result["scale"], result  # the CLIP features matter on these steps
+    assert result["max_diff"] <= 1e-5 * result["scale"], result
