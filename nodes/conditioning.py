@@ -25,9 +25,9 @@ from easyanimate_core.pipeline import (
     to_model_pixels,
     v4_inpaint_latents,
 )
-from easyanimate_core.vae import MagvitVAE
+from easyanimate_core.vae import VAE_V51, MagvitVAE
 
-from .common import CATEGORY
+from .common import CATEGORY, frame_rule
 from .latents import empty_video_latent, video_size_error
 from .vae_nodes import easyanimate_vae
 
@@ -83,10 +83,11 @@ def _checked_size(core: MagvitVAE, width: int, height: int, frames: int) -> Vide
     return size
 
 
-def _check_frames(video: torch.Tensor, frames: int, what: str) -> None:
-    """A clear error when an IMAGE batch has fewer frames than requested."""
+def _check_frames(video: torch.Tensor, frames: int, what: str, vae_config=VAE_V51) -> None:
+    """A clear error when an IMAGE batch has fewer frames than requested (naming the most the VAE's rule allows)."""
     if video.shape[0] < frames:
-        fit = (video.shape[0] - 1) // 4 * 4 + 1
+        step, offset = frame_rule(vae_config)
+        fit = max((video.shape[0] - offset) // step * step + offset, 1)
         raise ValueError(f"the {what} has {video.shape[0]} frames but frames is {frames}: set frames to {fit} or less")
 
 
@@ -230,17 +231,19 @@ class EasyAnimateVideoToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, frames):
-        return _validate_size(width, height, frames)
+        return _validate_size(width, height, frames, ("V5.1", "V4"))
 
     def encode(self, positive, negative, vae, video, width, height, frames, batch_size, mask=None):
-        _check_frames(video, frames, "video")
         core = easyanimate_vae(vae)
+        _check_frames(video, frames, "video", core.config)
         size = _checked_size(core, width, height, frames)
         pixels = to_model_pixels(video[:frames, ..., :3], size)  # RGB (an alpha channel is dropped), [-1, 1]
         with torch.no_grad():  # the VAE's own encode: chunks and tiles planned from free memory, OOM retry, progress
             mean = vae.encode_video((pixels + 1) / 2)
         # The official video-to-video path (no mask) regenerates every pixel: all-zero inpaint latents on an InP
-        # model, which the MODEL feeds by itself; nothing is attached then.
+        # model, which the MODEL feeds by itself; nothing is attached then. V4's pipeline draws a posterior sample
+        # with the sampling seed, which a node before the sampler cannot know: the mean here (off by the VAE's
+        # posterior noise).
         latent = {"samples": mean.float().repeat(batch_size, 1, 1, 1, 1).to(mm.intermediate_device())}
         if mask is None:
             return (positive, negative, latent)
@@ -248,9 +251,12 @@ class EasyAnimateVideoToVideo:
         device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
-            inpaint = inpaint_latents(
-                core, pixels, generate, _latent_shape(latent), generator, NOISE_AUG_STRENGTH, device
-            )
+            if core.config.temporal_mode == "slice":  # V4
+                inpaint = v4_inpaint_latents(core, pixels, generate, _latent_shape(latent), generator, device)
+            else:
+                inpaint = inpaint_latents(
+                    core, pixels, generate, _latent_shape(latent), generator, NOISE_AUG_STRENGTH, device
+                )
         return (*_attach(positive, negative, {"easyanimate_inpaint_latents": inpaint}), latent)
 
 

@@ -59,7 +59,7 @@ def test_nodes_are_registered_with_three_outputs(nodes):
 def test_sizes_and_frames_are_validated_with_the_nearest_values(nodes, node):
     cls = nodes.package.NODE_CLASS_MAPPINGS[node]
     assert cls.VALIDATE_INPUTS(width=672, height=384, frames=49) is True
-    takes_v4 = node == "EasyAnimateImageToVideo"
+    takes_v4 = node in ("EasyAnimateImageToVideo", "EasyAnimateVideoToVideo")
     v4 = "; frames 50 must be a multiple of 8 for V4; nearest valid: 48 or 56" if takes_v4 else ""
     assert cls.VALIDATE_INPUTS(width=672, height=384, frames=50) == (
         "frames 50 must be 4k+1 for V5.1; nearest valid: 49 or 53" + v4

@@ -29,9 +29,14 @@ SMALL_FRAMES = {"V5.1": 9, "V5": 9, "V4": 8}
 
 
 def workflow_version(output: dict) -> str:
-    """The version of a converted workflow's Empty Latent Video (V5.1 for the conditioning-node workflows)."""
-    versions = [n["inputs"]["version"] for n in output.values() if n["class_type"] == "EasyAnimateEmptyLatentVideo"]
-    return versions[0] if versions else "V5.1"
+    """The version of the released model a converted workflow loads (by its tiny stand-in's entry)."""
+    folders = {n["inputs"]["model_folder"] for n in output.values() if "model_folder" in n["inputs"]}
+    by_name = {}
+    for released, (tiny, _, version) in TINY_STAND_INS.items():
+        by_name[released] = by_name[tiny] = version
+    versions = {by_name[f] for f in folders}
+    assert len(versions) == 1, f"a workflow mixes versions: {folders}"
+    return versions.pop()
 
 
 LOAD = f"""async (workflow) => {{
@@ -84,7 +89,8 @@ def small_prompt(output: dict, tiny: dict, base_dir: Path) -> dict:
     """The converted prompt with tiny model folders, small sizes and steps, and the files it reads written."""
     rng = np.random.default_rng(0)
     models = base_dir / "models"
-    small = {**SMALL, "frames": SMALL_FRAMES[workflow_version(output)]}
+    version = workflow_version(output)
+    small = {**SMALL, "frames": SMALL_FRAMES[version]}
     for node in output.values():
         inputs = node["inputs"]
         for name, value in list(inputs.items()):

@@ -101,7 +101,16 @@ def sampler_node(denoise: float = 1.0, steps: int = 50, cfg: float = 6.0, column
     return Node("sampler", "EasyAnimateSampler", {**widgets, "sampler_name": "default", "scheduler": "default"}, column)
 
 
-def conditioned_nodes(model: str, prompt: str, conditioning: Node, inputs: list[Node], denoise: float = 1.0):
+def conditioned_nodes(
+    model: str,
+    prompt: str,
+    conditioning: Node,
+    inputs: list[Node],
+    denoise: float = 1.0,
+    steps: int = 50,
+    cfg: float = 6.0,
+    fps: float = 8.0,
+):
     """Loaders and prompts, a conditioning node fed by ``inputs``, our sampler, decode and save."""
     nodes = [
         Node("model", "EasyAnimateModelLoader", {"model_folder": model, "weight_dtype": "default"}, 0),
@@ -111,9 +120,9 @@ def conditioned_nodes(model: str, prompt: str, conditioning: Node, inputs: list[
         Node("positive", "EasyAnimateTextEncode", {"text": prompt}, 1, "Positive prompt"),
         Node("negative", "EasyAnimateTextEncode", {"text": NEGATIVE}, 1, "Negative prompt"),
         conditioning,
-        sampler_node(denoise),
+        sampler_node(denoise, steps, cfg),
         Node("decode", "EasyAnimateVAEDecode", {}, 4),
-        Node("create", "CreateVideo", {"fps": 8.0}, 4),
+        Node("create", "CreateVideo", {"fps": fps}, 4),
         Node("save", "SaveVideo", {"filename_prefix": "video/EasyAnimate"}, 5),
     ]
     links = [
@@ -210,4 +219,34 @@ def v4_t2v() -> Workflow:
     return Workflow("easyanimate_v4_t2v", "EasyAnimate V4: text to video", nodes, links)
 
 
-WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v]
+V4_SIZE = {"width": 672, "height": 384, "frames": 144, "batch_size": 1}
+V4_SAMPLING = {"steps": 25, "cfg": 7.0, "fps": 24.0}  # released: Euler 25 steps, guidance 7, 24 fps
+
+
+def v4_i2v() -> Workflow:
+    """V4 image to video: the start image through the slice VAE and, for the last 40% of steps, its CLIP features."""
+    conditioning = Node("i2v", "EasyAnimateImageToVideo", {**V4_SIZE, "noise_aug_strength": 0.0563}, 2)
+    inputs = [
+        Node("image_encoder", "EasyAnimateImageEncoderLoader", {"model_folder": V4_INP}, 0),
+        Node("start", "LoadImage", {"image": "easyanimate_start.png"}, 1, "Start image"),
+    ]
+    prompt = "A dog running across a meadow towards the camera, sunny day"
+    nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, **V4_SAMPLING)
+    links += [("start", "IMAGE", "i2v", "start_image"), ("image_encoder", "image_encoder", "i2v", "image_encoder")]
+    return Workflow("easyanimate_v4_i2v", "EasyAnimate V4: image to video", nodes, links)
+
+
+def v4_v2v() -> Workflow:
+    """V4 video to video at strength 0.7."""
+    conditioning = Node("v2v", "EasyAnimateVideoToVideo", V4_SIZE, 2)
+    inputs = [
+        Node("load", "LoadVideo", {"file": "easyanimate_source.mp4"}, 1, "Source video"),
+        Node("frames", "GetVideoComponents", {}, 1),
+    ]
+    prompt = "A cat walking in the snow, cinematic lighting"
+    nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, denoise=0.7, **V4_SAMPLING)
+    links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
+    return Workflow("easyanimate_v4_v2v", "EasyAnimate V4: video to video (strength 0.7)", nodes, links)
+
+
+WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v, v4_i2v, v4_v2v]
