@@ -277,6 +277,27 @@ class EventStream:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+# The start of a script for ``run_in_comfy_python`` that needs ComfyUI's modules and this pack: ComfyUI on the CPU,
+# then the pack imported as ComfyUI imports it (a package named by its folder, nodes imported relatively).
+PACK_IMPORT_SCRIPT = r"""
+import importlib.util, json, sys, tempfile
+sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
+sys.path[:0] = [COMFYUI_PATH]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sample, comfy.samplers
+sys.path.insert(0, REPO)
+from tests.tiny_checkpoint import write_tiny_checkpoint
+sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
+spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
+                                              submodule_search_locations=[REPO])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["easyanimate_pack"] = pack
+spec.loader.exec_module(pack)
+"""
+
+
 def run_in_comfy_python(script: str, skip_reason: str) -> dict:
     """Run ``script`` in ComfyUI's Python (COMFYUI_PYTHON) and return the JSON its last line prints.
 

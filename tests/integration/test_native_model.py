@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from comfy_harness import PACK_DIR_NAME, ComfyError, run_in_comfy_python
+from comfy_harness import PACK_DIR_NAME, PACK_IMPORT_SCRIPT, ComfyError, run_in_comfy_python
 
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
@@ -150,23 +150,9 @@ def test_frames_not_4k_plus_1_are_rejected_with_nearest_values(comfy_server, tin
     assert "4k+1" in text and "9 or 13" in text, text[:2000]
 
 
-SAMPLING_SCRIPT = r"""
-import importlib.util, json, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
-sys.path[:0] = [COMFYUI_PATH]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.sample, comfy.samplers
-sys.path.insert(0, REPO)
-from tests.tiny_checkpoint import write_tiny_checkpoint
-sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
-# The pack imported as ComfyUI does: a package named by its folder, nodes imported relatively.
-spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
-                                              submodule_search_locations=[REPO])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["easyanimate_pack"] = pack
-spec.loader.exec_module(pack)
+SAMPLING_SCRIPT = (
+    PACK_IMPORT_SCRIPT
+    + r"""
 from easyanimate_core.loading import load_transformer
 from easyanimate_core.pipeline import denoise
 from easyanimate_core.sampling import SCHEDULES, alphas_cumprod, flow_sigmas, make_sampler
@@ -283,6 +269,7 @@ print(json.dumps({
     "v5_sigma_max": ms_v5.sigmas[-1].item(),
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ graph (our loaders, stock KSampler, our VAE decode) runs through the server."""
 from __future__ import annotations
 
 import pytest
-from comfy_harness import run_in_comfy_python
+from comfy_harness import PACK_IMPORT_SCRIPT, run_in_comfy_python
 
 from tests.integration.test_native_model import text_to_video_prompt
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -13,21 +13,9 @@ pytestmark = pytest.mark.integration
 
 FOLDER = "tiny-v4-inp"
 
-SAMPLING_SCRIPT = r"""
-import importlib.util, json, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
-sys.path[:0] = [COMFYUI_PATH]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-sys.path.insert(0, REPO)
-from tests.tiny_checkpoint import write_tiny_checkpoint
-sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
-spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
-                                              submodule_search_locations=[REPO])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["easyanimate_pack"] = pack
-spec.loader.exec_module(pack)
+SAMPLING_SCRIPT = (
+    PACK_IMPORT_SCRIPT
+    + r"""
 from easyanimate_core.loading import load_transformer, load_vae
 from easyanimate_core.pipeline import generate
 from easyanimate_core.sampling import make_sampler
@@ -61,6 +49,7 @@ core_latents = generate(transformer, vae, prompts, make_sampler("Euler", "V4", S
 diff = (comfy_latents - core_latents).abs().max().item()
 print(json.dumps({"max_diff": diff, "scale": core_latents.abs().max().item(), "shape": list(comfy_latents.shape)}))
 """
+)
 
 
 @pytest.fixture(scope="module")
