@@ -127,7 +127,8 @@ class EasyAnimateImageToVideo:
                         "default": NOISE_AUG_STRENGTH,
                         "min": 0.0,
                         "max": 1.0,
-                        "step": 0.001,
+                        "step": 0.0001,
+                        "round": 0.0001,  # the frontend rounds to the step: 0.0563 must survive
                         "tooltip": "Noise added to the kept images before encoding (official default 0.0563).",
                     },
                 ),

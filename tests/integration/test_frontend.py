@@ -58,3 +58,29 @@ def test_frames_and_size_widgets_snap_to_the_version_rules_and_show_duration(pag
     assert result["info"] == "49 frames · 6.1 s at 8 fps · latent 13×48×82", result
     # The info line is drawn, not a widget: the prompt carries exactly the node's own inputs.
     assert result["inputs"] == {"version": "V5.1", "width": 656, "height": 384, "frames": 49, "batch_size": 1}
+
+
+CONDITIONING_SNAP_SCRIPT = """async () => {
+  const app = window.comfyAPI?.app?.app ?? window.app;
+  const node = window.LiteGraph.createNode("EasyAnimateImageToVideo");
+  app.graph.add(node);
+  const w = (name) => node.widgets.find((x) => x.name === name);
+  const set = (name, value) => { w(name).value = value; w(name).callback(value); };
+  for (let i = 0; i < 50 && !node.easyanimateInfo; i++) await new Promise((r) => setTimeout(r, 100));
+  const seen = {};
+  for (const frames of [48, 49, 50, 144]) {
+    set("frames", frames);
+    seen[frames] = [w("frames").value, node.easyanimateInfo];
+  }
+  app.graph.remove(node);
+  return seen;
+}"""
+
+
+def test_conditioning_nodes_keep_frames_valid_for_any_version_and_describe_them_by_it(page):
+    """Image To Video has no version widget (its VAE decides): V4's 8k and V5.1's 4k+1 both stay."""
+    seen = page.evaluate(CONDITIONING_SNAP_SCRIPT)
+    assert seen["48"] == [48, "48 frames · 2.0 s at 24 fps · latent 12×48×84"], seen  # V4: 8k, slice VAE
+    assert seen["49"][0] == 49 and seen["49"][1].startswith("49 frames · 6.1 s at 8 fps · latent 13×"), seen
+    assert seen["50"][0] == 49, seen  # valid for no version: snapped to V5.1's rule
+    assert seen["144"][0] == 144, seen  # the V4 workflows' 144 frames survive loading

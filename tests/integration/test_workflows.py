@@ -120,6 +120,14 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
     result = page.evaluate(LOAD, workflow)
     assert result["missing"] == [], result["missing"]
     assert "Missing" not in result["dialog"], result["dialog"]
+    # The frontend extension's snapping on load keeps the saved frame counts (V4's 144 is not 4k+1).
+    saved = {n["inputs"]["frames"] for n in result["output"].values() if isinstance(n["inputs"].get("frames"), int)}
+    assert saved <= {49, 144} and saved, saved
+    if workflow_version(result["output"]) == "V4":
+        assert saved == {144}, saved
+    for node in result["output"].values():  # the official augmentation strength survives the widget's rounding
+        if node["class_type"] == "EasyAnimateImageToVideo":
+            assert node["inputs"]["noise_aug_strength"] == 0.0563, node["inputs"]
     prompt = small_prompt(result["output"], tiny_models, comfy_server.base_dir)
     entry = comfy_server.run_prompt(prompt, timeout=600)
     videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]

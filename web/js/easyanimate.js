@@ -47,18 +47,32 @@ function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
 
-function ruleFor(node) {
-  if (!rules) return null;
-  const version = widget(node, "version")?.value;
-  return rules[version] ?? rules[DEFAULT_VERSION] ?? null;
+function validFrames(frames, rule) {
+  return frames === 1 || (frames >= rule.frame_step && (frames - rule.frame_offset) % rule.frame_step === 0);
 }
 
-// Snap every rule-bound widget of the node to the nearest valid value and refresh the info line.
+// The rules that may hold for a node: its version widget's, or (a conditioning node, whose version is that of
+// the VAE it is given) every version's, newest first.
+function rulesFor(node) {
+  if (!rules) return [];
+  const version = widget(node, "version")?.value;
+  if (version !== undefined) return rules[version] ? [rules[version]] : [];
+  const preferred = rules[DEFAULT_VERSION];
+  return [preferred, ...Object.values(rules).filter((r) => r !== preferred)].filter(Boolean);
+}
+
+// Snap every rule-bound widget of the node to the nearest valid value and refresh the info line. Without a
+// version widget a frame count valid for any version stays (48 is V4's, 49 V5.1's); others snap to V5.1's.
 function applyRules(node) {
-  const rule = ruleFor(node);
-  if (!rule) return;
+  const candidates = rulesFor(node);
+  if (!candidates.length) return;
   const frames = widget(node, "frames");
-  if (frames && typeof frames.value === "number") frames.value = nearestFrames(frames.value, rule);
+  let rule = candidates[0];
+  if (frames && typeof frames.value === "number") {
+    const fitting = candidates.find((r) => validFrames(frames.value, r));
+    if (fitting) rule = fitting;
+    else frames.value = nearestFrames(frames.value, rule);
+  }
   for (const name of ["width", "height"]) {
     const w = widget(node, name);
     if (w && typeof w.value === "number") w.value = nearestSize(w.value, rule.pixel_multiple);
