@@ -89,6 +89,13 @@ class VAEConfig:
             return (frames - 1) // self.temporal_compression + 1
         return 1 if frames == 1 else frames // self.temporal_compression  # 8 frames -> 2 latents
 
+    def video_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from ``latent_frames`` latents."""
+        tc = self.temporal_compression
+        if self.temporal_mode == "mag":
+            return tc * (latent_frames - 1) + 1
+        return 1 if latent_frames == 1 else tc * latent_frames
+
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
@@ -657,10 +664,7 @@ class MagvitVAE(nn.Module):
 
     def video_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from ``latent_frames`` latents."""
-        tc = self.config.temporal_compression
-        if self.config.temporal_mode == "mag":
-            return tc * (latent_frames - 1) + 1
-        return 1 if latent_frames == 1 else tc * latent_frames
+        return self.config.video_frames(latent_frames)
 
     def check_video_shape(self, shape) -> None:
         """Raise ValueError naming the nearest valid values unless ``shape`` is a video [B, C, F, H, W] it encodes."""

@@ -10,12 +10,8 @@ from easyanimate_core.vae import VAE_V51
 
 from .common import CATEGORY, VAE_CONFIGS, frame_rule
 
-# The conditioning nodes encode with the mag VAE of V5.1 / V5: V4's image conditioning (slice VAE + CLIP) is not a
-# node yet, so their size check covers those versions.
-CONDITIONING_VERSIONS = ("V5.1", "V5")
 
-
-def video_size_error(width: int, height: int, frames: int, versions=CONDITIONING_VERSIONS) -> str | None:
+def video_size_error(width: int, height: int, frames: int, versions) -> str | None:
     """Why a video size breaks the frame / size rules of ``versions`` (naming the nearest valid values), or None."""
     for version in versions:
         vae = VAE_CONFIGS[version]

@@ -247,15 +247,24 @@ class EasyAnimateTextEncoderLoader:
         return (EasyAnimateTextEncoderHandle(encoders),)
 
 
+def _encoder_patcher(*modules: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher over text / image encoder modules, on ComfyUI's text-encoder devices.
+
+    In a ModuleList: ModelPatcher sets ``.device`` on its model, a read-only property of transformers' models.
+    """
+    return comfy.model_patcher.ModelPatcher(
+        torch.nn.ModuleList(modules),
+        load_device=mm.text_encoder_device(),
+        offload_device=mm.text_encoder_offload_device(),
+    )
+
+
 class EasyAnimateTextEncoderHandle:
     """Our TextEncoders with their torch modules in one ModelPatcher (offloaded by ComfyUI after use)."""
 
     def __init__(self, encoders: TextEncoders):
         self.encoders = encoders
-        modules = torch.nn.ModuleList([m for m in (encoders.text_encoder, encoders.text_encoder_2) if m is not None])
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            modules, load_device=mm.text_encoder_device(), offload_device=mm.text_encoder_offload_device()
-        )
+        self.patcher = _encoder_patcher(*(m for m in (encoders.text_encoder, encoders.text_encoder_2) if m is not None))
 
 
 class EasyAnimateTextEncode:
@@ -292,12 +301,7 @@ class EasyAnimateImageEncoderHandle:
 
     def __init__(self, encoder):
         self.encoder = encoder
-        # In a ModuleList: ModelPatcher sets ``.device`` on its model, a read-only property of transformers' models.
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            torch.nn.ModuleList([encoder.model]),
-            load_device=mm.text_encoder_device(),
-            offload_device=mm.text_encoder_offload_device(),
-        )
+        self.patcher = _encoder_patcher(encoder.model)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image [H, W, 3] in [0, 1] -> CLIP patch features [1, patches, hidden] on the intermediate device."""

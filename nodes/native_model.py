@@ -258,9 +258,8 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
 def _describe_grid(shape, version: str = "V5.1") -> str:
     """Latent grid [.., T, h, w] as the video it stands for ("9 frames at 64x32")."""
     vae = VAE_CONFIGS[version]
-    t, s, latents = vae.temporal_compression, vae.spatial_compression, shape[-3]
-    frames = (latents - 1) * t + 1 if vae.temporal_mode == "mag" else (1 if latents == 1 else latents * t)
-    return f"{frames} frames at {shape[-1] * s}x{shape[-2] * s}"
+    s = vae.spatial_compression
+    return f"{vae.video_frames(shape[-3])} frames at {shape[-1] * s}x{shape[-2] * s}"
 
 
 def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | None:

@@ -50,16 +50,18 @@ def check_conditioning(model, positive, negative, latent_shape) -> None:
                 raise ValueError(f"{name} conditioning: {error}")
 
 
-def released_start_scale(version: str, steps: int, sigmas, sigma_max: float) -> float:
+def released_start_scale(version: str, steps: int, sigmas, model_sampling) -> float:
     """Factor on ComfyUI's noise that makes its start latents the released sampler's, from pure noise.
 
     ComfyUI starts at sigma_0 * noise unless sigma_0 is the model's largest sigma (then sqrt(sigma_0^2 + 1) *
     noise). The released V4 Euler (leading spacing) never reaches the largest sigma yet starts from
     ``init_noise_sigma`` = sqrt(sigma_0^2 + 1): the factor is that over sigma_0 (1 for every other version).
     """
-    schedule, sigma_0 = SCHEDULES[version], float(sigmas[0])
-    if getattr(schedule, "spacing", None) != "leading" or math.isclose(sigma_0, sigma_max, rel_tol=1e-5):
-        return 1.0  # (ComfyUI's own test for the largest sigma)
+    if getattr(SCHEDULES[version], "spacing", None) != "leading":
+        return 1.0
+    sigma_0 = float(sigmas[0])
+    if math.isclose(sigma_0, float(model_sampling.sigma_max), rel_tol=1e-5):  # ComfyUI's own largest-sigma test
+        return 1.0
     return make_sampler(DEFAULTS[version][0], version, steps).init_noise_sigma / sigma_0
 
 
@@ -164,9 +166,8 @@ class EasyAnimateSampler:
             flow_shift = getattr(model_sampling, "shift", None) if DEFAULTS[version][0] == "Flow" else None
             sigmas = released_sigmas(version, steps, denoise, model_sampling, flow_shift)
         noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-        if sigmas is not None and denoise == 1.0 and len(sigmas) > 1 and DEFAULTS[version][0] != "Flow":
-            sigma_max = float(model.get_model_object("model_sampling").sigma_max)
-            noise = noise * released_start_scale(version, steps, sigmas, sigma_max)
+        if sigmas is not None and denoise == 1.0 and len(sigmas) > 1:
+            noise = noise * released_start_scale(version, steps, sigmas, model.get_model_object("model_sampling"))
         callback = latent_preview.prepare_callback(model, steps if sigmas is None else max(len(sigmas) - 1, 1))
         samples = comfy.sample.sample(
             model,

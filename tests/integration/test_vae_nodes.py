@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from comfy_harness import ComfyError, run_in_comfy_python
+from comfy_harness import PACK_IMPORT_SCRIPT, ComfyError, run_in_comfy_python
 from safetensors.torch import save_file
 
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -15,24 +15,13 @@ pytestmark = pytest.mark.integration
 
 FOLDER = "tiny-vae-v51"
 
-VAE_SCRIPT = r"""
-import importlib.util, json, logging, sys, tempfile
-sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
-sys.path[:0] = [COMFYUI_PATH]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-sys.path.insert(0, REPO)
-from tests.tiny_checkpoint import write_tiny_checkpoint
-sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
+VAE_SCRIPT = (
+    PACK_IMPORT_SCRIPT
+    + r"""
+import logging
 import folder_paths
 work = tempfile.mkdtemp()
 folder_paths.set_user_directory(work + "/user")  # the preview-colour cache; nothing written into the checkout
-spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
-                                              submodule_search_locations=[REPO])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["easyanimate_pack"] = pack
-spec.loader.exec_module(pack)
 import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
@@ -135,6 +124,7 @@ res["fit_rms"] = fit.rms_error
 res["colour_rms"] = fit.colour_rms
 print(json.dumps(res))
 """
+)
 
 
 @pytest.fixture(scope="module")
