@@ -19,7 +19,15 @@ from easyanimate_core.loading import inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 
-from .common import CATEGORY, NATIVE_VERSIONS, folder_input, model_folder_path, model_folders
+from .common import (
+    BUNDLED_TOOLTIP,
+    CATEGORY,
+    NATIVE_VERSIONS,
+    bundled_first,
+    folder_input,
+    model_folder_path,
+    model_folders,
+)
 from .native_model import WEIGHT_DTYPES, EasyAnimateNet, load_native_model, lora_patches
 
 DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's standard folders for single files
@@ -87,7 +95,7 @@ class EasyAnimateModelLoader:
         choices = model_folders("transformer") + _safetensors_in(DIFFUSION_MODELS)
         tooltip = (
             "An EasyAnimate checkpoint: a folder under models/EasyAnimate/ with a transformer/ subfolder, or a "
-            "transformer .safetensors file in models/diffusion_models/."
+            "transformer .safetensors file in models/diffusion_models/. " + BUNDLED_TOOLTIP
         )
         return {
             "required": {
@@ -209,11 +217,12 @@ class EasyAnimateTextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = sorted(set(model_folders("text_encoder") + _text_encoder_dirs())) + _safetensors_in(TEXT_ENCODERS)
+        folders = bundled_first(model_folders("text_encoder") + _text_encoder_dirs())
+        choices = folders + _safetensors_in(TEXT_ENCODERS)
         tooltip = (
             "A folder under models/EasyAnimate/ or models/text_encoders/ with text_encoder/ and tokenizer/ (V5 also "
             "text_encoder_2/, tokenizer_2/), or a single-file Qwen2-VL in text_encoders/ whose config.json and "
-            "tokenizer files are in a folder of the same name beside it."
+            "tokenizer files are in a folder of the same name beside it. " + BUNDLED_TOOLTIP
         )
         return {"required": {"model_folder": (choices, {"tooltip": tooltip})}}
 

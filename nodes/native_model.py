@@ -62,7 +62,8 @@ LATENT_CONDS = {
 
 
 class EasyAnimateLatentFormat(comfy.latent_formats.LatentFormat):
-    """The mag VAE's 16-channel video latents; model space = VAE space x scaling_factor (0.7125).
+    """The mag VAE's 16-channel video latents; model space = VAE space x scaling_factor (the released 0.7125, or
+    the one in the config of the model folder's own vae/: the micro model's differs).
 
     Live previews (ComfyUI's latent2rgb) need latent-to-RGB factors, which depend on the VAE's weights: they are
     fitted from a VAE (``easyanimate_core.preview``) the first time ComfyUI's previewer reads them, then kept in
@@ -81,10 +82,18 @@ class EasyAnimateLatentFormat(comfy.latent_formats.LatentFormat):
     recent_vae: Path | None = None  # class-wide: the last 16-channel VAE the EasyAnimate VAE Loader loaded
 
     def attach_vae_near(self, path) -> None:
-        """Fit previews from the vae/ folder of the model folder ``path`` (or of the parent of its transformer/)."""
+        """Take the vae/ of the model folder ``path`` (or of the parent of its transformer/): its scaling factor, and
+        the previews fitted from it."""
         path = Path(path)
         if path.is_dir():
             self.vae_source = next((root for root in (path, path.parent) if (root / "vae").is_dir()), None)
+        if self.vae_source is None:
+            return
+        try:
+            self.scale_factor = inspect_checkpoint(self.vae_source, "vae").config.scaling_factor
+        except ValueError as error:  # another VAE may be used with this model: keep the released factor
+            message = "EasyAnimate: %s/vae is unreadable (%s); latents use scaling %s"
+            logging.warning(message, self.vae_source, error, self.scale_factor)
 
     @property
     def latent_rgb_factors(self):
@@ -351,7 +360,7 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
     if model_version(transformer) != info.version:
         raise ValueError(f"{path}: detected {info.version} but the loaded transformer is {model_version(transformer)}")
     model = EasyAnimateModel(config, transformer, device=offload_device)
-    model.latent_format.attach_vae_near(path)  # live previews fitted from this folder's VAE
+    model.latent_format.attach_vae_near(path)  # this folder's VAE: latent scaling, live previews
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 

@@ -36,7 +36,7 @@ from easyanimate_core.vae import (
     plan_encode,
 )
 
-from .common import CATEGORY, model_folder_path, model_folders
+from .common import BUNDLED_TOOLTIP, CATEGORY, model_folder_path, model_folders
 from .native_model import EasyAnimateLatentFormat
 
 VAE_FOLDER = "vae"  # ComfyUI's standard folder for single VAE files
@@ -257,7 +257,7 @@ class EasyAnimateVAELoader:
     def INPUT_TYPES(cls):
         tooltip = (
             "An EasyAnimate VAE: a folder under models/EasyAnimate/ with a vae/ subfolder, or a .safetensors file "
-            "in models/vae/ (V5 / V5.1 are detected from the tensors)."
+            "in models/vae/ (V5 / V5.1 are detected from the tensors). " + BUNDLED_TOOLTIP
         )
         return {"required": {"model_folder": (model_folders("vae") + _vae_files(), {"tooltip": tooltip})}}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import easyanimate_core.micro
 import easyanimate_core.ops
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
@@ -399,9 +400,12 @@ def sampling_standins() -> types.SimpleNamespace:
 
 @pytest.fixture
 def nodes(tmp_path, monkeypatch):
-    """The pack's nodes package imported against the stand-in, with an empty models/EasyAnimate/."""
+    """The pack's nodes package imported against the stand-in, with an empty models/EasyAnimate/ and no bundled
+    micro model."""
     for name, module in standin_comfy(tmp_path / "models").items():
         monkeypatch.setitem(sys.modules, name, module)
+    # The bundled micro model's place, empty unless a test writes one (the pack's own may hold weights).
+    monkeypatch.setattr(easyanimate_core.micro, "MICRO_MODEL", tmp_path / "bundled_micro")
     (tmp_path / "models" / "EasyAnimate").mkdir(parents=True)
     package = "easyanimate_nodes_under_test"
     spec = importlib.util.spec_from_file_location(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -94,3 +95,36 @@ def test_a_single_file_that_is_not_qwen2_vl_is_refused(nodes, tiny_folders):
     error = nodes.nodes.EasyAnimateTextEncoderLoader.VALIDATE_INPUTS("bert.safetensors")
     assert error.startswith("text_encoders/bert.safetensors is not a Qwen2-VL text encoder")
     assert "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/" in error and "CLIPLoader" in error
+
+
+def test_the_bundled_micro_model_is_every_loaders_first_choice_and_sets_its_latent_scaling(nodes, tmp_path):
+    import easyanimate_core.micro as micro
+    from easyanimate_core.micro import model as micro_model
+
+    bundled = nodes.package.common.BUNDLED_MICRO
+    loaders = nodes.nodes
+    lists = {
+        "model": lambda: loaders.EasyAnimateModelLoader.INPUT_TYPES()["required"]["model_folder"][0],
+        "vae": lambda: loaders.EasyAnimateVAELoader.INPUT_TYPES()["required"]["model_folder"][0],
+        "text": lambda: loaders.EasyAnimateTextEncoderLoader.INPUT_TYPES()["required"]["model_folder"][0],
+        "lora": lambda: loaders.EasyAnimateLoraLoader.INPUT_TYPES()["required"]["lora_name"][0],
+    }
+    (nodes.models / "a-user-model" / "transformer").mkdir(parents=True)
+    assert bundled not in lists["model"]() + lists["vae"]() + lists["text"]()  # no weights shipped: not offered
+
+    micro_model.write_initial_checkpoint(micro.MICRO_MODEL, "InP")
+    config = micro.MICRO_MODEL / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": 0.5}))
+    (micro.MICRO_MODEL / "loras").mkdir()
+    (micro.MICRO_MODEL / "loras" / "micro_cyan.safetensors").write_bytes(b"")
+    assert lists["model"]() == [bundled, "a-user-model"]
+    assert lists["vae"]()[0] == bundled and lists["text"]()[0] == bundled
+    assert "micro_cyan.safetensors" in lists["lora"]()
+
+    patcher, info = loaders.EasyAnimateModelLoader().load(bundled, "default")
+    assert "EasyAnimate V5.1 transformer" in info and "variant: InP" in info
+    # Model space = VAE space x the folder VAE's own factor, not the released 0.7125.
+    assert patcher.model.latent_format.scale_factor == 0.5
+    (text_encoder,) = loaders.EasyAnimateTextEncoderLoader().load(bundled)
+    (conditioning,) = loaders.EasyAnimateTextEncode().encode(text_encoder, "a red circle moving right")
+    assert conditioning[0][0].shape[-1] == micro_model.TEXT_WIDTH
