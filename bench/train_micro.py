@@ -2,6 +2,7 @@
 
     python bench/train_micro.py --work /tmp/micro-work                 # every stage, in order
     python bench/train_micro.py --work /tmp/micro-work --minutes 18    # stop after ~18 min; run again to go on
+    python bench/train_micro.py --work /tmp/micro-work --set t2v.steps=3000 inp.steps=0   # other settings
 
 Stages (each is skipped when its output exists, so the script continues where a run stopped):
     init   untrained model folder: micro InP transformer, VAE, frozen word-level Qwen2-VL text encoder
@@ -86,12 +87,27 @@ class Recipe:
         self.work = Path(args.work).resolve()
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.vae_settings, self.t2v_settings, self.inp_settings = VAE, T2V, INP
+        self.vae_settings, self.t2v_settings, self.inp_settings = dict(VAE), dict(T2V), dict(INP)
+        self.lora_settings = dict(LORA)
         self.transformer_args = list(TRANSFORMER)
         if args.smoke:
-            self.vae_settings, self.t2v_settings, self.inp_settings = SMOKE["vae"], SMOKE["t2v"], SMOKE["inp"]
+            self.vae_settings, self.t2v_settings = dict(SMOKE["vae"]), dict(SMOKE["t2v"])
+            self.inp_settings = dict(SMOKE["inp"])
+            self.lora_settings = {**LORA, "steps": SMOKE["inp"]["steps"]}
             batch = self.transformer_args.index("--batch-size") + 1
             self.transformer_args[batch] = SMOKE["batch"]
+        stages = {"vae": self.vae_settings, "t2v": self.t2v_settings, "inp": self.inp_settings}
+        stages["lora"] = self.lora_settings
+        for override in args.set:
+            stage, _, rest = override.partition(".")
+            key, _, value = rest.partition("=")
+            settings = stages.get(stage)
+            if settings is None or key not in settings or not value:
+                raise SystemExit(
+                    f"--set {override!r}: expected STAGE.KEY=VALUE with STAGE one of vae, t2v, inp, lora "
+                    f"and KEY one of its settings ({', '.join(settings or [])})"
+                )
+            settings[key] = type(settings[key])(value)
 
     def training_attributes(self) -> list[data.Attributes]:
         attributes = data.training_attributes()
@@ -184,6 +200,12 @@ class Recipe:
         from safetensors.torch import load_file
 
         trained = self.work / "t2v_run" / "transformer"
+        if self.inp_settings["steps"] == 0:  # no inpaint training: the text-to-video weights go on as they are
+            if not (self.work / "inp_run" / "done").is_file():
+                with atomic_dir(self.work / "inp_run") as tmp:
+                    shutil.copytree(trained, tmp / "transformer")
+                    (tmp / "done").write_text("")
+            return
         config = json.loads((trained / "config.json").read_text())
         base = self.base("base_inp", load_file(trained / model.WEIGHTS_NAME), config)
         self.train_transformer("inp_run", base, self.inp_settings, extra=["--train-mode", "inpaint"])
@@ -202,9 +224,9 @@ class Recipe:
         trained = self.work / "inp_run" / "transformer"
         config = json.loads((trained / "config.json").read_text())
         base = self.base("base_lora", load_file(trained / model.WEIGHTS_NAME), config)
-        settings = {**LORA, "steps": SMOKE["inp"]["steps"]} if self.args.smoke else LORA
-        extra = ["--mode", "lora", "--rank", str(LORA["rank"]), "--alpha", str(LORA["rank"]), "--name", LORA_NAME]
-        self.train_transformer("lora_run", base, settings, "data_lora", extra)
+        rank = str(self.lora_settings["rank"])
+        extra = ["--mode", "lora", "--rank", rank, "--alpha", rank, "--name", LORA_NAME]
+        self.train_transformer("lora_run", base, self.lora_settings, "data_lora", extra)
 
     def ship(self) -> None:
         from safetensors.torch import load_file
@@ -232,7 +254,7 @@ class Recipe:
         eval_main(argv + (["--samples", "2", "--steps", "2"] if self.args.smoke else []))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True, help="work folder (data, runs, caches)")
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ship-to", default=str(SHIP))
     p.add_argument("--smoke", action="store_true", help="every stage at a few steps: check this machine runs it")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="change a stage's setting, e.g. t2v.steps=3000 vae.frames=9; inp.steps=0 skips inpaint training",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(args)
     recipe.work.mkdir(parents=True, exist_ok=True)

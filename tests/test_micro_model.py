@@ -141,3 +141,32 @@ def test_a_broken_generation_defaults_file_is_named(micro_root, tmp_path, capsys
     (root / "generation_defaults.json").write_text('{"width": 64, "colour": "red"}')
     assert cli_main(["generate", "--model", str(root), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]) == 2
     assert "generation_defaults.json: expected a JSON object" in capsys.readouterr().err
+
+
+def _recipe_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_micro.py"
+    spec = importlib.util.spec_from_file_location("train_micro", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_settings_change_from_the_command_line_and_zero_inpaint_steps_pass_the_t2v_weights_on(tmp_path):
+    recipe_module = _recipe_module()
+    argv = ["--work", str(tmp_path), "--set", "vae.frames=9", "t2v.steps=40", "inp.steps=0", "lora.lr=2e-3"]
+    recipe = recipe_module.Recipe(recipe_module.parse_args(argv))
+    assert recipe.vae_settings["frames"] == 9 and recipe.t2v_settings["steps"] == 40
+    assert recipe.lora_settings["lr"] == "2e-3" and recipe_module.LORA["lr"] == "1e-3"  # the module's stay
+    for bad in ("t2v.stpes=3", "vea.steps=3", "t2v.steps="):
+        with pytest.raises(SystemExit, match="STAGE.KEY=VALUE"):
+            recipe_module.Recipe(recipe_module.parse_args(["--work", "w", "--set", bad]))
+
+    trained = tmp_path / "t2v_run" / "transformer"
+    trained.mkdir(parents=True)
+    (trained / "config.json").write_text("{}")
+    recipe.inp()
+    assert (tmp_path / "inp_run" / "transformer" / "config.json").read_text() == "{}"
+    assert (tmp_path / "inp_run" / "done").is_file()
