@@ -105,6 +105,9 @@ def _generation_inputs(args) -> dict:
         from .image_encoder import check_image_encoder_files
 
         check_image_encoder_files(root)
+    for lora in args.lora:
+        if not Path(lora).is_file() or Path(lora).suffix != ".safetensors":
+            raise ValueError(f"--lora {lora}: not a .safetensors file (LoRAs are read from safetensors only)")
     suffix = Path(args.out).suffix.lower()
     if suffix and suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
@@ -168,6 +171,7 @@ def generate(args) -> int:
     from tqdm import tqdm
 
     from .loading import load_transformer, load_vae
+    from .lora import merge_lora, read_lora
     from .pipeline import generate as run_pipeline
     from .text_encoders import load_text_encoders
     from .video_io import write_video
@@ -189,7 +193,10 @@ def generate(args) -> int:
         image_encoder = load_image_encoder(root, dtype=dtype, device=placement.load_device)
 
     where = {"device": placement.load_device, "operations": placement.operations}
-    transformer = placement.prepare_transformer(load_transformer(root, dtype=dtype, **where))
+    transformer = load_transformer(root, dtype=dtype, **where)
+    for lora in args.lora:  # merged before any fp8 storage, in the weights' own dtype
+        merge_lora(transformer, read_lora(lora, transformer), args.lora_strength)
+    transformer = placement.prepare_transformer(transformer)
     # fp16 overflows in the VAE (black frames): it computes in fp32 then, as the official tools.
     vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, **where)
     started = time.perf_counter()
@@ -231,6 +238,8 @@ def generate(args) -> int:
     for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
+    if args.lora:
+        metadata["lora"] = ", ".join(f"{Path(lora).name}:{args.lora_strength}" for lora in args.lora)
     out = write_video(args.out, frames, fps=job["fps"], metadata=metadata)
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
     return 0
@@ -240,6 +249,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder (official or diffusers layout); default: the built-in micro model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors merged into the transformer (repeat)")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="strength of each --lora")
     p.add_argument("--image", help="start image (InP models; V4 also needs the model's image_encoder/)")
     p.add_argument("--end-image", help="end image (InP models)")
     p.add_argument("--video", help="input video for video-to-video")

@@ -105,3 +105,27 @@ def test_v5_bert_mt5_models_generate_with_their_ddim_default(tmp_path, media, va
     assert tuple(read_video(out).shape) == (FRAMES, HEIGHT, WIDTH, 3)
     meta = read_metadata(out)
     assert (meta["version"], meta["variant"], meta["sampler"]) == ("V5", variant, "DDIM")
+
+
+def test_a_lora_changes_the_video_and_is_named_in_its_metadata(models, tmp_path):
+    from easyanimate_core.loading import load_transformer
+    from easyanimate_core.lora import LoraLayer, lora_targets, save_lora
+
+    transformer = load_transformer(models["InP"])
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for path in lora_targets(transformer):
+        out_features, in_features = transformer.get_submodule(path).weight.shape
+        down, up = torch.randn(2, in_features, generator=g), torch.randn(out_features, 2, generator=g)
+        layers[path] = LoraLayer(down, up, 2.0)
+    lora = save_lora(tmp_path / "style.safetensors", layers)
+    assert run(models["InP"], tmp_path / "plain.mp4") == 0
+    assert run(models["InP"], tmp_path / "lora.mp4", "--lora", str(lora), "--lora-strength", "0.5") == 0
+    assert not torch.equal(read_video(tmp_path / "plain.mp4"), read_video(tmp_path / "lora.mp4"))
+    assert read_metadata(tmp_path / "lora.mp4")["lora"] == "style.safetensors:0.5"
+
+
+def test_a_missing_lora_fails_before_loading(models, tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    assert run(models["InP"], out, "--lora", str(tmp_path / "missing.safetensors")) == 2
+    assert "--lora" in capsys.readouterr().err and not out.exists()
