@@ -47,9 +47,11 @@ STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
 # Whole 64 x 64 clips of 17 frames, the generated length (a VAE trained on 9 ghosted frames 11-16), rendered
 # ahead by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
+# A CPU run trains on short crops first ("frames": 5, "crop": 32: 4x fewer pixels, 3x fewer frames per clip)
+# and on whole 17-frame clips from step "full-from" on ("full-from": 0: never).
 VAE = {
     "steps": 3000, "batch": 12, "frames": 17, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
-    "workers": 12, "checkpoint-every": 500,
+    "workers": 12, "checkpoint-every": 500, "full-from": 0, "full-batch": 2, "full-frames": 17,
 }  # fmt: skip
 # Shared by the transformer runs (the InP model and its LoRA).
 TRANSFORMER = [

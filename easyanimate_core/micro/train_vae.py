@@ -111,7 +111,7 @@ def vae_loss(vae: MagvitVAE, video: torch.Tensor, generator: torch.Generator) ->
 
 def batch_for_step(args, step: int) -> torch.Tensor:
     """The batch of ``step``: ``--crop`` windows of ``--frames`` frames, whole frames from ``--full-from`` on."""
-    if args.full_from is not None and step >= args.full_from:
+    if args.full_from and step >= args.full_from:
         return training_batch(args.seed, step, args.full_batch, args.full_frames)
     return training_batch(args.seed, step, args.batch, args.frames, args.crop)
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=5, help="frames per training clip (4k+1)")
     p.add_argument("--crop", type=int, default=32, help="train on crop x crop windows around the shape (0: whole)")
-    p.add_argument("--full-from", type=int, help="from this step on, train on whole frames (--full-*)")
+    p.add_argument("--full-from", type=int, help="from this step on, train on whole frames (--full-*); 0: never")
     p.add_argument("--full-batch", type=int, default=2)
     p.add_argument("--full-frames", type=int, default=9)
     p.add_argument("--lr", type=float, default=1e-3)
