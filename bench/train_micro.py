@@ -14,7 +14,8 @@ Stages (each is skipped when its output exists, so the script continues where a 
            cached once, so a step costs one transformer pass
     inp    the same transformer trained on in inpaint mode: random start / start-end / box / frame masks and
            20% text-to-video; the masked clip goes through the VAE every step (GPU work)
-    lora   easyanimate train --mode lora on the InP model: clips of a colour no base caption names (cyan)
+    lora   easyanimate train --mode lora --train-mode normal on the InP model: clips of a colour no base caption
+           names (cyan)
     ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
     eval   bench/eval_micro.py on held-out prompts (JSON next to the work folder's outputs)
 
@@ -66,7 +67,9 @@ SHIP = REPO / "easyanimate_core" / "micro_model"
 LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
 LORA_NAME = f"micro_{LORA_CONCEPT}"
 LORA_PER_COMBINATION = 2  # 96 cyan combinations -> 192 clips
-LORA = {"steps": 800, "lr": "1e-3", "rank": 16}
+# Text-to-video ("normal") training: the concept is a caption word, and a step costs one transformer pass on
+# cached latents (inpaint mode encodes each masked clip: 10x slower on a CPU); "inpaint" to train image-to-video too.
+LORA = {"steps": 800, "lr": "1e-3", "rank": 16, "train-mode": "normal"}
 # --smoke: every stage at a few steps on a few clips, to check a machine runs the recipe (minutes, not hours).
 SMOKE = {
     "vae": {**VAE, "steps": 4, "batch": 2, "workers": 2, "checkpoint-every": 2, "warmup": 2},
@@ -228,6 +231,7 @@ class Recipe:
         base = self.base("base_lora", load_file(trained / model.WEIGHTS_NAME), config)
         rank = str(self.lora_settings["rank"])
         extra = ["--mode", "lora", "--rank", rank, "--alpha", rank, "--name", LORA_NAME]
+        extra += ["--train-mode", self.lora_settings["train-mode"]]
         self.train_transformer("lora_run", base, self.lora_settings, "data_lora", extra)
 
     def ship(self) -> None:
