@@ -1,6 +1,7 @@
 """Every bundled workflow (workflows/*.json) loads in the real frontend with no missing node, converts with
-app.graphToPrompt, and runs through /prompt to a saved video, with its model names pointed at tiny checkpoints
-and its sizes, frame counts and steps made small."""
+app.graphToPrompt, and runs through /prompt to a saved video: the released models' workflows with their model
+names pointed at tiny checkpoints and their sizes, frame counts and steps made small; the micro model's as
+saved, on the bundled weights, and the video scored for what the prompt asks."""
 
 from __future__ import annotations
 
@@ -18,11 +19,21 @@ from workflow_specs import TINY_STAND_INS, WORKFLOWS
 
 from easyanimate_core.loading import load_transformer
 from easyanimate_core.lora import kohya_name
+from easyanimate_core.micro import scoring
+from easyanimate_core.micro.data import Attributes
+from easyanimate_core.micro.model import GENERATION_DEFAULTS
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
 WORKFLOW_FILES = sorted((REPO_ROOT / "workflows").glob("*.json"))
+MICRO_FILES = [p for p in WORKFLOW_FILES if p.stem.startswith("easyanimate_micro_")]
+RELEASED_FILES = [p for p in WORKFLOW_FILES if p not in MICRO_FILES]
+# What each micro workflow's prompt asks for (its text must be this caption).
+MICRO_PROMPTS = {
+    "easyanimate_micro_t2v": Attributes("circle", "red", "right", "slowly", "navy"),
+    "easyanimate_micro_lora": Attributes("circle", "cyan", "right", "slowly", "navy"),
+}
 # Small enough for a CPU run; each still a valid size / frame count for V5.1 (V4: frames in multiples of 8).
 SMALL = {"width": 64, "height": 32, "frames": 9, "steps": 2}
 SMALL_FRAMES = {"V5.1": 9, "V5": 9, "V4": 8}
@@ -114,24 +125,46 @@ def small_prompt(output: dict, tiny: dict, base_dir: Path) -> dict:
     return output
 
 
-@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
-def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_models, path):
-    workflow = json.loads(path.read_text())
+def load_and_convert(page, workflow: dict) -> dict:
+    """The workflow loaded in the frontend (no missing node, no warning dialog) and converted to an API prompt."""
     result = page.evaluate(LOAD, workflow)
     assert result["missing"] == [], result["missing"]
     assert "Missing" not in result["dialog"], result["dialog"]
+    return result["output"]
+
+
+@pytest.mark.parametrize("path", RELEASED_FILES, ids=lambda p: p.stem)
+def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_models, path):
+    output = load_and_convert(page, json.loads(path.read_text()))
     # The frontend extension's snapping on load keeps the saved frame counts (V4's 144 is not 4k+1).
-    saved = {n["inputs"]["frames"] for n in result["output"].values() if isinstance(n["inputs"].get("frames"), int)}
+    saved = {n["inputs"]["frames"] for n in output.values() if isinstance(n["inputs"].get("frames"), int)}
     assert saved <= {49, 144} and saved, saved
-    if workflow_version(result["output"]) == "V4":
+    if workflow_version(output) == "V4":
         assert saved == {144}, saved
-    for node in result["output"].values():  # the official augmentation strength survives the widget's rounding
+    for node in output.values():  # the official augmentation strength survives the widget's rounding
         if node["class_type"] == "EasyAnimateImageToVideo":
             assert node["inputs"]["noise_aug_strength"] == 0.0563, node["inputs"]
-    prompt = small_prompt(result["output"], tiny_models, comfy_server.base_dir)
+    prompt = small_prompt(output, tiny_models, comfy_server.base_dir)
     entry = comfy_server.run_prompt(prompt, timeout=600)
     videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
     assert len(videos) == 1, entry["outputs"]
     frames = iio.imread(videos[0])
     expected_frames = SMALL_FRAMES[workflow_version(prompt)]
     assert frames.shape == (expected_frames, SMALL["height"], SMALL["width"], 3), frames.shape
+
+
+@pytest.mark.parametrize("path", MICRO_FILES, ids=lambda p: p.stem)
+def test_micro_workflow_runs_as_saved_on_the_bundled_weights_to_what_its_prompt_asks(comfy_server, page, path):
+    output = load_and_convert(page, json.loads(path.read_text()))
+    wanted = MICRO_PROMPTS[path.stem]
+    texts = [n["inputs"]["text"] for n in output.values() if n["class_type"] == "EasyAnimateTextEncode"]
+    assert wanted.caption in texts, texts
+    entry = comfy_server.run_prompt(output, timeout=600)
+    videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
+    assert len(videos) == 1, entry["outputs"]
+    frames = iio.imread(videos[0])
+    size = (GENERATION_DEFAULTS["frames"], GENERATION_DEFAULTS["height"], GENERATION_DEFAULTS["width"], 3)
+    assert frames.shape == size, frames.shape
+    found = scoring.score(frames, wanted)
+    assert found["colour_ok"] and found["direction_ok"], found
+    assert found["one_object_share"] >= 0.9, found

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from easyanimate_core.micro import shipped_micro_model
+from easyanimate_core.micro.model import GENERATION_DEFAULTS
+
 V51_INP = "EasyAnimateV5.1-12b-zh-InP"
 V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
 V4_INP = "EasyAnimateV4-XL-2-InP"
+# nodes.common.BUNDLED_MICRO: the micro model shipped in the pack; its workflows run as saved, on its weights.
+MICRO = "EasyAnimate-Micro (bundled)"
 # The tiny random checkpoints the tests put in place of the released folders:
 # released name -> (tiny folder name, variant, version).
 TINY_STAND_INS = {
@@ -249,4 +254,40 @@ def v4_v2v() -> Workflow:
     return Workflow("easyanimate_v4_v2v", "EasyAnimate V4: video to video (strength 0.7)", nodes, links)
 
 
+def micro_t2v() -> Workflow:
+    """The bundled micro model: a 64 x 64 clip of 17 frames in seconds on a CPU, at its own generation defaults."""
+    nodes, links = text_to_video_nodes(MICRO, "a red circle moving right slowly on a navy background")
+    description = "EasyAnimate Micro (bundled): text to video"
+    return _micro_settings(Workflow("easyanimate_micro_t2v", description, nodes, links))
+
+
+def micro_lora() -> Workflow:
+    """The bundled micro model with its bundled LoRA, which teaches a colour the base model never saw (cyan)."""
+    nodes, links = text_to_video_nodes(MICRO, "a cyan circle moving right slowly on a navy background")
+    nodes.insert(1, Node("lora", "EasyAnimateLoraLoader", {"lora_name": "micro_cyan.safetensors", "strength": 1.0}, 0))
+    links = [link for link in links if link[:2] != ("model", "model")]
+    links += [("model", "model", "lora", "model"), ("lora", "MODEL", "sampler", "model")]
+    description = "EasyAnimate Micro (bundled): a LoRA teaching a new colour"
+    return _micro_settings(Workflow("easyanimate_micro_lora", description, nodes, links))
+
+
+def _micro_settings(workflow: Workflow) -> Workflow:
+    """The micro model's generation defaults (the CLI's too), EasyAnimate Sampler, and an empty negative prompt
+    (the unconditional branch the model was trained with, by caption dropout)."""
+    defaults = GENERATION_DEFAULTS
+    nodes = [n for n in workflow.nodes if n.key != "sampler"]
+    latent = next(n for n in nodes if n.key == "latent")
+    latent.widgets = {**latent.widgets, **{k: defaults[k] for k in ("width", "height", "frames")}}
+    next(n for n in nodes if n.key == "negative").widgets = {"text": ""}
+    next(n for n in nodes if n.key == "create").widgets = {"fps": float(defaults["fps"])}
+    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=defaults["steps"], cfg=defaults["guidance"], column=2))
+    links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in workflow.links]
+    return Workflow(workflow.name, workflow.description, nodes, links)
+
+
+MICRO_WORKFLOWS = [micro_t2v, micro_lora]
+# The micro model's workflows exist (and are built) once its weights are in the repository: before that no
+# loader lists the bundled model, and a workflow naming it could not run.
 WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v, v4_i2v, v4_v2v]
+if shipped_micro_model() is not None:
+    WORKFLOWS += MICRO_WORKFLOWS
