@@ -2,8 +2,9 @@
 
 Held-out prompts go through the real pipeline (text encoder, transformer, Flow sampler, chunked VAE decode,
 LoRA merge) and the videos are scored by plain image analysis, so a regression in any part shows up as a
-wrong colour, motion or object count. Fewer samples and steps than the benchmark; the bounds sit below the
-rates measured on these exact cases (bench/eval_micro.py prints the full figures).
+wrong colour, motion or object count. Fewer samples and steps than the benchmark, so the bounds sit below issue
+6's targets (bench/eval_micro.py prints the full figures). A CPU-trained interim model (MODEL_CARD.md) fails
+both tests: static blobs, with 80% of colours right and no motion.
 """
 
 from __future__ import annotations
