@@ -153,7 +153,14 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
     assert frames.shape == (expected_frames, SMALL["height"], SMALL["width"], 3), frames.shape
 
 
-@pytest.mark.parametrize("path", MICRO_FILES, ids=lambda p: p.stem)
+NO_MICRO = "no micro workflows: the micro model's weights are not shipped yet (MODEL_CARD.md)"
+
+
+@pytest.mark.parametrize(
+    "path",
+    MICRO_FILES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_MICRO))],
+    ids=lambda p: p.stem if p else "none",
+)
 def test_micro_workflow_runs_as_saved_on_the_bundled_weights_to_what_its_prompt_asks(comfy_server, page, path):
     output = load_and_convert(page, json.loads(path.read_text()))
     wanted = MICRO_PROMPTS[path.stem]
