@@ -48,8 +48,8 @@ STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
 # Whole 64 x 64 clips of 17 frames, the generated length (a VAE trained on 9 ghosted frames 11-16), rendered
 # ahead by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
-# A CPU run trains on short crops first ("frames": 5, "crop": 32: 4x fewer pixels, 3x fewer frames per clip)
-# and on whole 17-frame clips from step "full-from" on ("full-from": 0: never).
+# Settings for a cheaper run: short crops first ("frames": 5, "crop": 32) and whole 17-frame clips from step
+# "full-from" on ("full-from": 0: never); 41 min of it on a CPU still dropped all motion (MODEL_CARD.md).
 VAE = {
     "steps": 3000, "batch": 12, "frames": 17, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
     "workers": 12, "checkpoint-every": 500, "full-from": 0, "full-batch": 2, "full-frames": 17,
@@ -68,7 +68,7 @@ LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base 
 LORA_NAME = f"micro_{LORA_CONCEPT}"
 LORA_PER_COMBINATION = 2  # 96 cyan combinations -> 192 clips
 # Text-to-video ("normal") training: the concept is a caption word, and a step costs one transformer pass on
-# cached latents (inpaint mode encodes each masked clip: 10x slower on a CPU); "inpaint" to train image-to-video too.
+# cached latents (inpaint mode encodes each masked clip: 8x slower on a CPU); "inpaint" to train image-to-video too.
 LORA = {"steps": 800, "lr": "1e-3", "rank": 16, "train-mode": "normal"}
 # --smoke: every stage at a few steps on a few clips, to check a machine runs the recipe (minutes, not hours).
 SMOKE = {
