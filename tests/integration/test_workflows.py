@@ -133,6 +133,14 @@ def load_and_convert(page, workflow: dict) -> dict:
     return result["output"]
 
 
+def run_to_frames(comfy_server, prompt: dict):
+    """Run an API prompt through /prompt; the frames of the one video it saves."""
+    entry = comfy_server.run_prompt(prompt, timeout=600)
+    videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
+    assert len(videos) == 1, entry["outputs"]
+    return iio.imread(videos[0])
+
+
 @pytest.mark.parametrize("path", RELEASED_FILES, ids=lambda p: p.stem)
 def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_models, path):
     output = load_and_convert(page, json.loads(path.read_text()))
@@ -145,10 +153,7 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
         if node["class_type"] == "EasyAnimateImageToVideo":
             assert node["inputs"]["noise_aug_strength"] == 0.0563, node["inputs"]
     prompt = small_prompt(output, tiny_models, comfy_server.base_dir)
-    entry = comfy_server.run_prompt(prompt, timeout=600)
-    videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
-    assert len(videos) == 1, entry["outputs"]
-    frames = iio.imread(videos[0])
+    frames = run_to_frames(comfy_server, prompt)
     expected_frames = SMALL_FRAMES[workflow_version(prompt)]
     assert frames.shape == (expected_frames, SMALL["height"], SMALL["width"], 3), frames.shape
 
@@ -166,10 +171,7 @@ def test_micro_workflow_runs_as_saved_on_the_bundled_weights_to_what_its_prompt_
     wanted = MICRO_PROMPTS[path.stem]
     texts = [n["inputs"]["text"] for n in output.values() if n["class_type"] == "EasyAnimateTextEncode"]
     assert wanted.caption in texts, texts
-    entry = comfy_server.run_prompt(output, timeout=600)
-    videos = [f for f in comfy_server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
-    assert len(videos) == 1, entry["outputs"]
-    frames = iio.imread(videos[0])
+    frames = run_to_frames(comfy_server, output)
     size = (GENERATION_DEFAULTS["frames"], GENERATION_DEFAULTS["height"], GENERATION_DEFAULTS["width"], 3)
     assert frames.shape == size, frames.shape
     found = scoring.score(frames, wanted)
