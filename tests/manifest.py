@@ -1,38 +1,28 @@
-"""The released models' tensor names and shapes, from ../shared/spec/easyanimate_keys.tsv."""
+"""The released models' tensor names and shapes, from tests/data/easyanimate_keys.tsv.gz.
+
+The file is a gzip copy of the spec's easyanimate_keys.tsv (one line per tensor: model id, key, shape,
+note), kept in the repository so that a clone anywhere runs the manifest tests with no file outside it.
+"""
 
 from __future__ import annotations
 
 import ast
-import os
+import gzip
 from functools import cache
 from pathlib import Path
 
-import pytest
-
-_CANDIDATES = [
-    os.environ.get("EASYANIMATE_KEYS_TSV", ""),
-    Path(__file__).resolve().parents[1] / "shared" / "spec" / "easyanimate_keys.tsv",
-    Path(__file__).resolve().parents[2] / "shared" / "spec" / "easyanimate_keys.tsv",
-]
-
-
-def manifest_path() -> Path:
-    for c in _CANDIDATES:
-        if c and Path(c).is_file():
-            return Path(c)
-    pytest.fail(
-        "easyanimate_keys.tsv not found (looked beside the repo in shared/spec/); set EASYANIMATE_KEYS_TSV to its path"
-    )
+MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "easyanimate_keys.tsv.gz"
 
 
 @cache
 def _all() -> dict[str, dict[str, tuple[int, ...]]]:
     models: dict[str, dict[str, tuple[int, ...]]] = {}
-    for line in manifest_path().read_text().splitlines():
-        if not line or line.startswith("#") or line.startswith("model\t"):
-            continue
-        model, key, shape = line.split("\t")[:3]
-        models.setdefault(model, {})[key] = tuple(ast.literal_eval(shape))
+    with gzip.open(MANIFEST_PATH, "rt", encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            if not line or line.startswith("#") or line.startswith("model\t"):
+                continue
+            model, key, shape = line.split("\t")[:3]
+            models.setdefault(model, {})[key] = tuple(ast.literal_eval(shape))
     return models
 
 
