@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PureWindowsPath
 
 import folder_paths
 
@@ -53,15 +54,73 @@ def bundled_first(names) -> list[str]:
     return sorted(set(names), key=lambda name: (name != BUNDLED_MICRO, name))
 
 
+def checked_name(name: str) -> str:
+    """A user-supplied model name as a normalised relative path ("a/b.safetensors"); ValueError (naming the input,
+    the problem and the fix) for an empty name, an absolute path or a ``..`` that could leave a model folder."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ValueError(f"model name {name!r} is empty or not a file name; pick one of the listed models")
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or PureWindowsPath(name).drive:
+        raise ValueError(
+            f"model name {name!r} is an absolute path; models load only from ComfyUI's model folders: put the model "
+            "there and pick it from the list"
+        )
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(
+            f"model name {name!r} contains '..'; models load only from ComfyUI's model folders: put the model there "
+            "and pick it from the list"
+        )
+    return "/".join(parts)
+
+
+def resolve_in_folders(kind: str, name: str, accept: Callable[[Path], bool] = Path.exists) -> Path | None:
+    """The path of ``name`` in the first of ComfyUI's ``kind`` folders (e.g. "loras") where ``accept`` holds, or None.
+
+    The one place every loader turns a user-supplied name into a path: the name is checked (``checked_name``) and
+    the path it finds must resolve inside one of the ``kind`` folders; a symlink that leads out of them is refused
+    with a ValueError saying so (extra_model_paths.yaml adds folders elsewhere on disk)."""
+    relative = checked_name(name)
+    roots = folder_paths.get_folder_paths(kind)
+    real_roots = [Path(root).resolve() for root in roots]
+    for root in roots:
+        path = Path(root) / relative
+        if not accept(path):
+            continue
+        real = path.resolve()
+        if not any(real == r or real.is_relative_to(r) for r in real_roots):
+            raise ValueError(
+                f"{kind}/{relative} is a link to {real}, outside ComfyUI's {kind} folders; move the model into "
+                f"models/{kind}/ or add its folder to extra_model_paths.yaml instead of linking it"
+            )
+        return path
+    return None
+
+
+def model_file(kind: str, name: str) -> Path:
+    """The file ``name`` in ComfyUI's ``kind`` folders (see ``resolve_in_folders``); FileNotFoundError if absent."""
+    path = resolve_in_folders(kind, name, Path.is_file)
+    if path is None:
+        raise FileNotFoundError(f"{name!r} is not a file in ComfyUI's {kind} folders; pick one of the listed files")
+    return path
+
+
 def model_folder_path(name: str) -> Path:
     """The full path of a folder listed by ``model_folders``."""
     if name == BUNDLED_MICRO and (bundled_path := micro.shipped_micro_model()) is not None:
         return bundled_path
-    for root in folder_paths.get_folder_paths(FOLDER):
-        path = Path(root) / name
-        if path.is_dir():
-            return path
-    raise FileNotFoundError(f"no folder {name!r} under {folder_paths.get_folder_paths(FOLDER)}")
+    path = resolve_in_folders(FOLDER, name, Path.is_dir)
+    if path is None:
+        raise FileNotFoundError(f"no folder {name!r} under {folder_paths.get_folder_paths(FOLDER)}")
+    return path
+
+
+def validation_error(check: Callable[[], str | None]) -> str | bool:
+    """A VALIDATE_INPUTS answer: ``check``'s message, the message of a refused name, or True."""
+    try:
+        return check() or True
+    except (ValueError, FileNotFoundError) as error:
+        return str(error)
 
 
 def folder_input(part: str, tooltip: str) -> tuple:

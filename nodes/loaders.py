@@ -25,8 +25,11 @@ from .common import (
     NATIVE_VERSIONS,
     bundled_first,
     folder_input,
+    model_file,
     model_folder_path,
     model_folders,
+    resolve_in_folders,
+    validation_error,
 )
 from .native_model import WEIGHT_DTYPES, EasyAnimateNet, load_native_model, lora_patches
 
@@ -84,7 +87,19 @@ def _model_path(name: str) -> Path:
     """A model-loader choice: a folder under models/EasyAnimate/, else a file in diffusion_models/."""
     if name in model_folders("transformer"):
         return model_folder_path(name)
-    return Path(folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, name))
+    return model_file(DIFFUSION_MODELS, name)
+
+
+def _model_error(name: str) -> str | None:
+    """Why the Model Loader cannot load ``name`` (None if it can), from names and headers only."""
+    if name in model_folders("transformer"):
+        model_folder_path(name)  # refuses a link out of the model folders
+        return None
+    path = resolve_in_folders(DIFFUSION_MODELS, name, Path.is_file)
+    if path is None:
+        return f"{name!r} is neither a folder under models/EasyAnimate/ nor a file in {DIFFUSION_MODELS}/"
+    stat = os.stat(path)
+    return _diffusion_model_error(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 class EasyAnimateModelLoader:
@@ -112,13 +127,7 @@ class EasyAnimateModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_folder):
-        if model_folder in model_folders("transformer"):
-            return True
-        path = folder_paths.get_full_path(DIFFUSION_MODELS, model_folder)
-        if path is None:
-            return f"{model_folder!r} is neither a folder under models/EasyAnimate/ nor a file in {DIFFUSION_MODELS}/"
-        stat = os.stat(path)
-        return _diffusion_model_error(path, stat.st_mtime_ns, stat.st_size) or True
+        return validation_error(lambda: _model_error(model_folder))
 
     def load(self, model_folder, weight_dtype):
         patcher = load_native_model(_model_path(model_folder), weight_dtype)
@@ -157,10 +166,7 @@ def _text_encoder_dirs() -> list[str]:
 
 
 def _text_encoder_dir_path(name: str) -> Path | None:
-    for root in folder_paths.get_folder_paths(TEXT_ENCODERS):
-        if os.path.isdir(os.path.join(root, name, "text_encoder")):
-            return Path(root) / name
-    return None
+    return resolve_in_folders(TEXT_ENCODERS, name, lambda path: (path / "text_encoder").is_dir())
 
 
 QWEN2_VL_KEYS = ("model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight")
@@ -212,6 +218,23 @@ def _load_single_qwen(path: Path, dtype, device) -> TextEncoders:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _text_encoder_root(name: str) -> Path | None:
+    """The folder a Text Encoder Loader choice names (None: a single file in text_encoders/)."""
+    if name in model_folders("text_encoder"):
+        return model_folder_path(name)
+    return _text_encoder_dir_path(name)
+
+
+def _text_encoder_error(name: str) -> str | None:
+    """Why the Text Encoder Loader cannot load ``name`` (None if it can), from names and headers only."""
+    if _text_encoder_root(name) is not None:
+        return None
+    path = resolve_in_folders(TEXT_ENCODERS, name, Path.is_file)
+    if path is None:
+        return f"{name!r} is neither a text-encoder folder nor a file in {TEXT_ENCODERS}/"
+    return _single_text_encoder_error(path)
+
+
 class EasyAnimateTextEncoderLoader:
     """Load the text encoder(s) of an EasyAnimate checkpoint (Qwen2-VL for V5.1, BERT + mT5 for V5)."""
 
@@ -233,21 +256,13 @@ class EasyAnimateTextEncoderLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_folder):
-        if model_folder in model_folders("text_encoder") or _text_encoder_dir_path(model_folder) is not None:
-            return True
-        path = folder_paths.get_full_path(TEXT_ENCODERS, model_folder)
-        if path is None:
-            return f"{model_folder!r} is neither a text-encoder folder nor a file in {TEXT_ENCODERS}/"
-        return _single_text_encoder_error(Path(path)) or True
+        return validation_error(lambda: _text_encoder_error(model_folder))
 
     def load(self, model_folder):
         dtype, device = mm.text_encoder_dtype(), mm.text_encoder_offload_device()
-        if model_folder in model_folders("text_encoder"):
-            root = model_folder_path(model_folder)
-        else:
-            root = _text_encoder_dir_path(model_folder)
+        root = _text_encoder_root(model_folder)
         if root is None:
-            path = Path(folder_paths.get_full_path_or_raise(TEXT_ENCODERS, model_folder))
+            path = model_file(TEXT_ENCODERS, model_folder)
             error = _single_text_encoder_error(path)
             if error:
                 raise ValueError(error)
@@ -366,7 +381,7 @@ class EasyAnimateLoraLoader:
             raise ValueError("this MODEL is not an EasyAnimate model; use ComfyUI's LoraLoaderModelOnly for it")
         if strength == 0:
             return (model,)
-        lora = read_lora(folder_paths.get_full_path_or_raise("loras", lora_name), net.transformer)
+        lora = read_lora(model_file("loras", lora_name), net.transformer)
         patched = model.clone()
         patched.add_patches(lora_patches(lora), strength)
         return (patched,)

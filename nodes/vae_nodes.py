@@ -36,7 +36,15 @@ from easyanimate_core.vae import (
     plan_encode,
 )
 
-from .common import BUNDLED_TOOLTIP, CATEGORY, model_folder_path, model_folders
+from .common import (
+    BUNDLED_TOOLTIP,
+    CATEGORY,
+    model_file,
+    model_folder_path,
+    model_folders,
+    resolve_in_folders,
+    validation_error,
+)
 from .native_model import EasyAnimateLatentFormat
 
 VAE_FOLDER = "vae"  # ComfyUI's standard folder for single VAE files
@@ -234,12 +242,15 @@ def _vae_path(name: str) -> Path:
     """A VAE-loader choice: a folder under models/EasyAnimate/ with vae/, else a file in vae/."""
     if name in model_folders("vae"):
         return model_folder_path(name)
-    return Path(folder_paths.get_full_path_or_raise(VAE_FOLDER, name))
+    return model_file(VAE_FOLDER, name)
 
 
 def _single_vae_error(name: str) -> str | None:
     """Why the vae/ file ``name`` is not a loadable EasyAnimate VAE (None if it is)."""
-    path = folder_paths.get_full_path(VAE_FOLDER, name)
+    if name in model_folders("vae"):
+        model_folder_path(name)  # refuses a link out of the model folders
+        return None
+    path = resolve_in_folders(VAE_FOLDER, name, Path.is_file)
     if path is None:
         return f"{name!r} is neither a folder under models/EasyAnimate/ with a vae/ subfolder nor a file in vae/"
     try:
@@ -269,9 +280,7 @@ class EasyAnimateVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_folder):
-        if model_folder in model_folders("vae"):
-            return True
-        return _single_vae_error(model_folder) or True
+        return validation_error(lambda: _single_vae_error(model_folder))
 
     def load(self, model_folder):
         path = _vae_path(model_folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -427,12 +428,19 @@ def nodes(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
-    """Tiny random InP checkpoints for V5.1, V5 and V4 (written once, symlinked into each test's models folder)."""
+    """Tiny random InP checkpoints for V5.1, V5 and V4 (written once, hard-linked into each test's models folder)."""
     root = tmp_path_factory.mktemp("tiny")
     return {v: write_tiny_checkpoint(root / v.replace(".", ""), "InP", version=v) for v in ("V5.1", "V5", "V4")}
 
 
+def link_tree(source: Path, target: Path) -> Path:
+    """``source`` copied to ``target`` as hard links: no data copied, and no symlink, which the loaders refuse when
+    it leads out of ComfyUI's model folders."""
+    shutil.copytree(source, target, copy_function=os.link)
+    return target
+
+
 def install(nodes, tiny_folders, version: str) -> str:
     name = f"tiny-{version}"
-    (nodes.models / name).symlink_to(tiny_folders[version], target_is_directory=True)
+    link_tree(tiny_folders[version], nodes.models / name)
     return name

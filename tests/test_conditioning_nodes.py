@@ -13,7 +13,7 @@ from easyanimate_core.pipeline import (
     inpaint_latents,
     to_model_pixels,
 )
-from tests.comfy_standin import install
+from tests.comfy_standin import install, link_tree
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 W, H, F = 32, 16, 5  # 2 latent frames of 4 x 2 latent pixels
@@ -173,7 +173,7 @@ def load_model(nodes, folder: str):
 
 def control_model(nodes, control_folders, version):
     name = f"control-{version}"
-    (nodes.models / name).symlink_to(control_folders[version], target_is_directory=True)
+    link_tree(control_folders[version], nodes.models / name)
     return load_model(nodes, name)
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.comfy_standin import install
+from tests.comfy_standin import install, link_tree
 
 
 def standard_folder(nodes, name: str):
@@ -58,7 +61,7 @@ def test_text_encoders_folder_with_the_model_layout_loads(nodes, tiny_folders):
     folder = standard_folder(nodes, "text_encoders") / "qwen2-vl"
     folder.mkdir()
     for part in ("text_encoder", "tokenizer"):
-        (folder / part).symlink_to(tiny_folders["V5.1"] / part, target_is_directory=True)
+        link_tree(tiny_folders["V5.1"] / part, folder / part)
     loader = nodes.nodes.EasyAnimateTextEncoderLoader
     assert loader.INPUT_TYPES()["required"]["model_folder"][0] == ["qwen2-vl"]
     assert loader.VALIDATE_INPUTS("qwen2-vl") is True
@@ -128,3 +131,72 @@ def test_the_bundled_micro_model_is_every_loaders_first_choice_and_sets_its_late
     (text_encoder,) = loaders.EasyAnimateTextEncoderLoader().load(bundled)
     (conditioning,) = loaders.EasyAnimateTextEncode().encode(text_encoder, "a red circle moving right")
     assert conditioning[0][0].shape[-1] == micro_model.TEXT_WIDTH
+
+
+# --- every user-supplied name resolves only inside ComfyUI's model folders (common.resolve_in_folders) ----------
+
+# (node, input, the folder a name is looked up in, the part a folder needs) for every loader taking a name.
+LOADERS = [
+    ("EasyAnimateModelLoader", "model_folder", "EasyAnimate", "transformer"),
+    ("EasyAnimateTextEncoderLoader", "model_folder", "text_encoders", "text_encoder"),
+    ("EasyAnimateVAELoader", "model_folder", "EasyAnimate", "vae"),
+    ("EasyAnimateImageEncoderLoader", "model_folder", "EasyAnimate", "image_encoder"),
+    ("EasyAnimateLoraLoader", "lora_name", "loras", None),
+]
+ESCAPES = {
+    "dotdot": "'..'; models load only from ComfyUI's model folders",
+    "absolute": "is an absolute path; models load only from ComfyUI's model folders",
+    "symlink": "outside ComfyUI's",
+}
+
+
+def _escape_name(nodes, tiny_folders, folder_name: str, part: str | None, how: str) -> str:
+    """A name that reaches a loadable model outside ComfyUI's ``folder_name`` folders, by ``how``."""
+    outside = nodes.models.parent.parent / "outside"
+    if not outside.exists():
+        link_tree(tiny_folders["V4"], outside / "tiny")  # V4 InP: every part, the image encoder too
+        down, up = torch.zeros(2, 8), torch.zeros(8, 2)
+        lora = {"lora_unet_proj_out.lora_down.weight": down, "lora_unet_proj_out.lora_up.weight": up}
+        save_file(lora, outside / "lora.safetensors")
+    target = outside / ("tiny" if part else "lora.safetensors")
+    folder = nodes.models if folder_name == "EasyAnimate" else standard_folder(nodes, folder_name)
+    if how == "dotdot":
+        return os.path.relpath(target, folder)
+    if how == "absolute":
+        return str(target)
+    (folder / "link").symlink_to(target, target_is_directory=part is not None)
+    return "link"
+
+
+@pytest.mark.parametrize("how", list(ESCAPES))
+@pytest.mark.parametrize(("node", "input_name", "folder_name", "part"), LOADERS, ids=[n for n, *_ in LOADERS])
+def test_no_loader_reaches_a_model_outside_comfyuis_folders(nodes, tiny_folders, node, input_name, folder_name, part,
+                                                            how):  # fmt: skip
+    name = _escape_name(nodes, tiny_folders, folder_name, part, how)
+    cls = getattr(nodes.nodes, node)
+    if hasattr(cls, "VALIDATE_INPUTS"):
+        assert ESCAPES[how] in cls.VALIDATE_INPUTS(**{input_name: name})
+    arguments = {input_name: name}
+    if node == "EasyAnimateModelLoader":
+        arguments["weight_dtype"] = "default"
+    if node == "EasyAnimateLoraLoader":
+        model = nodes.nodes.EasyAnimateModelLoader().load(install(nodes, tiny_folders, "V5.1"), "default")[0]
+        arguments.update(model=model, strength=1.0)
+    with pytest.raises(ValueError, match=re.escape(ESCAPES[how])):
+        getattr(cls(), cls.FUNCTION)(**arguments)
+
+
+def test_names_inside_the_folders_still_resolve_normalised(nodes, tiny_folders):
+    common = nodes.package.common
+    assert common.checked_name("./sub//a.safetensors") == "sub/a.safetensors"
+    assert common.checked_name("sub\\a.safetensors") == "sub/a.safetensors"  # Windows separators
+    for bad in ("", "  ", "a\x00b", "C:\\models\\a.safetensors", "sub/../../a"):
+        with pytest.raises(ValueError, match="model name"):
+            common.checked_name(bad)
+    # A link from one of the folder's roots into another of its roots (extra_model_paths.yaml) is inside.
+    second = nodes.models.parent / "second_root"
+    link_tree(tiny_folders["V5.1"], second / "tiny")
+    sys.modules["folder_paths"].add_model_folder_path("EasyAnimate", str(second))
+    (nodes.models / "linked").symlink_to(second / "tiny", target_is_directory=True)
+    assert nodes.nodes.EasyAnimateVAELoader.VALIDATE_INPUTS("linked") is True
+    assert common.model_folder_path("linked") == nodes.models / "linked"

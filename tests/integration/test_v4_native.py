@@ -93,12 +93,10 @@ from easyanimate_core.image_encoder import load_image_encoder
 conditioning = sys.modules["easyanimate_pack.nodes.conditioning"]
 vae_nodes = sys.modules["easyanimate_pack.nodes.vae_nodes"]
 import folder_paths, os
-os.makedirs(folder_paths.models_dir + "/EasyAnimate", exist_ok=True)
-link = folder_paths.models_dir + "/EasyAnimate/tiny-v4-i2v-script"
-if not os.path.exists(link):
-    os.symlink(root, link)
-(vae,) = vae_nodes.EasyAnimateVAELoader().load("tiny-v4-i2v-script")[:1]
-(image_encoder,) = loaders.EasyAnimateImageEncoderLoader().load("tiny-v4-i2v-script")
+# The temporary folder as one more models/EasyAnimate/ (in this process only): nothing is written into ComfyUI.
+folder_paths.add_model_folder_path("EasyAnimate", os.path.dirname(root))
+(vae,) = vae_nodes.EasyAnimateVAELoader().load(os.path.basename(root))[:1]
+(image_encoder,) = loaders.EasyAnimateImageEncoderLoader().load(os.path.basename(root))
 start = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(9))
 pos, neg, latent = conditioning.EasyAnimateImageToVideo().encode(
     positive, negative, vae, W, H, FRAMES, 1, 0.0563, start_image=start, image_encoder=image_encoder)

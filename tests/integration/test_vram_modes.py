@@ -19,6 +19,7 @@ import pytest
 from comfy_harness import ComfyServer
 from test_native_model import text_to_video_prompt
 
+from tests.comfy_standin import link_tree
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def frames_per_mode(tmp_path_factory) -> dict[str, np.ndarray]:
     for mode in modes:
         base = tmp_path_factory.mktemp(mode.strip("-"))
         (base / "models" / "EasyAnimate").mkdir(parents=True)
-        (base / "models" / "EasyAnimate" / "tiny-v51-inp").symlink_to(checkpoint, target_is_directory=True)
+        link_tree(checkpoint, base / "models" / "EasyAnimate" / "tiny-v51-inp")
         server = ComfyServer(Path(comfy_path), base, python=python, extra_args=[mode])
         try:
             server.start(timeout=float(os.environ.get("COMFYUI_START_TIMEOUT", "180")))
