@@ -6,18 +6,29 @@ easyanimate info PATH    what a checkpoint is (version, variant, size, dtype, mi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .checks import (
+    check_input,
+    check_memory,
+    check_number,
+    check_output_file,
+    check_output_folder,
+    check_video_size,
+    generation_memory_bytes,
+    io_error_message,
+)
 from .loading import inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
 from .pipeline import RESOLUTIONS
 
 # Parts a full model folder carries beside the transformer and the VAE, per version.
-_PIPELINE_PARTS = {
+PIPELINE_PARTS = {
     "V5.1": ["text_encoder", "tokenizer"],
     "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
     "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
@@ -28,7 +39,7 @@ VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0)}
 
 def info(path: str) -> int:
     """Print what the checkpoint at ``path`` is; a model root gets each part and what is missing."""
-    root = Path(path).expanduser()
+    root = check_input("PATH", path, "any")
     if root.is_dir() and ((root / "transformer").is_dir() or (root / "vae").is_dir()):
         version = None
         for part in ("transformer", "vae"):
@@ -38,11 +49,28 @@ def info(path: str) -> int:
             part_info = inspect_checkpoint(root / part, kind=part)
             version = version or part_info.version
             print(part_info.summary())
-        for part in _PIPELINE_PARTS.get(version, []):
+        for part in PIPELINE_PARTS.get(version, []):
             print(f"{part}: {'present' if (root / part).is_dir() else 'missing'}")
         return 0
     print(inspect_checkpoint(root).summary())
     return 0
+
+
+def missing_parts_message(root: Path, missing: list[str]) -> str:
+    """Why ``root`` cannot generate without ``missing`` parts, and what to do: a full fine-tuning output points
+    at its base model's parts (training links them; on a file system without links they must be added)."""
+    import json
+
+    listed = ", ".join(p + "/" for p in missing)
+    args_file = root / "training_args.json"
+    if args_file.is_file():
+        base = json.loads(args_file.read_text(encoding="utf-8")).get("model", "<the base model folder>")
+        links = "; ".join(f"ln -s {Path(base).expanduser().resolve() / p} {root / p}" for p in missing)
+        return (
+            f"{listed} missing under {root}, the output of `easyanimate train --mode full`, which trains only the "
+            f"transformer: the other parts are the base model's ({base}); link or copy them in ({links})"
+        )
+    return f"{listed} missing under {root}; download the full model folder"
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -85,32 +113,129 @@ def read_folder_defaults(root: Path) -> dict:
     return defaults
 
 
+def _check_generation_numbers(args) -> None:
+    """Every numeric option of ``generate`` is in range (the model's own rules for sizes come later)."""
+    for flag, value in (("--frames", args.frames), ("--width", args.width), ("--height", args.height)):
+        check_number(flag, value, low=1, fix="give a positive whole number")
+    check_number("--steps", args.steps, low=1, fix="give at least 1 sampling step")
+    check_number("--fps", args.fps, low=0, low_open=True, fix="e.g. 8 or 24")
+    check_number("--guidance", args.guidance, low=0, fix="1 turns guidance off; the released default is 6")
+    check_number("--strength", args.strength, low=0, high=1, low_open=True, fix="e.g. 0.7 (share of the steps)")
+    check_number("--lora-strength", args.lora_strength, fix="1.0 applies each LoRA as trained")
+    check_number("--shift", args.shift, low=0, low_open=True, fix="the released default is e (2.718)")
+    check_number("--seed", args.seed, low=-(2**63), high=2**63 - 1, fix="a 64-bit integer")
+
+
+def _output_bytes(out: Path, frames: int, height: int, width: int) -> int:
+    """About the most ``write_video`` writes for a video of this size (for the free-space check)."""
+    raw = frames * height * width * 3
+    suffix = out.suffix.lower()
+    if suffix == ".gif":
+        return frames * height * width  # one palette byte a pixel
+    if suffix == ".mp4":
+        return raw // 10  # H.264 at its default quality stays well below a tenth of the raw frames
+    return raw  # PNG frames and lossless WebP: at worst the raw pixels
+
+
+def _check_output(args, frames: int, height: int, width: int) -> None:
+    """``--out`` can be written, with room, and writing it loses nothing we did not write."""
+    from .video_io import VIDEO_SUFFIXES, frame_conflicts
+
+    out = Path(args.out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix and suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
+    needed = _output_bytes(out, frames, height, width)
+    if suffix:
+        check_output_file("--out", out, args.overwrite, needed)
+        return
+    check_output_folder("--out", out, needed)
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(
+                f"--out {args.out}: the folder is not empty; PNG frames go into a new or empty folder "
+                "(pass --overwrite to write them beside what it holds: only frames of an earlier run are replaced)"
+            )
+        blocking = frame_conflicts(out, frames)
+        if blocking:
+            raise ValueError(
+                f"--out {args.out}: {blocking[0].name} is in the way and was not written by easyanimate; "
+                "choose a new folder for the frames"
+            )
+
+
+def _transformer_skeleton(info) -> torch.nn.Module:
+    """The transformer of ``info`` on the meta device: its layers and shapes without memory or weights."""
+    from .transformer import EasyAnimateTransformer3D
+    from .transformer_v4 import EasyAnimateV4Transformer3D
+
+    with torch.device("meta"):
+        if info.version == "V4":
+            return EasyAnimateV4Transformer3D(info.config)
+        return EasyAnimateTransformer3D(info.config)
+
+
+def _check_loras(loras: list[str], info, root: Path) -> None:
+    """Each ``--lora`` is a safetensors LoRA whose layers fit this transformer (from the files' headers)."""
+    from .lora import read_lora
+
+    if not loras:
+        return
+    skeleton = _transformer_skeleton(info)
+    for lora in loras:
+        path = check_input("--lora", lora)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"--lora {lora}: not a .safetensors file (LoRAs are read from safetensors only)")
+        try:
+            read_lora(lora_header(path), skeleton)
+        except ValueError as e:
+            raise ValueError(f"--lora {lora}: {e}; it does not fit the {info.version} model in {root}") from e
+
+
+def lora_header(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors as meta tensors of their shapes (alphas, one number each, read for real)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                tensors[key] = f.get_tensor(key) if math.prod(shape) == 1 else torch.empty(shape, device="meta")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"not a readable safetensors file ({e})") from e
+    return tensors
+
+
 def _generation_inputs(args) -> dict:
     """Read and check every input of ``generate``; raises ValueError before any weight is loaded."""
     from . import sampling
     from .text_encoders import check_text_encoder_files
-    from .video_io import VIDEO_SUFFIXES, read_image, read_video
+    from .video_io import read_image, read_video
 
+    _check_generation_numbers(args)
     root = model_root(args.model)
     if not root.is_dir():
         raise ValueError(f"{root}: --model must be a model folder (with transformer/, vae/, text_encoder/, ...)")
     folder_defaults = read_folder_defaults(root)
     missing = [part for part in ("transformer", "vae") if not (root / part).is_dir()]
     if missing:
-        raise ValueError(f"{', '.join(p + '/' for p in missing)} missing under {root}; download the full model folder")
+        raise ValueError(missing_parts_message(root, missing))
     info = inspect_checkpoint(root / "transformer", kind="transformer")
+    vae_info = inspect_checkpoint(root / "vae", kind="vae")
     check_text_encoder_files(root, info.version.lower())
     needs_clip = info.version == "V4" and info.variant == "InP" and bool(args.image)
     if needs_clip:
         from .image_encoder import check_image_encoder_files
 
         check_image_encoder_files(root)
-    for lora in args.lora:
-        if not Path(lora).is_file() or Path(lora).suffix != ".safetensors":
-            raise ValueError(f"--lora {lora}: not a .safetensors file (LoRAs are read from safetensors only)")
-    suffix = Path(args.out).suffix.lower()
-    if suffix and suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"--out {args.out}: unknown format {suffix!r}; use .mp4, .gif, .webp or a folder name")
+    _check_loras(args.lora, info, root)
+    for flag in ("image", "end_image", "ref_image"):
+        if getattr(args, flag):
+            check_input(f"--{flag.replace('_', '-')}", getattr(args, flag), "image")
+    for flag in ("video", "control"):
+        if getattr(args, flag):
+            check_input(f"--{flag}", getattr(args, flag), "video")
 
     sampler_name, steps, guidance = sampling.DEFAULTS[info.version]
     sampler_name = folder_defaults.get("sampler", sampler_name)
@@ -132,6 +257,11 @@ def _generation_inputs(args) -> dict:
     frames, fps = VIDEO_DEFAULTS[info.version]
     frames, fps = folder_defaults.get("frames", frames), folder_defaults.get("fps", fps)
     frames, fps = args.frames or frames, args.fps or fps
+    height = args.height or folder_defaults.get("height", DEFAULT_SIZE[0])
+    width = args.width or folder_defaults.get("width", DEFAULT_SIZE[1])
+    size_flags = {"frames": "--frames", "height": "--height", "width": "--width"}
+    # The frame rule first: the input videos below are read up to --frames.
+    check_video_size(frames, 16, 16, vae_info.config, info.version, size_flags)
     inputs = {
         "start_image": read_image(args.image) if args.image else None,
         "end_image": read_image(args.end_image) if args.end_image else None,
@@ -143,8 +273,6 @@ def _generation_inputs(args) -> dict:
         clip = inputs[name]
         if clip is not None and clip.shape[0] < frames:
             raise ValueError(f"--{name.split('_')[0]} has {clip.shape[0]} frames; --frames {frames} were requested")
-    height = args.height or folder_defaults.get("height", DEFAULT_SIZE[0])
-    width = args.width or folder_defaults.get("width", DEFAULT_SIZE[1])
     if args.resolution:
         from .pipeline import size_bucket
 
@@ -152,6 +280,13 @@ def _generation_inputs(args) -> dict:
         source = next((inputs[k] for k in ("start_image", "video", "control_video") if inputs[k] is not None), None)
         aspect = (source.shape[-3], source.shape[-2]) if source is not None else (height, width)
         height, width = size_bucket(*aspect, args.resolution)
+        size_flags |= {"height": "--resolution", "width": "--resolution"}
+    check_video_size(frames, height, width, vae_info.config, info.version, size_flags)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
+    needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size)
+    check_memory(needed, f"a {frames}-frame {width}x{height} video", device, "--frames / --width / --height")
+    _check_output(args, frames, height, width)
     guidance = args.guidance if args.guidance is not None else guidance
     size = {"frames": frames, "height": height, "width": width}
     return {
@@ -163,6 +298,7 @@ def _generation_inputs(args) -> dict:
         "size": size,
         "fps": fps,
         "needs_clip": needs_clip,
+        "device": device,
     }
 
 
@@ -177,7 +313,7 @@ def generate(args) -> int:
     from .video_io import write_video
 
     job = _generation_inputs(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = job["device"]
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     placement = ModelPlacement(args.memory_mode, device, dtype)
     root, info = job["root"], job["info"]
@@ -287,28 +423,61 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential-cfg", action="store_true", help="run the unconditional pass separately")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--out", required=True, help="output .mp4 / .gif / .webp, or a folder for PNG frames")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .mp4 / .gif / .webp, or a folder for PNG frames (a new or empty one unless --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file; for a frames folder, write beside what it holds (only frames an "
+        "earlier easyanimate run wrote there are replaced)",
+    )
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default: a set default is appended, as argparse does; an option without one (None)
+    or an off switch says so in its own help text instead of "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (``--help`` of each shows all defaults)."""
+    parser = argparse.ArgumentParser(prog="easyanimate", description="EasyAnimate video models on plain PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    formatter = {"formatter_class": DefaultsHelpFormatter}
+    _add_generate_arguments(commands.add_parser("generate", help="generate a video", **formatter))
+    p_info = commands.add_parser("info", help="describe a checkpoint (folder or .safetensors file)", **formatter)
+    p_info.add_argument("path", help="a model folder, a part of one (transformer/, vae/) or a .safetensors file")
+    from .train import add_train_arguments
+
+    add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="easyanimate", description="EasyAnimate video models on plain PyTorch.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_generate_arguments(commands.add_parser("generate", help="generate a video"))
-    p_info = commands.add_parser("info", help="describe a checkpoint (folder or .safetensors file)")
-    p_info.add_argument("path")
-    from .train import add_train_arguments, train_main
-
-    add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer"))
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for the resume command training prints when stopped
     try:
         if args.command == "info":
             return info(args.path)
         if args.command == "train":
+            from .train import train_main
+
             return train_main(args)
         return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {io_error_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130

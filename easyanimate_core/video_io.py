@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_dir, atomic_path, scratch_dir
 
 METADATA_KEY = "easyanimate"
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
@@ -63,35 +63,26 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, metadata: dict | None = None) -> Path:
-    """Write [F, H, W, 3] frames in [0, 1] to ``path`` (format from its suffix), atomically."""
+    """Write [F, H, W, 3] frames in [0, 1] to ``path`` (format from its suffix), atomically.
+
+    A file replaces an existing one of that name. A folder of PNG frames goes into an existing folder beside
+    what it holds: only frames an earlier run of ours wrote there are replaced (``frame_conflicts`` lists
+    the files that would stop it; the CLI checks them before any work).
+    """
     path = Path(path)
     data = _to_uint8(frames)
     text = json.dumps(metadata or {}, ensure_ascii=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix and suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"unknown output format {suffix!r}: use .mp4, .gif, .webp or a folder name for PNG frames")
     if not suffix:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            _write_png_folder(tmp, data, text)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_png_folder(Path(os.path.abspath(path)), data, text)  # absolute: "." has no name to write beside
         return path
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".mp4":
-            _write_mp4(Path(tmp_name), data, fps, text)
+            _write_mp4(tmp, data, fps, text)
         else:
-            _write_animated_image(Path(tmp_name), data, fps, text, suffix)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+            _write_animated_image(tmp, data, fps, text, suffix)
     return path
 
 
@@ -122,14 +113,56 @@ def _write_animated_image(path: Path, data: np.ndarray, fps: float, text: str, s
     images[0].save(path, format=suffix[1:].upper(), **options)
 
 
+FRAME_NAME = re.compile(r"\d{5}\.png")  # what _write_png_folder names frame i: f"{i:05d}.png"
+
+
+def is_our_frame(path: Path) -> bool:
+    """Whether ``path`` is a frame this module wrote (a numbered PNG with our settings chunk)."""
+    from PIL import Image
+
+    if not (FRAME_NAME.fullmatch(path.name) and path.is_file()):
+        return False
+    try:
+        with Image.open(path) as im:
+            return METADATA_KEY in getattr(im, "text", {})
+    except OSError:
+        return False
+
+
+def frame_conflicts(folder: Path, frames: int) -> list[Path]:
+    """Files in ``folder`` that writing ``frames`` PNG frames there would replace but that we did not write."""
+    names = [folder / f"{i:05d}.png" for i in range(frames)]
+    return [p for p in names if p.exists() and not is_our_frame(p)]
+
+
 def _write_png_folder(folder: Path, data: np.ndarray, text: str) -> None:
+    """Numbered PNG frames in ``folder``: a new folder appears whole; in an existing one our earlier frames are
+    replaced and everything else is left as it was."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text(METADATA_KEY, text)
-    for i, frame in enumerate(data):
-        Image.fromarray(frame).save(folder / f"{i:05d}.png", pnginfo=info)
+
+    def save_frames(where: Path) -> None:
+        for i, frame in enumerate(data):
+            Image.fromarray(frame).save(where / f"{i:05d}.png", pnginfo=info)
+
+    if not folder.exists():
+        with atomic_dir(folder) as tmp:
+            save_frames(tmp)
+        return
+    blocking = frame_conflicts(folder, len(data))
+    if blocking:
+        raise ValueError(f"{folder}: will not replace {blocking[0].name}, which this program did not write")
+    # Written first inside the folder (hidden; its parent may not be writable), then moved in frame by frame.
+    with scratch_dir(folder / ".frames") as tmp:
+        save_frames(tmp)
+        for old in folder.iterdir():
+            if FRAME_NAME.fullmatch(old.name) and int(old.name[:5]) >= len(data) and is_our_frame(old):
+                old.unlink()  # a longer earlier video of ours: its extra frames would join this one
+        for new in sorted(tmp.iterdir()):
+            os.replace(new, folder / new.name)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -71,8 +71,8 @@ def test_info_identifies_the_checkpoint(models, capsys):
     "variant, extra, message",
     [
         ("InP", ["--sampler", "Heun"], "unknown sampler 'Heun'; valid for V5.1: Flow"),
-        ("InP", ["--image", "{media}/clip.mp4"], "cannot read image"),
-        ("InP", ["--image", "{media}/missing.png"], "cannot read image"),
+        ("InP", ["--image", "{media}/clip.mp4"], "--image .*clip.mp4: not a readable image"),
+        ("InP", ["--image", "{media}/missing.png"], "--image .*missing.png: no such file"),
         ("InP", ["--video", "{media}/short.mp4"], "--video has 2 frames; --frames 5 were requested"),
         ("InP", ["--control", "{media}/clip.mp4"], "need a Control model; .* is a InP model"),
         ("Control", ["--image", "{media}/start/00000.png"], "a Control model takes no --image"),
