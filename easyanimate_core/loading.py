@@ -147,6 +147,12 @@ def _parse_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], 
     return entries
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Raise ValueError naming the file, what is wrong and the fix unless ``path`` is a complete safetensors file
+    (header and data size only: no weight is read)."""
+    _parse_safetensors_header(Path(path))
+
+
 def _refuse_pickle(path: Path) -> None:
     raise ValueError(
         f"{path}: refusing to load a pickle-based checkpoint ({path.suffix}): unpickling can run arbitrary "

@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 import transformers
 
+from .loading import check_safetensors
+
 logger = logging.getLogger(__name__)
 
 VERSIONS = ("v4", "v5", "v5.1")
@@ -202,6 +204,9 @@ def check_text_encoder_files(root: str | Path, version: str) -> None:
             "Use the model.safetensors release of this text encoder, or convert it once in a trusted environment "
             "(from_pretrained(...).save_pretrained(..., safe_serialization=True))."
         )
+    for folder in models:  # a truncated or corrupt file is named here, not as the safetensors library's raw error
+        for weights in sorted((root / folder).glob("*.safetensors")):
+            check_safetensors(weights)
     if two_towers and _needs_sentencepiece(root, "tokenizer_2"):
         absent = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
         if absent:

@@ -15,7 +15,7 @@ import folder_paths
 import torch
 from safetensors import safe_open
 
-from easyanimate_core.loading import inspect_checkpoint
+from easyanimate_core.loading import check_safetensors, inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
 
@@ -78,8 +78,12 @@ def _diffusion_model_error(path: str, mtime_ns: int, size: int) -> str | None:
         if family:
             return f"{name} is a {family} checkpoint, not EasyAnimate; use ComfyUI's UNETLoader (Load Diffusion Model)"
         return f"{name} is not an EasyAnimate transformer ({error}); load other models with ComfyUI's UNETLoader"
-    if info.version not in NATIVE_VERSIONS:
-        return f"{name} is an EasyAnimate {info.version} transformer; this loader takes {', '.join(NATIVE_VERSIONS)}"
+    return _version_error(name, info.version)
+
+
+def _version_error(name: str, version: str) -> str | None:
+    if version not in NATIVE_VERSIONS:
+        return f"{name} is an EasyAnimate {version} transformer; this loader takes {', '.join(NATIVE_VERSIONS)}"
     return None
 
 
@@ -93,8 +97,8 @@ def _model_path(name: str) -> Path:
 def _model_error(name: str) -> str | None:
     """Why the Model Loader cannot load ``name`` (None if it can), from names and headers only."""
     if name in model_folders("transformer"):
-        model_folder_path(name)  # refuses a link out of the model folders
-        return None
+        # Headers only (a truncated or corrupt file is named here, on this node, before anything runs).
+        return _version_error(name, inspect_checkpoint(model_folder_path(name), "transformer").version)
     path = resolve_in_folders(DIFFUSION_MODELS, name, Path.is_file)
     if path is None:
         return f"{name!r} is neither a folder under models/EasyAnimate/ nor a file in {DIFFUSION_MODELS}/"
@@ -136,9 +140,13 @@ class EasyAnimateModelLoader:
 
 def _text_encoder_version(root: Path) -> str:
     """ "V5.1" (Qwen2-VL), or "V5" / "V4" (BERT + mT5) for a folder holding text_encoder/ (and text_encoder_2/)."""
-    # BERT + mT5 serve V4 (with masks) and V5 (without): a model folder's transformer says which.
-    if (root / "transformer").is_dir():
-        version = inspect_checkpoint(root, "transformer").version
+    # BERT + mT5 serve V4 (with masks) and V5 (without): a model folder's transformer says which. An unreadable
+    # transformer is the Model Loader's error (it was given that file): here the text encoder's config decides.
+    try:
+        version = inspect_checkpoint(root, "transformer").version if (root / "transformer").is_dir() else None
+    except ValueError:
+        version = None
+    if version is not None:
         if version not in NATIVE_VERSIONS:
             takes = ", ".join(NATIVE_VERSIONS)
             raise ValueError(f"{root}: the text-encoder loader takes {takes} folders, not {version}")
@@ -176,6 +184,7 @@ QWEN25_VL_KEY = "blocks.0.mlp.gate_proj.weight"  # Qwen2.5-VL's vision MLP (Qwen
 def _single_text_encoder_error(path: Path) -> str | None:
     """Why a single text-encoder file cannot be loaded for EasyAnimate (None if its config and tokenizer are there)."""
     name = f"{TEXT_ENCODERS}/{path.name}"
+    check_safetensors(path)  # a truncated or corrupt file: its name, the problem and the fix
     keys = _header_shapes(str(path))
     if not any(k in keys for k in QWEN2_VL_KEYS) or any(k.endswith(QWEN25_VL_KEY) for k in keys):
         return (

@@ -200,3 +200,40 @@ def test_names_inside_the_folders_still_resolve_normalised(nodes, tiny_folders):
     (nodes.models / "linked").symlink_to(second / "tiny", target_is_directory=True)
     assert nodes.nodes.EasyAnimateVAELoader.VALIDATE_INPUTS("linked") is True
     assert common.model_folder_path("linked") == nodes.models / "linked"
+
+
+# --- truncated or corrupt files: named with the fix, on the node that was given them --------------------------
+
+
+def _truncate(path):
+    """Replace ``path`` (a hard link into the shared fixture) with a new file holding its first half."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_text_encoder_is_named_with_the_fix_on_the_text_encoder_loader(nodes, tiny_folders):
+    loader = nodes.nodes.EasyAnimateTextEncoderLoader
+    name = install(nodes, tiny_folders, "V5.1")
+    _truncate(nodes.models / name / "text_encoder" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"text_encoder/model.safetensors: truncated: .* Download it again"):
+        loader().load(name)
+    folder = standard_folder(nodes, "text_encoders")
+    shutil.copy(tiny_folders["V5.1"] / "text_encoder" / "model.safetensors", folder / "qwen2vl.safetensors")
+    _truncate(folder / "qwen2vl.safetensors")
+    assert re.search(
+        r"qwen2vl.safetensors: truncated: .* Download it again", loader.VALIDATE_INPUTS("qwen2vl.safetensors")
+    )
+    (folder / "garbage.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file at all
+    assert "garbage.safetensors: not a readable safetensors file" in loader.VALIDATE_INPUTS("garbage.safetensors")
+
+
+def test_a_truncated_transformer_is_reported_by_the_model_loader_not_the_text_encoder_loader(nodes, tiny_folders):
+    name = install(nodes, tiny_folders, "V5.1")
+    _truncate(nodes.models / name / "transformer" / "diffusion_pytorch_model.safetensors")
+    (handle,) = nodes.nodes.EasyAnimateTextEncoderLoader().load(name)  # reads the transformer only to pick a version
+    assert handle.encoders.version == "v5.1"
+    error = nodes.nodes.EasyAnimateModelLoader.VALIDATE_INPUTS(name)
+    assert re.search(r"transformer/diffusion_pytorch_model.safetensors: truncated: .* Download it again", error)
+    with pytest.raises(ValueError, match="truncated"):
+        nodes.nodes.EasyAnimateModelLoader().load(name, "default")
