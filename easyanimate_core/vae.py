@@ -325,9 +325,23 @@ class ResidualBlock3D(nn.Module):
         self.norm2 = ctx.norm(cout)
         self.conv2 = ctx.conv(cout, cout)
         self.shortcut = ctx.pointwise(cin, cout) if cin != cout else None
+        self._zero_branch: tuple[tuple, bool] = ((), False)  # (conv2 weight identity, whether it is all zeros)
+
+    def branch_is_zero(self) -> bool:
+        """Whether conv2 is all zeros, so the residual branch adds exactly nothing (a VAE built by construction,
+        such as the micro model's, switches blocks off this way). Checked once per weight tensor and version."""
+        w, b = self.conv2.weight, self.conv2.bias
+        if not (w.dtype.is_floating_point and w.dtype.itemsize >= 2) or w.device.type == "meta":
+            return False  # fp8 storage (cast on the fly) or no data: never skip
+        key = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        if self._zero_branch[0] != key:
+            self._zero_branch = (key, not bool(w.any()) and (b is None or not bool(b.any())))
+        return self._zero_branch[1]
 
     def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,Cin,T,H,W] -> [B,Cout,T,H,W]
         shortcut = x if self.shortcut is None else self.shortcut(x)
+        if not torch.is_grad_enabled() and self.branch_is_zero():
+            return shortcut if self.shortcut is not None else shortcut.clone()  # the caller may write into it
         h = F.silu(_group_norm(self.norm1, x, self.per_frame_norm), inplace=True)
         h = self.conv1(h, mode)
         h = F.silu(_group_norm(self.norm2, h, self.per_frame_norm), inplace=True)

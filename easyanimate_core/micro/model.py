@@ -26,6 +26,9 @@ from .data import ALL_COLOURS, BACKGROUNDS, DIRECTIONS, SHAPES, SPEEDS
 TEXT_WIDTH = 64  # hidden size of the micro Qwen2-VL = the transformer's text_embed_dim
 MAX_TOKENS = 32  # tokenizer model_max_length: the chat-templated caption is ~20 tokens
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Latent pixels per token side. The released models use 2; at 8x8 latents a 2x2 token covers 16x16 pixels and
+# slow motion moves a quarter token per latent frame (see MODEL_CARD.md for what each setting learned).
+PATCH_SIZE = 2
 # The CLI's defaults for this model folder (generation_defaults.json): the size and length it was trained on.
 GENERATION_DEFAULTS = {"width": 64, "height": 64, "frames": 17, "fps": 8, "steps": 25, "guidance": 6.0}
 
@@ -80,14 +83,14 @@ def vae_config() -> VAEConfig:
     return VAEConfig.from_dict(VAE_CONFIG)
 
 
-def transformer_config(variant: str = "InP") -> TransformerConfig:
+def transformer_config(variant: str = "InP", patch_size: int = PATCH_SIZE) -> TransformerConfig:
     """The micro MMDiT for ``variant`` ("T2V" or "InP"): 6 dual-stream blocks, width 128."""
     return TransformerConfig(
         num_attention_heads=4,
         attention_head_dim=32,
         in_channels=VARIANT_IN_CHANNELS["V5.1"][variant],
         out_channels=16,
-        patch_size=2,
+        patch_size=patch_size,
         num_layers=6,
         mmdit_layers=6,
         time_embed_dim=128,
@@ -197,7 +200,9 @@ def transformer_json(config: TransformerConfig) -> dict:
     return {k: v for k, v in vars(config).items() if k != "compat" and v is not None}
 
 
-def write_initial_checkpoint(root: str | Path, variant: str = "InP", seed: int = 0) -> Path:
+def write_initial_checkpoint(
+    root: str | Path, variant: str = "InP", seed: int = 0, patch_size: int = PATCH_SIZE
+) -> Path:
     """An untrained micro model folder: random transformer and VAE (fp32), the text encoder and tokenizer.
 
     The text encoder depends only on its own seed (0), never on ``seed``: every micro model shares it.
@@ -205,7 +210,7 @@ def write_initial_checkpoint(root: str | Path, variant: str = "InP", seed: int =
     root = Path(root)
     with atomic_dir(root) as tmp:
         torch.manual_seed(seed)  # each model from its own reseed: the VAE is the same for every variant
-        config = transformer_config(variant)
+        config = transformer_config(variant, patch_size)
         save_model_folder(
             tmp / "transformer", EasyAnimateTransformer3D(config).state_dict(), transformer_json(config), torch.float32
         )
