@@ -91,11 +91,24 @@ def _progress():
     return progress
 
 
+class _NoEmptyVAEWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No VAE weights detected" not in record.getMessage()
+
+
 class EasyAnimateVAE(comfy.sd.VAE):
     """ComfyUI's VAE type over our MagViT VAE; LATENT holds raw VAE-space latents [B, 16, T, h, w]."""
 
     def __init__(self, vae: MagvitVAE, device=None, dtype=None):
-        # The attributes comfy.sd.VAE.__init__ sets, with the values of a Wan-2.1-like causal 3-D VAE.
+        # ComfyUI's own constructor first, on an empty state dict: it sets every attribute the running ComfyUI's VAE
+        # has (0.8.0 added size, pad_channel_value, ... that its model_size() / get_ram_usage() read) and stops at
+        # "no VAE weights" (that warning is dropped). Then its attributes get the values of our causal 3-D VAE.
+        quiet, root = _NoEmptyVAEWarning(), logging.getLogger()
+        root.addFilter(quiet)
+        try:
+            super().__init__(sd={}, device=device, dtype=dtype)
+        finally:
+            root.removeFilter(quiet)
         cfg = vae.config
         s, tc = cfg.spatial_compression, cfg.temporal_compression
         self.memory_used_encode = lambda shape, dtype: encode_memory(cfg, shape, dtype)
@@ -221,13 +234,24 @@ class EasyAnimateVAE(comfy.sd.VAE):
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         """VAEEncodeTiled: tiles and overlap in pixels, ``tile_t`` frames per chunk (a multiple of 4)."""
+        return self.encode_video(
+            self.video_from_images(pixel_samples), self._encode_tiles(tile_x, tile_y, overlap, tile_t)
+        )
+
+    def encode_tiled_3d(self, samples, tile_t=9999, tile_x=512, tile_y=512, overlap=(1, 64, 64)):
+        """ComfyUI's 3-D tiling helper (video [B, 3, F, H, W] in [0, 1]) on our encode, whose core returns the
+        posterior (mean, logvar) that ComfyUI's generic helper cannot tile."""
+        return self.encode_video(samples, self._encode_tiles(tile_x, tile_y, overlap[-1], tile_t))
+
+    def _encode_tiles(self, tile_x, tile_y, overlap, tile_t) -> ChunkTile:
+        """Encode chunk and tile settings from ComfyUI's pixel tile sizes and frames per chunk."""
         s = self.first_stage_model.config.spatial_compression
         tc = self.first_stage_model.config.temporal_compression
         sides = [v // s for v in (tile_x, tile_y) if v]
         tile = max(1, min(sides)) if sides else None
         overlap = None if overlap is None or tile is None else min(overlap // s, tile // 4)
         chunk = max(tc, tile_t // tc * tc) if tile_t and self.first_stage_model.frame_local else None
-        return self.encode_video(self.video_from_images(pixel_samples), ChunkTile(chunk, tile, overlap))
+        return ChunkTile(chunk, tile, overlap)
 
 
 # ---- loader ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -258,6 +259,24 @@ def vae_standins(mm: types.ModuleType) -> dict[str, types.ModuleType]:
     )
 
     class VAE:
+        def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
+            # 0.3.64's defaults, then its early return on a state dict it detects no VAE in.
+            self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * dtype.itemsize
+            self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * dtype.itemsize
+            self.downscale_ratio = self.upscale_ratio = 8
+            self.latent_channels, self.latent_dim, self.output_channels = 4, 2, 3
+            self.process_input = lambda image: image * 2.0 - 1.0
+            self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+            self.working_dtypes = [torch.bfloat16, torch.float32]
+            self.disable_offload = self.not_video = False
+            self.downscale_index_formula = self.upscale_index_formula = self.extra_1d_channel = None
+            self.crop_input = True
+            if config is None and not sd:
+                logging.warning("WARNING: No VAE weights detected, VAE not initalized.")
+                self.first_stage_model = None
+                return
+            raise NotImplementedError("the stand-in builds no VAE family of ComfyUI's own")
+
         def throw_exception_if_invalid(self):
             if self.first_stage_model is None:
                 raise RuntimeError("ERROR: VAE is invalid: None")

@@ -250,3 +250,23 @@ def test_previews_fall_back_to_the_last_loaded_vae_and_never_break_sampling(node
     broken = nodes.native.EasyAnimateLatentFormat()
     assert broken.latent_rgb_factors is None and broken.latent_rgb_factors_bias is None
     assert "no latent previews; fitting colours from the VAE at" in caplog.text
+
+
+def test_our_vae_runs_comfys_own_constructor_first_so_attributes_of_newer_comfyui_exist(
+    nodes, tiny_folders, caplog, monkeypatch
+):
+    base = sys.modules["comfy.sd"].VAE
+    real_init = base.__init__
+
+    def newer_init(self, *args, **kwargs):  # a ComfyUI whose constructor sets one more attribute (0.8.0: size, ...)
+        self.added_by_a_newer_comfyui = None
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(base, "__init__", newer_init)
+    vae = load(nodes, tiny_folders)
+    assert hasattr(vae, "added_by_a_newer_comfyui")
+    # ... and then ours: the constructor's defaults (SD's 8x, 4 channels, cropping) do not survive.
+    assert isinstance(vae.first_stage_model, MagvitVAE)
+    assert (vae.latent_channels, vae.latent_dim, vae.crop_input) == (16, 3, False)
+    assert vae.spacial_compression_decode() == 8 and vae.temporal_compression_decode() == 4
+    assert "No VAE weights detected" not in caplog.text  # the empty-constructor warning is dropped

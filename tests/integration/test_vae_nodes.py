@@ -88,6 +88,33 @@ with torch.no_grad():
     tiled_ref = ((core.decode(z16, tile_latent_size=attempts[-1][1]) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
 res["oom_diff"] = diff(recovered, tiled_ref)
 
+# Every public attribute and method of the running ComfyUI's VAE (class and what its constructor sets) exists on
+# ours; each is called with the arguments it takes (tiling helpers with their defaults on a small latent / video).
+real = comfy.sd.VAE(sd={})  # ComfyUI's own constructor with no weights: the attributes it sets
+public = sorted(n for n in set(dir(comfy.sd.VAE)) | set(vars(real)) if not n.startswith("_"))
+res["vae_public"] = public
+res["vae_missing"] = [n for n in public if not hasattr(vae, n)]
+z_small, pixels = torch.randn(1, 16, 2, 4, 4, generator=g), torch.rand(5, 32, 32, 3, generator=g)
+video = pixels.movedim(-1, 0).unsqueeze(0)  # [1, 3, F, H, W] in [0, 1], as ComfyUI's encode_tiled passes it
+arguments = {"decode": (z_small,), "decode_tiled": (z_small,), "encode": (pixels,), "encode_tiled": (pixels,),
+             "vae_encode_crop_pixels": (pixels,), "decode_tiled_3d": (z_small,), "encode_tiled_3d": (video,)}
+calls, call_errors = {}, {}
+for n in public:
+    attribute = getattr(vae, n, None)
+    if not callable(getattr(comfy.sd.VAE, n, None)) or n.endswith("_1d"):  # methods; 1-D tiling is for audio
+        continue
+    if n in ("decode_tiled_", "encode_tiled_"):  # ComfyUI's 2-D image tiling: for 4-D image models only
+        continue
+    try:
+        out = attribute(*arguments.get(n, ()))
+        plain = out if isinstance(out, (int, float, type(None))) else type(out).__name__
+        calls[n] = list(out.shape) if isinstance(out, torch.Tensor) else plain
+    except Exception as e:
+        call_errors[n] = f"{type(e).__name__}: {e}"[:300]
+res["vae_calls"], res["vae_call_errors"] = calls, call_errors
+if hasattr(comfy.sd.VAE, "model_size"):
+    res["vae_model_size"] = [vae.model_size(), mm.module_size(core)]
+
 # Live previews: the stock KSampler on our MODEL with latent2rgb previews on.
 args.preview_method = LatentPreviewMethod.Latent2RGB
 model = load_native_model(root)
@@ -134,6 +161,19 @@ def vae_results():
 
 def test_loader_gives_comfys_vae_type(vae_results):
     assert vae_results["is_comfy_vae"]
+
+
+def test_every_public_attribute_and_method_of_comfys_vae_works_on_ours(vae_results):
+    assert len(vae_results["vae_public"]) > 20, vae_results["vae_public"]  # ComfyUI's list, not an empty one
+    assert vae_results["vae_missing"] == []
+    assert vae_results["vae_call_errors"] == {}
+    calls = vae_results["vae_calls"]
+    assert calls["decode"] == [1, 5, 32, 32, 3] and calls["encode"] == [1, 16, 2, 4, 4]
+    assert calls["encode_tiled_3d"] == calls["encode"]
+    assert calls["spacial_compression_decode"] == 8 and calls["temporal_compression_decode"] == 4
+    if "vae_model_size" in vae_results:  # ComfyUI 0.8.0+: model_size() / get_ram_usage() count our weights
+        ours, expected = vae_results["vae_model_size"]
+        assert ours == expected > 0 and calls["get_ram_usage"] == expected
 
 
 def test_stock_vae_decode_equals_our_node(vae_results):
