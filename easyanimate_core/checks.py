@@ -9,6 +9,7 @@ and how to fix it:
     check_output_folder(flag, path, needed_bytes)       a folder we may create or write into
     check_video_size(frames, height, width, vae_config, flags)   the VAE's frame and size rules
     check_memory(needed_bytes, what, device)            a lower-bound estimate against the memory there is
+    transformer_skeleton(info), lora_header(path)      a model's layers and a LoRA's shapes without their weights
 """
 
 from __future__ import annotations
@@ -85,20 +86,21 @@ def check_output_folder(flag: str, path: str | Path, needed_bytes: int = 0) -> P
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {path}: is a file; give a folder (a new or an existing one)")
-    base = existing_ancestor(p)
-    if not base.is_dir():
-        raise ValueError(f"{flag} {path}: {base} is a file, so no folder can be made there; choose another path")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {base} (permission denied); choose a folder you can write")
-    check_free_space(flag, path, base, needed_bytes)
+    _check_writable(flag, path, p, needed_bytes)
     return p
 
 
-def check_free_space(flag: str, path: str | Path, folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
+def _check_writable(flag: str, path: str | Path, folder: Path, needed_bytes: int) -> None:
+    """``folder`` (``path``'s, or ``path`` itself) exists or can be made, is writable and has room."""
+    base = existing_ancestor(folder)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, so nothing can be written under it; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {base} (permission denied); choose a folder you can write")
+    free = shutil.disk_usage(base).free
     if needed_bytes > free:
         raise ValueError(
-            f"{flag} {path}: the output needs about {needed_bytes / GIB:.2f} GiB but {folder} has "
+            f"{flag} {path}: the output needs about {needed_bytes / GIB:.2f} GiB but {base} has "
             f"{free / GIB:.2f} GiB free; free some space or write elsewhere"
         )
 
@@ -111,7 +113,7 @@ def check_output_file(flag: str, path: str | Path, overwrite: bool, needed_bytes
         raise ValueError(f"{flag} {path}: is a folder; give a file name (or a new folder name for PNG frames)")
     if p.exists() and not overwrite:
         raise ValueError(f"{flag} {path}: the file exists; pass --overwrite to replace it, or choose another name")
-    check_output_folder(flag, p.parent if str(p.parent) else ".", needed_bytes)
+    _check_writable(flag, path, p.parent, needed_bytes)
     return p
 
 
@@ -123,6 +125,37 @@ def io_error_message(e: OSError, hint: str = "") -> str:
     else:
         what = f"input/output error on{where or ' a file'}: {e.strerror or e}"
     return f"{what}{'; ' + hint if hint else ''} (nothing half-written was kept)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Models from their headers
+# --------------------------------------------------------------------------------------------------
+
+
+def transformer_skeleton(info) -> torch.nn.Module:
+    """The transformer of ``info`` on the meta device: its layers and shapes without memory or weights."""
+    from .transformer import EasyAnimateTransformer3D
+    from .transformer_v4 import EasyAnimateV4Transformer3D
+
+    with torch.device("meta"):
+        if info.version == "V4":
+            return EasyAnimateV4Transformer3D(info.config)
+        return EasyAnimateTransformer3D(info.config)
+
+
+def lora_header(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors as meta tensors of their shapes (alphas, one number each, read for real)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                tensors[key] = f.get_tensor(key) if math.prod(shape) == 1 else torch.empty(shape, device="meta")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"not a readable safetensors file ({e})") from e
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,20 +172,20 @@ def frame_rule(vae_config) -> tuple[int, int]:
     return vae_config.mini_batch_encoder, 0
 
 
-def video_size_error(frames: int, height: int, width: int, vae_config, version: str) -> tuple[str, str] | None:
-    """(which of "frames" / "width" / "height", why) when a size breaks the VAE's rules, naming the nearest
-    valid values; None when it is valid."""
+def video_size_error(frames: int, height: int, width: int, vae_config, version: str) -> tuple[str, int, str] | None:
+    """(which of "frames" / "width" / "height", its value, why) when a size breaks the VAE's rules, naming the
+    nearest valid values; None when it is valid."""
     m = vae_config.pixel_multiple
     for name, size in (("width", width), ("height", height)):
         if size <= 0 or size % m:
             nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), max(m, (size // m + 1) * m))))
-            return name, f"{name} {size} is not a positive multiple of {m}; nearest valid: {nearest}"
+            return name, size, f"must be a positive multiple of {m}; nearest valid: {nearest}"
     step, offset = frame_rule(vae_config)
     if frames < 1 or ((frames - offset) % step and frames != 1):
         lower = max(step if offset == 0 else 1, (frames - offset) // step * step + offset)
         upper = max(lower, ((frames - offset) // step + 1) * step + offset)
         rule = f"{step}k+{offset}" if offset else f"a multiple of {step}"
-        return "frames", f"frames {frames} must be {rule} for {version}; nearest valid: {lower} or {upper}"
+        return "frames", frames, f"must be {rule} for {version}; nearest valid: {lower} or {upper}"
     return None
 
 
@@ -161,8 +194,8 @@ def check_video_size(frames: int, height: int, width: int, vae_config, version: 
     the VAE's rules."""
     problem = video_size_error(frames, height, width, vae_config, version)
     if problem:
-        name, why = problem
-        raise ValueError(f"{flags[name]}: {why}")
+        name, value, why = problem
+        raise ValueError(f"{flags[name]} {value}: {why}")
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:

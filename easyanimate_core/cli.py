@@ -6,7 +6,6 @@ easyanimate info PATH    what a checkpoint is (version, variant, size, dtype, mi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from .checks import (
     check_video_size,
     generation_memory_bytes,
     io_error_message,
+    lora_header,
+    transformer_skeleton,
 )
 from .loading import inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
@@ -164,24 +165,13 @@ def _check_output(args, frames: int, height: int, width: int) -> None:
             )
 
 
-def _transformer_skeleton(info) -> torch.nn.Module:
-    """The transformer of ``info`` on the meta device: its layers and shapes without memory or weights."""
-    from .transformer import EasyAnimateTransformer3D
-    from .transformer_v4 import EasyAnimateV4Transformer3D
-
-    with torch.device("meta"):
-        if info.version == "V4":
-            return EasyAnimateV4Transformer3D(info.config)
-        return EasyAnimateTransformer3D(info.config)
-
-
 def _check_loras(loras: list[str], info, root: Path) -> None:
     """Each ``--lora`` is a safetensors LoRA whose layers fit this transformer (from the files' headers)."""
     from .lora import read_lora
 
     if not loras:
         return
-    skeleton = _transformer_skeleton(info)
+    skeleton = transformer_skeleton(info)
     for lora in loras:
         path = check_input("--lora", lora)
         if path.suffix != ".safetensors":
@@ -190,21 +180,6 @@ def _check_loras(loras: list[str], info, root: Path) -> None:
             read_lora(lora_header(path), skeleton)
         except ValueError as e:
             raise ValueError(f"--lora {lora}: {e}; it does not fit the {info.version} model in {root}") from e
-
-
-def lora_header(path: Path) -> dict[str, torch.Tensor]:
-    """A LoRA file's tensors as meta tensors of their shapes (alphas, one number each, read for real)."""
-    from safetensors import safe_open
-
-    tensors = {}
-    try:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                tensors[key] = f.get_tensor(key) if math.prod(shape) == 1 else torch.empty(shape, device="meta")
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise ValueError(f"not a readable safetensors file ({e})") from e
-    return tensors
 
 
 def _generation_inputs(args) -> dict:
@@ -401,7 +376,7 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=RESOLUTIONS,
         help="pick width x height from the official size buckets at this base resolution, in the aspect ratio "
-        "of --image / --video / --control (else of --width x --height)",
+        "of --image / --video / --control (else of --width x --height); default: none, --width x --height as given",
     )
     p.add_argument("--fps", type=float, help="default: the version's (8 for V5 / V5.1, 24 for V4)")
     p.add_argument("--steps", type=int, help="default: the version's released default")
@@ -437,12 +412,15 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every default: a set default is appended, as argparse does; an option without one (None)
-    or an off switch says so in its own help text instead of "(default: None)"."""
+    """``--help`` shows every default: argparse's "(default: X)", "(default: none)" for an optional input left
+    out, nothing for off switches or where the help text already says what the default is."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help or ""
+        text = action.help or ""
+        if action.default is False or action.required or "default" in text:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)" if action.option_strings else text
         return super()._get_help_string(action)
 
 

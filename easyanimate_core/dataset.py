@@ -1,6 +1,7 @@
 """Training data: the official metadata JSON, checked before training, bucketed by aspect ratio and frame count.
 
-    load_dataset(json_path, data_root=None, min_frames=5, skip_bad=False) -> [Sample]
+    load_dataset(json_path, data_root=None, min_frames=5, skip_bad=False, probes=None) -> [Sample]
+    ProbeCache(json_file)              probe results kept by file size and mtime (resume re-probes nothing)
     BucketRule(resolutions, max_frames, token_budget).bucket(sample) -> Bucket (frames, height, width)
     batch_plan(buckets, batch_size, seed) -> endless (epoch, [sample positions]) sharing one bucket
     load_clip(sample, bucket, stride, generator) -> [3, F, H, W] in [-1, 1]
@@ -20,6 +21,8 @@ the token budget allows at that size (latent frames x (H/16) x (W/16) transforme
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,8 +96,13 @@ def read_metadata(json_path: str | Path) -> list:
     return entries
 
 
+_FFMPEG_FRAMES = re.compile(r"^frame=\s*(\d+)", re.MULTILINE)
+_FFMPEG_SIZE = re.compile(r"Stream #0:\d+.*?: Video: .*?, (\d+)x(\d+)[,\s\[]")
+
+
 def _probe_video(path: Path) -> tuple[int, int, int]:
-    """(frames, height, width) of a video file or a folder of frames, without decoding every frame."""
+    """(frames, height, width) of a video file or a folder of frames; a file's frames are decoded and counted
+    (container frame counts can be wrong) in one ffmpeg run, which also reports the size."""
     if path.is_dir():
         from PIL import Image
 
@@ -103,16 +111,18 @@ def _probe_video(path: Path) -> tuple[int, int, int]:
             raise ValueError("unreadable video: the folder holds no images")
         with Image.open(files[0]) as im:
             return len(files), im.height, im.width
-    import imageio.v3 as iio
+    import subprocess
+
     import imageio_ffmpeg
 
-    try:
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-        width, height = iio.immeta(path, plugin="FFMPEG")["size"]
-    except Exception as e:  # ffmpeg reports unreadable input in many ways
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ValueError(f"unreadable video ({last})") from e
-    return frames, height, width
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", str(path)]
+    command += ["-map", "0:v:0", "-vf", "null", "-f", "null", "-"]
+    report = subprocess.run(command, capture_output=True, text=True, errors="replace").stderr
+    frames, size = _FFMPEG_FRAMES.findall(report), _FFMPEG_SIZE.search(report)
+    if not frames or not size:
+        last = report.strip().splitlines()[-1] if report.strip() else "ffmpeg said nothing"
+        raise ValueError(f"unreadable video ({last})")
+    return int(frames[-1]), int(size.group(2)), int(size.group(1))
 
 
 def _probe_image(path: Path) -> tuple[int, int, int]:
@@ -126,7 +136,7 @@ def _probe_image(path: Path) -> tuple[int, int, int]:
         raise ValueError(f"unreadable image ({e})") from e
 
 
-def check_entry(index: int, entry, data_root: Path, min_frames: int) -> Sample:
+def check_entry(index: int, entry, data_root: Path, min_frames: int, probes: ProbeCache | None = None) -> Sample:
     """A Sample for one metadata entry; ValueError saying what is wrong with it."""
     if not isinstance(entry, dict):
         raise ValueError("not an object with file_path, text and type")
@@ -143,10 +153,85 @@ def check_entry(index: int, entry, data_root: Path, min_frames: int) -> Sample:
     path = path if path.is_absolute() else data_root / path
     if not path.exists():
         raise ValueError(f"missing file {path}")
-    frames, height, width = _probe_video(path) if kind == "video" else _probe_image(path)
+    frames, height, width = probes.get(kind, path) if probes else probe(kind, path)
     if kind == "video" and frames < min_frames:
         raise ValueError(f"too short: {frames} frames, at least {min_frames} needed (--min-frames)")
     return Sample(index, path, text.strip(), kind, frames, height, width)
+
+
+def probe(kind: str, path: Path) -> tuple[int, int, int]:
+    """(frames, height, width) of a video (file or folder of frames) or an image; ValueError if unreadable."""
+    return _probe_video(path) if kind == "video" else _probe_image(path)
+
+
+class ProbeCache:
+    """Probe results kept in a JSON file, keyed by kind and path and valid while the file's size and mtime are
+    unchanged: a resumed or repeated run re-probes only new or changed files (ffmpeg decodes each video).
+
+    ``prefetch`` probes many files at once in threads (each video probe is an ffmpeg process); ``get`` answers
+    from the cache, probing on a miss. Unreadable files are not cached (they are re-checked every start).
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        self.probed = 0  # files probed (not answered from the cache) by this object
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if saved.get("version") == self.VERSION:
+                    self.entries = saved["probes"]
+            except (OSError, ValueError, KeyError, AttributeError):
+                self.entries = {}  # a damaged cache is only a slower start
+
+    @staticmethod
+    def _key(kind: str, path: Path) -> str:
+        return f"{kind}:{os.path.abspath(path)}"
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, kind: str, path: Path) -> tuple[int, int, int]:
+        key, stamp = self._key(kind, path), self._stamp(path)
+        saved = self.entries.get(key)
+        if saved is not None and saved[:2] == stamp:
+            return tuple(saved[2:])
+        result = probe(kind, path)
+        self.probed += 1
+        self.entries[key] = [*stamp, *result]
+        return result
+
+    def prefetch(self, items: list[tuple[str, Path]], workers: int) -> None:
+        """Probe the uncached ``items`` (kind, path) with ``workers`` threads; failures are left to ``get``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def probe_quietly(item):
+            try:
+                self.get(*item)
+            except (ValueError, OSError):
+                pass
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(probe_quietly, items))
+
+    def save(self) -> None:
+        if self.path is not None:
+            from .train_io import write_json
+
+            write_json(self.path, {"version": self.VERSION, "probes": self.entries})
+
+
+def entry_path(entry, data_root: Path) -> tuple[str, Path] | None:
+    """(kind, file) of a well-formed entry whose file exists, else None (``check_entry`` says what is wrong)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str) or not entry["file_path"]:
+        return None
+    path = Path(entry["file_path"]).expanduser()
+    path = path if path.is_absolute() else data_root / path
+    return (entry.get("type", "image"), path) if path.exists() else None
 
 
 def load_dataset(
@@ -156,15 +241,24 @@ def load_dataset(
     skip_bad: bool = False,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    probes: ProbeCache | None = None,
+    workers: int | None = None,
 ) -> list[Sample]:
-    """Read and check every entry; ValueError listing every bad one (with its JSON index) unless ``skip_bad``."""
+    """Read and check every entry; ValueError listing every bad one (with its JSON index) unless ``skip_bad``.
+
+    Files are probed in ``workers`` threads (default: the CPU count) through ``probes`` (a ProbeCache: pass
+    one read from a file, and save it after, to skip unchanged files on the next start).
+    """
     json_path = Path(json_path)
     root = Path(data_root).expanduser() if data_root is not None else json_path.parent
     entries = read_metadata(json_path)
+    probes = probes if probes is not None else ProbeCache()
+    wanted = [item for item in (entry_path(e, root) for e in entries) if item and item[0] in KINDS]
+    probes.prefetch(wanted, workers or os.cpu_count() or 1)
     samples, problems = [], []
     for index, entry in enumerate(entries):
         try:
-            samples.append(check_entry(index, entry, root, min_frames))
+            samples.append(check_entry(index, entry, root, min_frames, probes))
         except ValueError as e:
             name = entry.get("file_path") if isinstance(entry, dict) else None
             problems.append(f"  #{index}{f' ({name})' if name else ''}: {e}")

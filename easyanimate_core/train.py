@@ -31,7 +31,10 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +46,25 @@ from torch import nn
 
 from . import sampling
 from .atomic import atomic_dir, remove_partials
-from .dataset import BucketRule, batch_plan, describe_buckets, load_dataset
-from .lora import LoraNetwork, save_lora
+from .checks import (
+    check_input,
+    check_memory,
+    check_number,
+    check_output_folder,
+    check_video_size,
+    generation_memory_bytes,
+    io_error_message,
+)
+from .dataset import (
+    SIZE_MULTIPLE,
+    TEMPORAL_COMPRESSION,
+    BucketRule,
+    ProbeCache,
+    batch_plan,
+    describe_buckets,
+    load_dataset,
+)
+from .lora import LoraNetwork, lora_targets, save_lora
 from .text_encoders import PromptPair
 from .train_data import (
     Example,
@@ -76,6 +96,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 NOISE_AUG_LOG_MEAN, NOISE_AUG_LOG_STD = -3.0, 0.5  # official add_noise_to_reference_video for training
 LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
+PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
 STRICT_KEYS = ("model", "mode", "rank", "alpha", "lora_targets", "data", "samples", "batch_size", "seed", "buckets")
 
 
@@ -99,6 +120,14 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (so that all of them act on it at the same step)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def total(self, value: float) -> float:
         """``value`` summed over the processes (for the logged loss)."""
@@ -302,20 +331,65 @@ class Run:
         return meta
 
 
+def _check_numbers(args) -> None:
+    """Every numeric option in range: the first check, before any file is read."""
+    whole = "give a whole number"
+    for flag, value in (("--max-steps", args.max_steps), ("--checkpoint-every", args.checkpoint_every)):
+        check_number(flag, value, low=1, fix="give at least 1")
+    check_number("--batch-size", args.batch_size, low=1, fix="the global batch: at least 1 sample a step")
+    check_number("--micro-batch", args.micro_batch, low=1, fix="at least 1 sample a forward pass (or leave it out)")
+    check_number("--keep-checkpoints", args.keep_checkpoints, low=1, fix="keep at least 1 (or leave it out: keep all)")
+    check_number("--rank", args.rank, low=1, fix="the LoRA rank, e.g. 64 or 128")
+    check_number("--alpha", args.alpha, low=0, low_open=True, fix="e.g. the rank, or half of it")
+    check_number("--lr", args.lr, low=0, low_open=True, fix="e.g. 1e-4 for a LoRA, 2e-5 for full fine-tuning")
+    check_number("--warmup-steps", args.warmup_steps, low=0, fix=whole)
+    check_number("--weight-decay", args.weight_decay, low=0, fix="0 turns it off; released: 5e-2")
+    check_number("--adam-eps", args.adam_eps, low=0, low_open=True, fix="released: 1e-10")
+    check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True, fix="released: 0.05")
+    check_number("--caption-dropout", args.caption_dropout, low=0, high=1, fix="a probability, e.g. 0.1")
+    check_number("--seed", args.seed, low=-(2**63), high=2**63 - 1, fix="a 64-bit integer")
+    check_number("--frames", args.frames, low=1, fix="4k+1: 1, 5, 9, ..., 49")
+    if (args.frames - 1) % TEMPORAL_COMPRESSION:
+        nearest = (args.frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1
+        raise ValueError(f"--frames {args.frames}: must be 4k+1 (1, 5, 9, ... 49); nearest valid: {nearest}")
+    for resolution in args.resolutions:
+        if resolution < SIZE_MULTIPLE or resolution % SIZE_MULTIPLE:
+            raise ValueError(f"--resolutions {resolution}: must be a multiple of {SIZE_MULTIPLE}, e.g. 512")
+    check_number("--stride", args.stride, low=1, fix="1 takes every frame")
+    check_number("--token-budget", args.token_budget, low=1, fix="or leave it out")
+    check_number("--min-frames", args.min_frames, low=1, fix=whole)
+    check_number("--workers", args.workers, low=0, fix="0 reads the clips in the training process")
+    check_number("--shard-size", args.shard_size, low=0, low_open=True, fix="GiB per file, e.g. 5")
+    check_number("--validation-every", args.validation_every, low=0, fix="0: never")
+    check_number("--validation-steps", args.validation_steps, low=1, fix="e.g. 25")
+    if args.validation_prompt and not args.validation_every:
+        raise ValueError("--validation-prompt is given but --validation-every is 0 (never): add --validation-every N")
+    if args.validation_every and not args.validation_prompt:
+        raise ValueError(f"--validation-every {args.validation_every} needs a --validation-prompt (what to generate)")
+    if not args.name or Path(args.name).name != args.name or args.name in (".", ".."):
+        raise ValueError(f"--name {args.name!r}: must be a plain file name (no folders), e.g. my_lora")
+
+
 def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
-    """Everything that can be checked before data or weights are read; ValueError naming the fix."""
+    """Everything that can be checked before data or weights are read; ValueError naming the flag and the fix."""
+    from .checks import transformer_skeleton
     from .loading import inspect_checkpoint
     from .text_encoders import check_text_encoder_files
 
-    root = Path(args.model).expanduser()
+    _check_numbers(args)
+    root = check_input("--model", args.model, "folder")
     if not (root / "transformer").is_dir() or not (root / "vae").is_dir():
         raise ValueError(f"--model {root}: expected a model folder with transformer/, vae/ and the text encoder(s)")
     info = inspect_checkpoint(root / "transformer", kind="transformer")
+    vae_info = inspect_checkpoint(root / "vae", kind="vae")
     if info.variant not in ("T2V", "InP"):
         raise ValueError(f"{root} is a {info.variant} model; training supports T2V and InP models")
+    if info.version == "V4":
+        raise ValueError(f"--model {root}: a V4 model; training supports V5 and V5.1 models")
     check_text_encoder_files(root, info.version.lower())
-    if not Path(args.data).is_file():
-        raise ValueError(f"--data {args.data}: no such metadata file (a JSON list of file_path/text/type)")
+    check_input("--data", args.data)
+    if args.data_root:
+        check_input("--data-root", args.data_root, "folder")
     if args.batch_size % procs.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {procs.world} processes")
     per_rank = args.batch_size // procs.world
@@ -325,13 +399,47 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
         raise ValueError("--fsdp shards full fine-tuning; LoRA runs use DDP (drop --fsdp)")
     if args.cache_latents and not args.cache_dir:
         raise ValueError("--cache-latents needs --cache-dir (where the latents are stored)")
-    if args.validation_image and info.variant != "InP":
-        raise ValueError("--validation-image needs an InP model")
+    if args.cache_dir:
+        check_output_folder("--cache-dir", args.cache_dir)
+    if args.validation_image:
+        if info.variant != "InP":
+            raise ValueError("--validation-image needs an InP model")
+        check_input("--validation-image", args.validation_image, "image")
     if args.train_mode == "inpaint" and info.variant != "InP":
         raise ValueError(f"--train-mode inpaint needs an InP model; {root} is {info.variant}")
-    if args.max_steps < 1 or args.checkpoint_every < 1:
-        raise ValueError("--max-steps and --checkpoint-every must be at least 1")
+    skeleton = transformer_skeleton(info)
+    trained_numbers = info.num_params * 3  # full: weights + Adam's two moments, all float32
+    if args.mode == "lora":
+        targets = lora_targets(skeleton, args.lora_targets)  # ValueError when the patterns match nothing
+        linears = [skeleton.get_submodule(t) for t in targets]
+        trained_numbers = sum(args.rank * (m.in_features + m.out_features) for m in linears) * 3
+    if args.validation_prompt:
+        flags = {"frames": "--validation-frames", "height": "--validation-height", "width": "--validation-width"}
+        size = (args.validation_frames, args.validation_height, args.validation_width)
+        check_video_size(*size, vae_info.config, info.version, flags)
+        hidden = info.config.num_attention_heads * info.config.attention_head_dim
+        needed = generation_memory_bytes(*size, vae_info.config, hidden)
+        what = f"a {size[0]}-frame {size[2]}x{size[1]} validation video"
+        check_memory(needed, what, procs.device, "--validation-frames / --validation-height / --validation-width")
+    # Room for one checkpoint (float32 weights and optimizer state) and the final output beside it.
+    _check_output_folder(args, needed_bytes=trained_numbers * 4 + trained_numbers // 3 * 4)
     return root, info
+
+
+def _check_output_folder(args, needed_bytes: int) -> None:
+    """``--output`` can be written with room for a checkpoint; a fresh run never replaces an earlier run's files."""
+    output = check_output_folder("--output", args.output, needed_bytes)
+    if args.resume:
+        resolve_resume(output, args.resume)  # ValueError when there is no such checkpoint
+        return
+    earlier = [output / name for name in (f"{args.name}.safetensors", "transformer", "training_args.json")]
+    earlier += list_checkpoints(output)
+    found = [p for p in earlier if p.exists()]
+    if found:
+        raise ValueError(
+            f"--output {args.output} holds the outputs of an earlier run ({found[0].name}): add --resume latest "
+            "to continue it, or choose another --output"
+        )
 
 
 def _fingerprint(run: Run) -> dict:
@@ -540,10 +648,27 @@ def _final_outputs(run: Run, step: int) -> Path:
                 write_transformer_folder(
                     tmp, state_dict, _transformer_config(run), save_dtype, int(run.args.shard_size * 2**30)
                 )
+            _link_base_parts(run)
         else:
             save_lora(target, run.network.layers(), metadata=run.metadata(step), dtype=save_dtype)
     run.procs.barrier()
     return target
+
+
+def _link_base_parts(run: Run) -> None:
+    """Make a full fine-tuning output a model folder ``generate --model`` loads: link the base model's other parts
+    (VAE, text encoders, tokenizers, settings) beside the trained transformer/, never copying gigabytes."""
+    from .cli import PIPELINE_PARTS
+    from .micro import DEFAULTS_FILE
+
+    for part in ["vae", *PIPELINE_PARTS.get(run.version, []), DEFAULTS_FILE]:
+        source, link = (run.root / part).resolve(), run.output / part
+        if not source.exists() or link.exists() or link.is_symlink():
+            continue
+        try:
+            os.symlink(source, link, target_is_directory=source.is_dir())
+        except OSError as e:  # e.g. Windows without the right to make links: generate's error says what to do
+            run.log(f"could not link {source} into {run.output} ({e.strerror}); link or copy it there to generate")
 
 
 @dataclass
@@ -572,7 +697,17 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     resume = resolve_resume(output, args.resume) if args.resume else None
     device_default = "bf16" if procs.device.type == "cuda" else "fp32"
     dtype = DTYPES[args.dtype or device_default]
-    samples = load_dataset(args.data, args.data_root, args.min_frames, args.skip_bad_samples, log)
+    micro = f", {args.micro_batch} a forward pass" if args.micro_batch else ""
+    log(
+        f"{procs.world} process{'es' if procs.world > 1 else ''} on {procs.device.type}; global batch "
+        f"{args.batch_size} ({args.batch_size // procs.world} a process{micro})"
+    )
+    probes = ProbeCache(output / PROBE_CACHE)
+    started = time.perf_counter()
+    samples = load_dataset(args.data, args.data_root, args.min_frames, args.skip_bad_samples, log, probes=probes)
+    log(f"checked {len(samples)} samples in {time.perf_counter() - started:.1f} s ({probes.probed} files probed)")
+    if procs.main and probes.probed:
+        probes.save()
     resolutions = tuple(args.resolutions)
     budget = args.token_budget or ((args.frames - 1) // 4 + 1) * (max(resolutions) // 16) ** 2
     rule = BucketRule(resolutions, args.frames, budget)
@@ -582,8 +717,6 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     fingerprint = _fingerprint(run)
 
     start_step, saved = 0, None
-    if not resume and list_checkpoints(output):
-        raise ValueError(f"{output} holds checkpoints of an earlier run: add --resume latest, or use another --output")
     if resume:
         saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
         _check_fingerprint(saved["fingerprint"], fingerprint, log)
@@ -627,37 +760,41 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     bar = tqdm(total=args.max_steps, initial=start_step, desc="training", unit="step", disable=not procs.main)
     step = start_step
     try:
-        for index, examples in zip(range(start_step, args.max_steps), loader, strict=True):
-            lr = args.lr * lr_factor(index, args.max_steps, args.warmup_steps, args.lr_scheduler)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            local = train_step(run, index, examples)
-            if run.scaler:
-                run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for _, p in run.params], args.max_grad_norm)
-            if run.scaler:
-                run.scaler.step(run.optimizer)
-                run.scaler.update()
-            else:
-                run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            loss = procs.total(local) / args.batch_size
-            if not math.isfinite(loss):
-                raise ValueError(f"the loss became {loss} at step {index + 1}; lower --lr or use --dtype bf16/fp32")
-            step = index + 1
-            losses[step] = loss
-            if loss_log:
-                loss_log.append({"step": step, "loss": loss, "lr": lr, "epoch": epochs[index]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if on_step:
-                on_step(step, loss)
-            if step % args.checkpoint_every == 0 or step == args.max_steps:
-                save_checkpoint(run, step, epochs[index], fingerprint, loss_log)
-            if args.validation_prompt and args.validation_every and step % args.validation_every == 0:
-                validate(run, step)
+        with StopSignals(log) as signals:
+            for index, examples in zip(range(start_step, args.max_steps), loader, strict=True):
+                lr = args.lr * lr_factor(index, args.max_steps, args.warmup_steps, args.lr_scheduler)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                local = train_step(run, index, examples)
+                if run.scaler:
+                    run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for _, p in run.params], args.max_grad_norm)
+                if run.scaler:
+                    run.scaler.step(run.optimizer)
+                    run.scaler.update()
+                else:
+                    run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                loss = procs.total(local) / args.batch_size
+                if not math.isfinite(loss):
+                    raise ValueError(f"the loss became {loss} at step {index + 1}; lower --lr or use --dtype bf16/fp32")
+                step = index + 1
+                losses[step] = loss
+                if loss_log:
+                    loss_log.append({"step": step, "loss": loss, "lr": lr, "epoch": epochs[index]})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if on_step:
+                    on_step(step, loss)
+                stopping = procs.any(signals.received is not None)  # every process stops at the same step
+                if step % args.checkpoint_every == 0 or step == args.max_steps or stopping:
+                    save_checkpoint(run, step, epochs[index], fingerprint, loss_log)
+                if stopping and step < args.max_steps:
+                    raise TrainingStopped(step, output, signals.received or "a signal", resume_command(args))
+                if args.validation_prompt and args.validation_every and step % args.validation_every == 0:
+                    validate(run, step)
     except KeyboardInterrupt as e:
-        raise TrainingInterrupted(step, output) from e
+        raise TrainingInterrupted(step, output, resume_command(args)) from e
     finally:
         bar.close()
     result = _final_outputs(run, step)
@@ -665,12 +802,73 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     return TrainResult(losses, result, step)
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C (or a callback) stopped the run after ``step``."""
+def resume_command(args) -> str:
+    """The command that continues this run: the same one with ``--resume latest`` (under torchrun / accelerate,
+    the same launcher with these arguments)."""
+    import shlex
 
-    def __init__(self, step: int, output: Path):
-        super().__init__(f"interrupted after step {step}; resume with --resume latest (output {output})")
+    argv = list(getattr(args, "argv", None) or [])
+    if not argv:
+        return "the same command with --resume latest"
+    kept = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return "easyanimate " + shlex.join([*kept, "--resume", "latest"])
+
+
+class StopSignals:
+    """While active, SIGTERM (what schedulers send) and SIGINT (Ctrl-C) ask the run to stop after the current
+    step, with a checkpoint; a second signal stops at once (KeyboardInterrupt, no checkpoint)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.log(f"\n{self.received}: stopping after this step with a checkpoint (send it again to stop at once)")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingInterrupted(Exception):
+    """Stopped at once after ``step`` (a second Ctrl-C / SIGTERM, or a callback): no checkpoint of this step."""
+
+    def __init__(self, step: int, output: Path, resume: str = "the same command with --resume latest"):
+        super().__init__(
+            f"interrupted after step {step}; the last checkpoint in {output / 'checkpoints'} continues with:\n"
+            f"  {resume}"
+        )
         self.step = step
+
+
+class TrainingStopped(Exception):
+    """SIGTERM / SIGINT stopped the run at a step boundary, after writing a checkpoint of ``step``."""
+
+    def __init__(self, step: int, output: Path, signal_name: str, resume: str):
+        super().__init__(
+            f"{signal_name}: stopped after step {step} and wrote {checkpoint_dir(output, step)}; continue with:\n"
+            f"  {resume}"
+        )
+        self.step, self.signal_name = step, signal_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -718,7 +916,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--batch-size", type=int, default=1, help="global batch (over all processes)")
-    g.add_argument("--micro-batch", type=int, help="samples per forward pass (gradient accumulation)")
+    g.add_argument(
+        "--micro-batch",
+        type=int,
+        help="samples per forward pass (gradient accumulation); default: the whole per-process batch",
+    )
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, default="constant")
     g.add_argument("--warmup-steps", type=int, default=0)
@@ -734,11 +936,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=float, default=5.0, help="GiB per safetensors shard in full mode")
 
     g = p.add_argument_group("caches, checkpoints, validation")
-    g.add_argument("--cache-dir", help="store prompt embeddings (and with --cache-latents, latents) here")
+    g.add_argument(
+        "--cache-dir", help="store prompt embeddings (and with --cache-latents, latents) here (default: none: no cache)"
+    )
     g.add_argument("--cache-latents", action="store_true", help="encode each sample's clip once (a fixed clip)")
     g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, help="keep only the newest N checkpoints")
-    g.add_argument("--resume", help="'latest' or a checkpoint folder")
+    g.add_argument("--keep-checkpoints", type=int, help="keep only the newest N checkpoints (default: keep all)")
+    g.add_argument("--resume", help="'latest' or a checkpoint folder (default: start a new run)")
     g.add_argument("--validation-prompt", action="append", default=[], help="prompt of a validation video (repeat)")
     g.add_argument("--validation-every", type=int, default=0, help="steps between validation videos (0: never)")
     g.add_argument("--validation-image", help="start image of the validation videos (InP models)")
@@ -755,7 +959,13 @@ def train_main(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        return 128 + getattr(signal, e.signal_name, signal.SIGTERM)  # as a shell reports a signal's exit
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"error: {io_error_message(e, 'then continue with ' + resume_command(args))}", file=sys.stderr)
+        return 1
     return 0

@@ -347,7 +347,7 @@ def test_resume_refuses_other_data_settings_and_fresh_runs_refuse_old_checkpoint
     assert main(cli_args(workspace, output, "--resume", "latest", "--batch-size", "1", "--max-steps", "61")) == 2
     assert "differs from the checkpoint in batch_size" in capsys.readouterr().err
     assert main(cli_args(workspace, output)) == 2
-    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert "holds the outputs of an earlier run" in capsys.readouterr().err
     assert main(cli_args(workspace, output, "--mode", "lora", "--fsdp")) == 2
     assert "--fsdp shards full fine-tuning" in capsys.readouterr().err
 
