@@ -361,7 +361,26 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
         raise ValueError(f"{path}: detected {info.version} but the loaded transformer is {model_version(transformer)}")
     model = EasyAnimateModel(config, transformer, device=offload_device)
     model.latent_format.attach_vae_near(path)  # this folder's VAE: latent scaling, live previews
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return EasyAnimatePatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+class EasyAnimatePatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher for our MODEL; refuses a set of weight patches that is empty.
+
+    ComfyUI's stock LoRA loaders (LoraLoader / LoraLoaderModelOnly) build their key map from ComfyUI's own model
+    classes and state-dict names; the names of EasyAnimate LoRA files (official kohya, peft, diffusers) are not
+    among them, so every key is logged as not loaded and the loader passes no patch at all. Without this the
+    run would succeed with the LoRA silently ignored (ComfyUI's other callers always pass at least one patch).
+    """
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        if not patches:
+            raise ValueError(
+                "this LoRA matched no layer of the EasyAnimate MODEL (ComfyUI logged its keys as 'lora key not "
+                "loaded'): ComfyUI's LoRA loaders do not know EasyAnimate's LoRA key names. Load it with "
+                "EasyAnimate LoRA Loader, which reads official (kohya), peft and diffusers LoRAs"
+            )
+        return super().add_patches(patches, strength_patch, strength_model)
 
 
 def lora_patches(lora: dict) -> dict:

@@ -78,7 +78,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
             self.patches: dict[str, list] = {}
 
         def clone(self):
-            n = ModelPatcher(self.model, self.load_device, self.offload_device)
+            n = self.__class__(self.model, self.load_device, self.offload_device)
             n.patches = {k: list(v) for k, v in self.patches.items()}
             n.object_patches = dict(self.object_patches)
             return n

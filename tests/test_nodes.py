@@ -193,3 +193,13 @@ def test_video_rules_route_serves_the_vae_frame_and_size_rules(nodes):
     }
     assert rules["V5"]["frame_step"] == 4 and rules["V4"]["frame_step"] == 8 and rules["V4"]["frame_offset"] == 0
     assert rules["V4"]["fps"] == 24
+
+
+def test_the_model_refuses_an_empty_patch_set_a_stock_lora_loader_passes_when_no_key_maps(nodes, tiny_folders):
+    patcher = nodes.nodes.EasyAnimateModelLoader().load(install(nodes, tiny_folders, "V5.1"), "default")[0]
+    clone = patcher.clone()
+    assert type(clone) is type(patcher)  # ComfyUI's clone keeps the class
+    with pytest.raises(ValueError, match="matched no layer of the EasyAnimate MODEL.*EasyAnimate LoRA Loader"):
+        clone.add_patches({}, 1.0)
+    key = "diffusion_model.transformer.proj_out.weight"
+    assert clone.add_patches({key: (torch.zeros(1),)}, 1.0) == [key]  # any real patch is taken as before

@@ -231,6 +231,20 @@ lora_weight_diff = max((patched_weights[p] - merged.get_submodule(p).weight).abs
 lora_change = (lora_out - base_out).abs().max().item()
 unpatched_diff = (apply(model) - base_out).abs().max().item()
 
+# ComfyUI's stock LoraLoaderModelOnly on the same LoRA in each EasyAnimate layout: it cannot map their key names,
+# and our MODEL refuses the empty patch set it then passes (the run would otherwise succeed without the LoRA).
+import nodes as comfy_nodes
+from easyanimate_core.lora import lora_state_dict
+stock_lora = {}
+for layout in ("official", "peft", "diffusers"):
+    save_file(lora_state_dict(read_lora(lora_dir + "/tiny_lora.safetensors", net), layout),
+              f"{lora_dir}/tiny_{layout}.safetensors")
+    try:
+        comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"tiny_{layout}.safetensors", 0.8)
+        stock_lora[layout] = "applied without an error"
+    except ValueError as error:
+        stock_lora[layout] = str(error)
+
 # Core: the pipeline's sampling loop with the Flow sampler, on a transformer loaded without comfy.ops.
 transformer = load_transformer(root)
 prompts = PromptPair(te.encoders.encode_texts(["a red fox"]), te.encoders.encode_texts(["blurry"]))
@@ -263,6 +277,7 @@ print(json.dumps({
     "lora_weight_max_diff": lora_weight_diff,
     "lora_output_change": lora_change,
     "lora_unpatched_diff": unpatched_diff,
+    "stock_lora": stock_lora,
     "base_output_max_abs": base_out.abs().max().item(),
     "v5_sampling_classes": [c.__name__ for c in type(ms_v5).__mro__],
     "v5_sigma_max_rel_diff": ((ms_v5.sigmas[:-1] - core_sigmas).abs() / core_sigmas).max().item(),
@@ -323,3 +338,13 @@ def test_lora_node_patches_equal_core_merged_weights(flow_sampling_results):
     assert r["lora_weight_max_diff"] <= 1e-6
     assert r["lora_output_change"] > 1e-3 * r["base_output_max_abs"]
     assert r["lora_unpatched_diff"] == 0.0
+
+
+def test_stock_lora_loader_refuses_an_easyanimate_lora_it_cannot_map_instead_of_ignoring_it(flow_sampling_results):
+    """LoraLoaderModelOnly with official (kohya), peft and diffusers EasyAnimate LoRAs: an error naming our loader,
+    never a run that succeeds with the LoRA silently dropped."""
+    stock = flow_sampling_results["stock_lora"]
+    assert set(stock) == {"official", "peft", "diffusers"}
+    for layout, message in stock.items():
+        assert "matched no layer of the EasyAnimate MODEL" in message, (layout, message)
+        assert "Load it with EasyAnimate LoRA Loader" in message, (layout, message)
