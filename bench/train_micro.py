@@ -42,18 +42,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
-from easyanimate_core.micro import data, model, train_vae  # noqa: E402
+from easyanimate_core.micro import constructed_vae, data, model, train_vae  # noqa: E402
 
 STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
-# Whole 64 x 64 clips of 17 frames, the generated length (a VAE trained on 9 ghosted frames 11-16), rendered
-# ahead by DataLoader workers; a cosine schedule down to a tenth of the peak rate.
-# Settings for a cheaper run: short crops first ("frames": 5, "crop": 32) and whole 17-frame clips from step
-# "full-from" on ("full-from": 0: never); 41 min of it on a CPU still dropped all motion (MODEL_CARD.md).
-VAE = {
-    "steps": 3000, "batch": 12, "frames": 17, "crop": 0, "lr": "4e-4", "lr-schedule": "cosine", "warmup": 200,
-    "workers": 12, "checkpoint-every": 500, "full-from": 0, "full-batch": 2, "full-frames": 17,
-}  # fmt: skip
+# The model's shape: latent pixels per transformer token side (model.PATCH_SIZE unless set).
+INIT = {"patch": model.PATCH_SIZE}
 # Shared by the transformer runs (the InP model and its LoRA).
 TRANSFORMER = [
     "--resolutions", "64", "--frames", "17", "--stride", "1", "--batch-size", "32", "--lr-scheduler", "constant",
@@ -62,7 +56,8 @@ TRANSFORMER = [
 ]  # fmt: skip
 # Constant rates after warm-up: a run extended to more steps equals one trained to that many from the start.
 T2V = {"steps": 6000, "lr": "3e-4"}
-INP = {"steps": 2000, "lr": "1e-4"}
+# "masks": --cache-inpaint (masks drawn once per clip and their latents cached: no VAE work per step).
+INP = {"steps": 2000, "lr": "1e-4", "masks": 4}
 SHIP = REPO / "easyanimate_core" / "micro_model"
 LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
 LORA_NAME = f"micro_{LORA_CONCEPT}"
@@ -72,10 +67,9 @@ LORA_PER_COMBINATION = 2  # 96 cyan combinations -> 192 clips
 LORA = {"steps": 800, "lr": "1e-3", "rank": 16, "train-mode": "normal"}
 # --smoke: every stage at a few steps on a few clips, to check a machine runs the recipe (minutes, not hours).
 SMOKE = {
-    "vae": {**VAE, "steps": 4, "batch": 2, "workers": 2, "checkpoint-every": 2, "warmup": 2},
     "clips": 12,
-    "t2v": {"steps": 3, "lr": T2V["lr"]},
-    "inp": {"steps": 3, "lr": INP["lr"]},
+    "t2v": {**T2V, "steps": 3},
+    "inp": {**INP, "steps": 3, "masks": 2},
     "batch": "2",
 }
 
@@ -92,16 +86,16 @@ class Recipe:
         self.work = Path(args.work).resolve()
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.vae_settings, self.t2v_settings, self.inp_settings = dict(VAE), dict(T2V), dict(INP)
+        self.init_settings, self.t2v_settings, self.inp_settings = dict(INIT), dict(T2V), dict(INP)
         self.lora_settings = dict(LORA)
         self.transformer_args = list(TRANSFORMER)
         if args.smoke:
-            self.vae_settings, self.t2v_settings = dict(SMOKE["vae"]), dict(SMOKE["t2v"])
+            self.t2v_settings = dict(SMOKE["t2v"])
             self.inp_settings = dict(SMOKE["inp"])
             self.lora_settings = {**LORA, "steps": SMOKE["inp"]["steps"]}
             batch = self.transformer_args.index("--batch-size") + 1
             self.transformer_args[batch] = SMOKE["batch"]
-        stages = {"vae": self.vae_settings, "t2v": self.t2v_settings, "inp": self.inp_settings}
+        stages = {"init": self.init_settings, "t2v": self.t2v_settings, "inp": self.inp_settings}
         stages["lora"] = self.lora_settings
         for override in args.set:
             stage, _, rest = override.partition(".")
@@ -109,7 +103,7 @@ class Recipe:
             settings = stages.get(stage)
             if settings is None or key not in settings or not value:
                 raise SystemExit(
-                    f"--set {override!r}: expected STAGE.KEY=VALUE with STAGE one of vae, t2v, inp, lora "
+                    f"--set {override!r}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(stages)} "
                     f"and KEY one of its settings ({', '.join(settings or [])})"
                 )
             settings[key] = type(settings[key])(value)
@@ -130,24 +124,20 @@ class Recipe:
 
     def init(self) -> None:
         if not (self.work / "init").is_dir():
-            model.write_initial_checkpoint(self.work / "init", "InP", seed=self.args.seed)
+            patch = self.init_settings["patch"]
+            model.write_initial_checkpoint(self.work / "init", "InP", seed=self.args.seed, patch_size=patch)
 
     def vae(self) -> None:
+        """The VAE by construction (constructed_vae.py: no training), and its reconstruction scores."""
         run = self.work / "vae_run"
         if (run / "vae").is_dir():
             return
-        argv = ["--model", str(self.work / "init"), "--output", str(run), "--seed", str(self.args.seed)]
-        argv += ["--threads", str(self.args.threads)] + [f"--{k}={v}" for k, v in self.vae_settings.items()]
-        limit = self.minutes_left()
-        if limit:
-            argv += ["--minutes", f"{limit - 0.5:.1f}"]
-        train_vae.main(argv)
-        state = json.loads((run / "state" / "state.json").read_text())
-        if state["step"] < self.vae_settings["steps"]:
-            raise OutOfTime
-        train_vae.finish(self.work / "init", run)
+        with atomic_dir(run / "vae") as tmp:
+            constructed_vae.write_vae_folder(tmp)
         clips = 2 if self.args.smoke else 32
-        print("VAE reconstructions:", json.dumps(train_vae.reconstruction_scores(run / "vae", clips)), flush=True)
+        scores = train_vae.reconstruction_scores(run / "vae", clips)
+        (run / "scores.json").write_text(json.dumps(scores) + "\n")
+        print("VAE reconstructions:", json.dumps(scores), flush=True)
 
     def data(self) -> None:
         if not (self.work / "data" / "metadata.json").is_file():
@@ -183,6 +173,8 @@ class Recipe:
         argv += ["--cache-dir", str(self.work / "cache" / name), "--cache-latents"]
         if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
             argv += ["--resume", "latest"]
+        elif output.is_dir():  # stopped before its first checkpoint (e.g. while caching latents): start it again
+            shutil.rmtree(output)
         print("+", " ".join(argv), flush=True)
         process = subprocess.Popen(argv, env=self.env)
         try:
@@ -213,7 +205,8 @@ class Recipe:
             return
         config = json.loads((trained / "config.json").read_text())
         base = self.base("base_inp", load_file(trained / model.WEIGHTS_NAME), config)
-        self.train_transformer("inp_run", base, self.inp_settings, extra=["--train-mode", "inpaint"])
+        extra = ["--train-mode", "inpaint", "--cache-inpaint", str(self.inp_settings["masks"])]
+        self.train_transformer("inp_run", base, self.inp_settings, extra=extra)
 
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""

@@ -56,8 +56,6 @@ from .checks import (
     io_error_message,
 )
 from .dataset import (
-    SIZE_MULTIPLE,
-    TEMPORAL_COMPRESSION,
     BucketRule,
     ProbeCache,
     batch_plan,
@@ -71,9 +69,10 @@ from .train_data import (
     StepExamples,
     TextEmbeddings,
     as_is,
+    build_inpaint_cache,
     build_latent_cache,
     digest,
-    random_inpaint_mask,
+    draw_inpaint_input,
     seeded,
 )
 from .train_io import (
@@ -93,7 +92,6 @@ from .train_io import (
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LR_SCHEDULES = ("constant", "cosine", "linear")
-NOISE_AUG_LOG_MEAN, NOISE_AUG_LOG_STD = -3.0, 0.5  # official add_noise_to_reference_video for training
 LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
 PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
@@ -179,8 +177,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | str | None]:
     """The noisy latents, target, timestep and caption of one Example, and for inpaint mode its mask and masked
     clip (encoded later, with the rest of the micro-batch); the draws come in a fixed order per example."""
-    from .pipeline import masked_video
-
     g, device, vae = seeded(run.args.seed, step, ex.slot, 1), run.procs.device, run.vae
     text = "" if float(torch.rand((), generator=g)) < run.args.caption_dropout else ex.text
     if ex.moments is not None:
@@ -191,14 +187,20 @@ def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | s
     eps = torch.randn(mean.shape, generator=g)
     x0 = (mean + (0.5 * logvar).exp() * eps) * vae.config.scaling_factor
     mask = masked = None
-    if run.inpaint_channels and run.inpaint:
-        mask = random_inpaint_mask(*ex.pixels.shape[1:], g)
-        sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))
-        masked = masked_video(ex.pixels[None], mask, g, sigma)
+    if run.inpaint_channels and run.inpaint and ex.inpaint is None:
+        mask, masked = draw_inpaint_input(ex.pixels[None], g)
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.training_timesteps(1, generator=g)
     noisy, target, timestep = sampling.training_target(run.version, x0, noise, t)
-    return {"noisy": noisy, "target": target, "timestep": timestep, "text": text, "mask": mask, "masked": masked}
+    return {
+        "noisy": noisy,
+        "target": target,
+        "timestep": timestep,
+        "text": text,
+        "mask": mask,
+        "masked": masked,
+        "cached_inpaint": ex.inpaint,
+    }
 
 
 @torch.no_grad()
@@ -209,6 +211,9 @@ def inpaint_batch(run: Run, items: list[dict], latent_shape: tuple[int, ...]) ->
 
     device = run.procs.device
     inpaint = torch.zeros(len(items), run.inpaint_channels, *latent_shape[2:], device=device)
+    for i, it in enumerate(items):
+        if it["cached_inpaint"] is not None:
+            inpaint[i] = it["cached_inpaint"].to(device)
     kept = [i for i, it in enumerate(items) if it["masked"] is not None]
     if kept:
         latents = encode_mean(run.vae, torch.cat([items[i]["masked"] for i in kept]), device)
@@ -348,13 +353,7 @@ def _check_numbers(args) -> None:
     check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True, fix="released: 0.05")
     check_number("--caption-dropout", args.caption_dropout, low=0, high=1, fix="a probability, e.g. 0.1")
     check_number("--seed", args.seed, low=-(2**63), high=2**63 - 1, fix="a 64-bit integer")
-    check_number("--frames", args.frames, low=1, fix="4k+1: 1, 5, 9, ..., 49")
-    if (args.frames - 1) % TEMPORAL_COMPRESSION:
-        nearest = (args.frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1
-        raise ValueError(f"--frames {args.frames}: must be 4k+1 (1, 5, 9, ... 49); nearest valid: {nearest}")
-    for resolution in args.resolutions:
-        if resolution < SIZE_MULTIPLE or resolution % SIZE_MULTIPLE:
-            raise ValueError(f"--resolutions {resolution}: must be a multiple of {SIZE_MULTIPLE}, e.g. 512")
+    BucketRule(tuple(args.resolutions), args.frames, 1)  # ValueError for --frames / --resolutions it cannot use
     check_number("--stride", args.stride, low=1, fix="1 takes every frame")
     check_number("--token-budget", args.token_budget, low=1, fix="or leave it out")
     check_number("--min-frames", args.min_frames, low=1, fix=whole)
@@ -362,6 +361,8 @@ def _check_numbers(args) -> None:
     check_number("--shard-size", args.shard_size, low=0, low_open=True, fix="GiB per file, e.g. 5")
     check_number("--validation-every", args.validation_every, low=0, fix="0: never")
     check_number("--validation-steps", args.validation_steps, low=1, fix="e.g. 25")
+    for flag, value in (("--validation-height", args.validation_height), ("--validation-width", args.validation_width)):
+        check_number(flag, value, low=1, fix="a positive multiple of 16")
     if args.validation_prompt and not args.validation_every:
         raise ValueError("--validation-prompt is given but --validation-every is 0 (never): add --validation-every N")
     if args.validation_every and not args.validation_prompt:
@@ -399,6 +400,8 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
         raise ValueError("--fsdp shards full fine-tuning; LoRA runs use DDP (drop --fsdp)")
     if args.cache_latents and not args.cache_dir:
         raise ValueError("--cache-latents needs --cache-dir (where the latents are stored)")
+    if args.cache_inpaint < 0 or (args.cache_inpaint and not args.cache_latents):
+        raise ValueError(f"--cache-inpaint {args.cache_inpaint}: give a count >= 1 together with --cache-latents")
     if args.cache_dir:
         check_output_folder("--cache-dir", args.cache_dir)
     if args.validation_image:
@@ -416,7 +419,7 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
     if args.validation_prompt:
         flags = {"frames": "--validation-frames", "height": "--validation-height", "width": "--validation-width"}
         size = (args.validation_frames, args.validation_height, args.validation_width)
-        check_video_size(*size, vae_info.config, info.version, flags)
+        check_video_size(*size, vae_info.config, flags)
         hidden = info.config.num_attention_heads * info.config.attention_head_dim
         needed = generation_memory_bytes(*size, vae_info.config, hidden)
         what = f"a {size[0]}-frame {size[2]}x{size[1]} validation video"
@@ -739,6 +742,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         if run.scaler and "scaler" in saved:
             run.scaler.load_state_dict(saved["scaler"])
     latent_files = build_latent_cache(run) if args.cache_latents else None
+    inpaint_files = build_inpaint_cache(run) if args.cache_inpaint and run.inpaint else None
 
     plan_iter = batch_plan(buckets, args.batch_size, args.seed)
     plan, epochs = [], []
@@ -747,7 +751,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         plan.append(batch)
         epochs.append(epoch)
     loader = torch.utils.data.DataLoader(
-        StepExamples(run, plan, latent_files),
+        StepExamples(run, plan, latent_files, inpaint_files),
         batch_size=None,
         sampler=range(start_step, args.max_steps),
         num_workers=args.workers,
@@ -940,6 +944,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--cache-dir", help="store prompt embeddings (and with --cache-latents, latents) here (default: none: no cache)"
     )
     g.add_argument("--cache-latents", action="store_true", help="encode each sample's clip once (a fixed clip)")
+    g.add_argument(
+        "--cache-inpaint",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --cache-latents in inpaint mode: draw N masks per sample once and cache their masked-clip latents "
+        "(each step picks one; no VAE work while training); 0: a new mask, encoded, every step",
+    )
     g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     g.add_argument("--keep-checkpoints", type=int, help="keep only the newest N checkpoints (default: keep all)")
     g.add_argument("--resume", help="'latest' or a checkpoint folder (default: start a new run)")

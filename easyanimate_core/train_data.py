@@ -8,6 +8,7 @@ run and a run on any number of processes draw the same numbers for the same glob
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,6 +106,41 @@ def build_latent_cache(run: Run) -> dict[int, Path]:
     return files
 
 
+def build_inpaint_cache(run: Run) -> dict[int, Path]:
+    """Each sample's ``--cache-inpaint`` inpaint inputs [1 + L, T, h, w] (mask latents ; masked-clip latents, as
+    ``pipeline.inpaint_from_masked``), each from a mask and noise drawn once for the sample's fixed clip, in
+    ``cache_dir/inpaint``; {sample position: file}. A step then picks one of them, so inpaint training on cached
+    latents encodes nothing (otherwise every masked clip goes through the VAE at every step)."""
+    from .pipeline import encode_mean, inpaint_from_masked
+
+    args, procs = run.args, run.procs
+    count = args.cache_inpaint
+    folder = Path(args.cache_dir) / "inpaint"
+    files = {}
+    for pos, (sample, bucket) in enumerate(zip(run.samples, run.buckets, strict=True)):
+        stat = sample.path.stat()
+        key = digest(sample.path.resolve(), stat.st_mtime_ns, stat.st_size, bucket, args.stride, args.seed, run.root)
+        files[pos] = folder / f"{digest(key, 'inpaint', count)}.safetensors"
+    todo = [pos for pos, f in files.items() if not f.is_file()][procs.rank :: procs.world]
+    channels = run.vae.config.latent_channels
+    for pos in run.progress(todo, "caching inpaint latents"):
+        sample, bucket = run.samples[pos], run.buckets[pos]
+        pixels = load_clip(sample, bucket, args.stride, fixed_clip_generator(args.seed, sample.index))[None]
+        shape = (1, channels, run.vae.latent_frames(pixels.shape[2]), *(s // 8 for s in pixels.shape[3:]))
+        rows = {}
+        for m in range(count):
+            mask, masked = draw_inpaint_input(pixels, seeded(args.seed, -2, sample.index, m))
+            if masked is None:  # text-to-video draw: no kept pixels
+                rows[f"inpaint{m}"] = torch.zeros(1 + channels, *shape[2:])
+                continue
+            with torch.no_grad():
+                latents = encode_mean(run.vae, masked, procs.device).cpu()
+            rows[f"inpaint{m}"] = inpaint_from_masked(run.vae, latents, mask, "cpu")[0]
+        save_tensors(files[pos], rows)
+    procs.barrier()
+    return files
+
+
 # --------------------------------------------------------------------------------------------------
 # Data for one step
 # --------------------------------------------------------------------------------------------------
@@ -118,17 +154,25 @@ class Example:
     text: str
     pixels: torch.Tensor | None  # [3, F, H, W] in [-1, 1] (when encoded on the fly, or for inpainting)
     moments: dict[str, torch.Tensor] | None  # cached posterior {"mean", "logvar"} [C, T, h, w]
+    inpaint: torch.Tensor | None = None  # one of the sample's cached inpaint inputs [1 + C, T, h, w]
 
 
 class StepExamples(torch.utils.data.Dataset):
     """Item ``step``: this process's Examples of that step's global batch (loadable in DataLoader workers)."""
 
-    def __init__(self, run: Run, plan: list[list[int]], latent_files: dict[int, Path] | None):
+    def __init__(
+        self,
+        run: Run,
+        plan: list[list[int]],
+        latent_files: dict[int, Path] | None,
+        inpaint_files: dict[int, Path] | None = None,
+    ):
         self.samples, self.buckets, self.plan = run.samples, run.buckets, plan
         per_rank = run.args.batch_size // run.procs.world
         self.slots = range(run.procs.rank * per_rank, (run.procs.rank + 1) * per_rank)
         self.stride, self.seed, self.latent_files = run.args.stride, run.args.seed, latent_files
-        self.need_pixels = latent_files is None or run.inpaint
+        self.inpaint_files = inpaint_files
+        self.need_pixels = latent_files is None or (run.inpaint and inpaint_files is None)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -145,7 +189,12 @@ class StepExamples(torch.utils.data.Dataset):
                 fixed = moments is not None  # the cached latents are of one fixed clip
                 g = fixed_clip_generator(self.seed, sample.index) if fixed else seeded(self.seed, step, slot, 0)
                 pixels = load_clip(sample, bucket, self.stride, g)
-            out.append(Example(slot, sample.text, pixels, moments))
+            inpaint = None
+            if self.inpaint_files is not None:
+                rows = load_file(self.inpaint_files[pos])
+                pick = int(torch.randint(len(rows), (), generator=seeded(self.seed, step, slot, 2)))
+                inpaint = rows[f"inpaint{pick}"]
+            out.append(Example(slot, sample.text, pixels, moments, inpaint))
         return out
 
 
@@ -157,6 +206,18 @@ def as_is(item):
 # --------------------------------------------------------------------------------------------------
 # Inpaint masks
 # --------------------------------------------------------------------------------------------------
+
+NOISE_AUG_LOG_MEAN, NOISE_AUG_LOG_STD = -3.0, 0.5  # official add_noise_to_reference_video for training
+
+
+def draw_inpaint_input(pixels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random mask for ``pixels`` [1, 3, F, H, W] and the masked, noise-augmented clip (None: nothing kept)."""
+    from .pipeline import masked_video
+
+    mask = random_inpaint_mask(*pixels.shape[2:], g)
+    sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))
+    return mask, masked_video(pixels, mask, g, sigma)
+
 
 VIDEO_MASKS = (("all", 0.2), ("first", 0.35), ("first_last", 0.2), ("box", 0.15), ("frames", 0.1))
 IMAGE_MASKS = (("all", 0.8), ("box", 0.2))

@@ -38,11 +38,22 @@ def test_closed_form_is_block_pooling_and_haar_details():
     block = latents[0, :4, 1, 0, 0]  # red mean, dx, dy, dxy: the pixel is 1/16 of its 4x4 quadrant, 1/4 of the block
     assert torch.allclose(block, torch.tensor([1.0, 1.0, 1.0, 1.0]))
     assert latents[0, :, 0].abs().max() == 0 and latents[0, :, 1, 1].abs().max() == 0
-    assert latents[0, 4:].abs().max() == 0  # green, blue and the spare channels
+    assert latents[0, 4:].abs().max() == 0  # green, blue, no motion (on in all four frames), the spare channel
     decoded = cv.closed_form_decode(latents)
     assert decoded.shape == (1, 3, 5, 16, 16)
     assert torch.equal(decoded[0, 0, 1:, :8, :8], torch.ones(4, 8, 8))  # the block's mean over 8x8 pixels, 4 frames
     assert decoded[0, 0, 0].abs().max() == 0 and decoded[0, 0, 1:, 8:].abs().max() == 0
+
+
+def test_motion_channels_hold_the_change_inside_each_latent_frame():
+    """A block that lights up in frames 3-4 (the second half of latent frame 1) shows as positive motion there."""
+    video = -torch.ones(1, 3, 9, 16, 16)
+    video[0, 1, 3:5, 8:16, 0:8] = 1.0  # green, block (1, 0), frames 3 and 4
+    latents = cv.closed_form_encode(video)
+    motion = latents[0, 3 * cv.HAAR_KINDS : cv.USED_LATENTS]  # [3, T, h, w]
+    assert motion[1, 1, 1, 0] == cv.MOTION_GAIN * 2.0  # (1 - (-1)) between the frame pairs' means
+    assert motion.abs().sum() == motion[1, 1, 1, 0].abs()  # nothing anywhere else (latent 0, other blocks)
+    assert latents[0, cv.USED_LATENTS :].abs().max() == 0
 
 
 def test_vae_graph_computes_the_closed_form(vae):

@@ -5,8 +5,11 @@ computes a closed form, checked by ``closed_form_encode`` / ``closed_form_decode
 
 Encoder: latent frame 0 is frame 0, latent k the mean of frames 4k-3..4k; in space each 8 x 8 block gives,
 per colour, the Haar coefficients of its four 4 x 4 quadrant means: block mean, dx (left - right), dy
-(top - bottom), dxy (diagonal) -- 12 of the 16 latent channels, the other 4 zero. Decoder: each block's mean
-colour, repeated over its 8 x 8 pixels and its 4 frames (nearest in space and time).
+(top - bottom), dxy (diagonal) -- 12 of the 16 latent channels. Three more hold, per colour, the block mean of
+frames 4k-1..4k minus that of frames 4k-3..4k-2: the motion inside the latent's 4 frames, so each latent frame
+shows which way things move (an averaged frame alone shows only where, and the transformer would have to
+compare frames to learn direction). The last channel is zero. Decoder: each block's mean colour, repeated over
+its 8 x 8 pixels and its 4 frames (nearest in space and time).
 
 How a VAE with GroupNorms and SiLUs computes a linear map:
 - Every residual branch is switched off (its convs are zero), so the trunk is conv_in, the down/up
@@ -34,7 +37,11 @@ from .model import vae_config
 CONSTANT = 100.0  # the (+c, -c) channels: the relative error of the GroupNorm's sigma is ~ sum(v^2) / c^2 ~ 1e-4
 LOGVAR = -30.0  # the smallest log-variance the VAE keeps (vae.encode clamps there): posterior samples = means
 HAAR_KINDS = 4  # per colour: block mean, dx, dy, dxy
-USED_LATENTS = 3 * HAAR_KINDS
+MOTION_LATENTS = 3  # per colour: the block mean of a latent's last two frames minus its first two
+# The decoder never reads the motion channels; scaled up so that they weigh in the transformer's loss about as
+# much as the Haar details (std 0.1 vs 0.01-0.07 on palette clips).
+MOTION_GAIN = 2.0
+USED_LATENTS = 3 * HAAR_KINDS + MOTION_LATENTS
 CURRENT = 2  # a causal conv's time tap of the current frame (taps 0, 1 look back 2, 1 frames)
 
 
@@ -49,23 +56,27 @@ def _haar(q00, q01, q10, q11):
 
 
 def closed_form_encode(video: torch.Tensor) -> torch.Tensor:
-    """Video [B, 3, 4k+1, H, W] in [-1, 1] -> the constructed encoder's latent means [B, 16, k+1, H/8, W/8]."""
+    """Video [B, 3, 4k+1, H, W] in [-1, 1] -> the constructed encoder's latent means [B, 16, k+1, H/8, W/8].
+
+    Channels: 4 * colour + (mean, dx, dy, dxy); then 12 + colour: motion (0 for latent frame 0); 15: zero.
+    """
     first, rest = video[:, :, :1], video[:, :, 1:]
     b, c, f, h, w = rest.shape
-    groups = rest.reshape(b, c, f // 4, 4, h, w).mean(3)
-    frames = torch.cat([first, groups], dim=2)  # [B, 3, T, H, W]
+    halves = rest.reshape(b, c, f // 4, 2, 2, h, w).mean(4)  # [B, 3, T-1, 2, H, W]: each group's two frame pairs
+    frames = torch.cat([first, halves.mean(3)], dim=2)  # [B, 3, T, H, W]
     quadrants = F.avg_pool3d(frames, (1, 4, 4))  # [B, 3, T, H/4, W/4]
     q00, q01 = quadrants[..., 0::2, 0::2], quadrants[..., 0::2, 1::2]
     q10, q11 = quadrants[..., 1::2, 0::2], quadrants[..., 1::2, 1::2]
     coefficients = torch.stack(_haar(q00, q01, q10, q11), dim=2)  # [B, 3, 4, T, h, w]
-    latents = coefficients.flatten(1, 2)  # channel 4 * colour + kind
-    spare = latents.new_zeros(latents.shape[0], 16 - USED_LATENTS, *latents.shape[2:])
-    return torch.cat([latents, spare], dim=1)
+    change = MOTION_GAIN * F.avg_pool3d(halves[:, :, :, 1] - halves[:, :, :, 0], (1, 8, 8))  # [B, 3, T-1, h, w]
+    motion = torch.cat([torch.zeros_like(change[:, :, :1]), change], dim=2)
+    spare = motion.new_zeros(b, 16 - USED_LATENTS, *motion.shape[2:])
+    return torch.cat([coefficients.flatten(1, 2), motion, spare], dim=1)
 
 
 def closed_form_decode(latents: torch.Tensor) -> torch.Tensor:
     """Latent means [B, 16, T, h, w] -> the constructed decoder's video [B, 3, 4T-3, 8h, 8w]."""
-    means = latents[:, 0:USED_LATENTS:HAAR_KINDS]  # [B, 3, T, h, w]
+    means = latents[:, 0 : 3 * HAAR_KINDS : HAAR_KINDS]  # [B, 3, T, h, w]
     first = means[:, :, :1]
     rest = means[:, :, 1:].repeat_interleave(4, dim=2)
     return F.interpolate(torch.cat([first, rest], dim=2), scale_factor=(1, 8, 8), mode="nearest")
@@ -107,17 +118,22 @@ def constructed_state_dict() -> dict[str, torch.Tensor]:
     per_group = config.block_out_channels[-1] // config.norm_num_groups  # 8
     signals_per_group = (per_group - 2) // 2  # 3
     pairs = []  # (plus channel, minus channel) of each latent channel
-    for colour in range(3):
-        for kind in range(HAAR_KINDS):
-            signal = colour * HAAR_KINDS + kind
-            group, slot = divmod(signal, signals_per_group)
-            plus = group * per_group + 2 * slot
-            pairs.append((plus, plus + 1))
+    quadrant_taps = ((0, 0), (0, 1), (1, 0), (1, 1))
+    for signal in range(USED_LATENTS):
+        group, slot = divmod(signal, signals_per_group)
+        plus = group * per_group + 2 * slot
+        pairs.append((plus, plus + 1))
+        if signal < 3 * HAAR_KINDS:  # Haar coefficient: the mean of the window's two new frames
+            colour, kind = divmod(signal, HAAR_KINDS)
             signs = [(1, 1, 1, 1), (1, -1, 1, -1), (1, 1, -1, -1), (1, -1, -1, 1)][kind]  # q00, q01, q10, q11
-            for (row, col), sign in zip(((0, 0), (0, 1), (1, 0), (1, 1)), signs, strict=True):
-                for t in (1, 2):
-                    down[plus, colour, t, row, col] = sign / 8  # / 4 (Haar) / 2 (frame pair)
-                    down[plus + 1, colour, t, row, col] = -sign / 8
+            time_weights = {1: 1 / 8, 2: 1 / 8}  # / 4 (Haar) / 2 (frame pair)
+        else:  # motion: the later frame pair minus the earlier one (0 for frame 0, whose window repeats it)
+            colour, signs = signal - 3 * HAAR_KINDS, (1, 1, 1, 1)
+            time_weights = {1: -MOTION_GAIN / 4, 2: MOTION_GAIN / 4}
+        for (row, col), sign in zip(quadrant_taps, signs, strict=True):
+            for t, weight in time_weights.items():
+                down[plus, colour, t, row, col] = sign * weight
+                down[plus + 1, colour, t, row, col] = -sign * weight
     used_groups = -(-USED_LATENTS // signals_per_group)
     bias = state[enc + "down_blocks.2.downsampler.conv.bias"]
     for group in range(used_groups):
