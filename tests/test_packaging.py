@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,3 +79,21 @@ def test_comfy_node_validate_passes():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Security warnings found" not in result.stdout, result.stdout  # announced to become errors
+
+
+def _null_paths(value, path: str = "") -> list[str]:
+    if value is None:
+        return [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [
+        p
+        for key, item in items
+        for p in _null_paths(item, f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]")
+    ]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_bundled_workflows_hold_no_null(path):
+    """The frontend's workflow schema (validation on by default) refuses null for floatingLinks, extra.reroutes,
+    definitions, outputs[].slot_index ...: a file holding one opens with an "Invalid workflow" alert."""
+    assert _null_paths(json.loads(path.read_text())) == []

@@ -69,8 +69,10 @@ BUILD = f"""async (spec) => {{
   const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
   const maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
   app.graph.extra = {{ ...(app.graph.extra ?? {{}}), easyanimate_description: spec.description }};
-  const workflow = app.graph.serialize();
-  await app.loadGraphData(workflow);  // what a user opening the file gets
+  // Saved as JSON text without undefined or null properties: Playwright would hand undefined back as null, and the
+  // frontend's workflow schema refuses null where it wants an array, object or number ("Invalid workflow").
+  const workflow = JSON.stringify(app.graph.serialize(), (key, value) => (value === null ? undefined : value));
+  await app.loadGraphData(JSON.parse(workflow));  // what a user opening the file gets
   return {{ workflow, bounds: [minX, minY, maxX, maxY] }};
 }}"""
 
@@ -113,7 +115,7 @@ def main() -> int:
                 for make in WORKFLOWS:
                     spec = make()
                     built = page.evaluate(BUILD, spec.as_js())
-                    workflow = built["workflow"]
+                    workflow = json.loads(built["workflow"])
                     page.wait_for_timeout(500)  # the frontend restores the saved view after loading
                     page.evaluate(FRAME, built["bounds"])
                     # The canvas' own pixels: no dialog or toast drawn over it can end up in the thumbnail.

@@ -61,6 +61,32 @@ LOAD = f"""async (workflow) => {{
 }}"""
 
 
+# Loads a workflow as opening its file does, with the frontend's workflow validation on, and returns the text of
+# every toast (the "Invalid workflow against zod schema" alert is one) and dialog it raised; open ones are closed.
+VALIDATE = f"""async (workflow) => {{
+  const app = {APP};
+  const key = "Comfy.Validation.Workflows";
+  const settings = app.extensionManager?.setting;
+  if (settings) await settings.set(key, true); else await app.ui.settings.setSettingValueAsync(key, true);
+  const texts = (selector) => [...document.querySelectorAll(selector)].map((e) => e.innerText.trim());
+  const before = new Set([...texts(".p-toast-message"), ...texts(".p-dialog")]);
+  await app.loadGraphData(workflow);
+  await new Promise((resolve) => setTimeout(resolve, 1000));  // toasts are raised after the graph is loaded
+  const toasts = texts(".p-toast-message").filter((t) => !before.has(t));
+  const dialogs = texts(".p-dialog").filter((t) => !before.has(t));
+  document.querySelectorAll(".p-toast-close-button, .p-toast-icon-close").forEach((b) => b.click());
+  return {{ validation: settings ? settings.get(key) : app.ui.settings.getSettingValue(key), toasts, dialogs }};
+}}"""
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_workflow_opens_without_a_validation_alert_or_toast(page, path):
+    result = page.evaluate(VALIDATE, json.loads(path.read_text()))
+    assert result["validation"] is True
+    assert result["toasts"] == [], result["toasts"]
+    assert [d for d in result["dialogs"] if "Template" not in d] == [], result["dialogs"]
+
+
 @pytest.fixture(scope="module")
 def tiny_models(comfy_server) -> dict[str, str]:
     """Released folder name -> the tiny stand-in written in the server's models/EasyAnimate/."""
