@@ -163,39 +163,19 @@ def lora_header(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def frame_rule(vae_config) -> tuple[int, int]:
-    """Valid frame counts as (step, offset): frames = step * k + offset >= 1, and 1 (a still image)."""
-    # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
-    # slice VAE, whole encoder chunks -> multiples of mini_batch_encoder (8).
-    if vae_config.temporal_mode == "mag":
-        return vae_config.temporal_compression, 1
-    return vae_config.mini_batch_encoder, 0
-
-
-def video_size_error(frames: int, height: int, width: int, vae_config, version: str) -> tuple[str, int, str] | None:
-    """(which of "frames" / "width" / "height", its value, why) when a size breaks the VAE's rules, naming the
-    nearest valid values; None when it is valid."""
-    m = vae_config.pixel_multiple
-    for name, size in (("width", width), ("height", height)):
-        if size <= 0 or size % m:
-            nearest = " or ".join(str(v) for v in dict.fromkeys((max(m, size // m * m), max(m, (size // m + 1) * m))))
-            return name, size, f"must be a positive multiple of {m}; nearest valid: {nearest}"
-    step, offset = frame_rule(vae_config)
-    if frames < 1 or ((frames - offset) % step and frames != 1):
-        lower = max(step if offset == 0 else 1, (frames - offset) // step * step + offset)
-        upper = max(lower, ((frames - offset) // step + 1) * step + offset)
-        rule = f"{step}k+{offset}" if offset else f"a multiple of {step}"
-        return "frames", frames, f"must be {rule} for {version}; nearest valid: {lower} or {upper}"
-    return None
-
-
-def check_video_size(frames: int, height: int, width: int, vae_config, version: str, flags: dict[str, str]) -> None:
-    """ValueError naming the flag (``flags``: "frames" / "height" / "width" -> its flag) of a size that breaks
-    the VAE's rules."""
-    problem = video_size_error(frames, height, width, vae_config, version)
-    if problem:
-        name, value, why = problem
-        raise ValueError(f"{flags[name]} {value}: {why}")
+def check_video_size(frames: int, height: int, width: int, vae_config, flags: dict[str, str]) -> None:
+    """ValueError naming the flag (``flags``: "frames" / "height" / "width" -> its flag) of a size the VAE does
+    not take (its own rule and message, with the nearest valid values)."""
+    valid = vae_config.pixel_multiple
+    for name, size in (
+        ("frames", (frames, valid, valid)),
+        ("height", (1, height, valid)),
+        ("width", (1, valid, width)),
+    ):
+        try:
+            vae_config.check_video_size(*size)  # one dimension at a time, to name its flag
+        except ValueError as e:
+            raise ValueError(f"{flags[name]}: {e}") from e
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:

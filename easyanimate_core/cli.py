@@ -236,7 +236,8 @@ def _generation_inputs(args) -> dict:
     width = args.width or folder_defaults.get("width", DEFAULT_SIZE[1])
     size_flags = {"frames": "--frames", "height": "--height", "width": "--width"}
     # The frame rule first: the input videos below are read up to --frames.
-    check_video_size(frames, 16, 16, vae_info.config, info.version, size_flags)
+    valid = vae_info.config.pixel_multiple
+    check_video_size(frames, valid, valid, vae_info.config, size_flags)
     inputs = {
         "start_image": read_image(args.image) if args.image else None,
         "end_image": read_image(args.end_image) if args.end_image else None,
@@ -256,7 +257,7 @@ def _generation_inputs(args) -> dict:
         aspect = (source.shape[-3], source.shape[-2]) if source is not None else (height, width)
         height, width = size_bucket(*aspect, args.resolution)
         size_flags |= {"height": "--resolution", "width": "--resolution"}
-    check_video_size(frames, height, width, vae_info.config, info.version, size_flags)
+    check_video_size(frames, height, width, vae_info.config, size_flags)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
     needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size)

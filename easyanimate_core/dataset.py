@@ -291,10 +291,14 @@ class BucketRule:
     token_budget: int
 
     def __post_init__(self):
-        if not self.resolutions or min(self.resolutions) < SIZE_MULTIPLE:
-            raise ValueError(f"resolutions must be at least {SIZE_MULTIPLE} pixels, got {list(self.resolutions)}")
+        bad = [r for r in self.resolutions if r < SIZE_MULTIPLE or r % SIZE_MULTIPLE]
+        if not self.resolutions or bad:
+            raise ValueError(
+                f"--resolutions {' '.join(map(str, bad))}: base sides must be multiples of {SIZE_MULTIPLE}, e.g. 512"
+            )
         if self.max_frames < 1 or (self.max_frames - 1) % TEMPORAL_COMPRESSION:
-            raise ValueError(f"--frames must be 4k+1 (1, 5, 9, ... 49), got {self.max_frames}")
+            nearest = max(1, (self.max_frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1)
+            raise ValueError(f"--frames {self.max_frames}: must be 4k+1 (1, 5, 9, ... 49); nearest valid: {nearest}")
 
     def resolution(self, sample: Sample) -> int:
         """The largest resolution below 1.25 x the sample's mean side (the smallest if none is)."""

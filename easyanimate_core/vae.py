@@ -96,6 +96,27 @@ class VAEConfig:
             return tc * (latent_frames - 1) + 1
         return 1 if latent_frames == 1 else tc * latent_frames
 
+    def check_video_size(self, frames: int, height: int, width: int) -> None:
+        """Raise ValueError naming the nearest valid values unless this VAE encodes videos of this size."""
+        if self.temporal_mode == "mag" and (frames < 1 or (frames - 1) % self.temporal_compression != 0):
+            tc = self.temporal_compression
+            raise ValueError(
+                f"{frames} frames: the mag VAE expects {tc}k+1 frames; "
+                f"nearest valid: {_nearest_multiples(frames, tc, 1)}"
+            )
+        if self.temporal_mode == "slice" and frames != 1 and (frames < 1 or frames % self.mini_batch_encoder != 0):
+            m = self.mini_batch_encoder
+            raise ValueError(
+                f"{frames} frames: the slice VAE expects a multiple of {m} frames (or 1); "
+                f"nearest valid: {_nearest_multiples(frames, m)}"
+            )
+        for name, size in (("height", height), ("width", width)):
+            if size % self.pixel_multiple != 0 or size <= 0:
+                raise ValueError(
+                    f"{name} {size} is not a multiple of {self.pixel_multiple}; "
+                    f"nearest valid: {_nearest_multiples(size, self.pixel_multiple)}"
+                )
+
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
@@ -688,23 +709,7 @@ class MagvitVAE(nn.Module):
         b, c, f, h, w = shape
         if c != cfg.in_channels:
             raise ValueError(f"video has {c} channels, expected {cfg.in_channels} (RGB in [-1, 1])")
-        if cfg.temporal_mode == "mag" and (f - 1) % cfg.temporal_compression != 0:
-            tc = cfg.temporal_compression
-            raise ValueError(
-                f"{f} frames: the mag VAE expects {tc}k+1 frames; nearest valid: {_nearest_multiples(f, tc, 1)}"
-            )
-        if cfg.temporal_mode == "slice" and f != 1 and f % cfg.mini_batch_encoder != 0:
-            m = cfg.mini_batch_encoder
-            raise ValueError(
-                f"{f} frames: the slice VAE expects a multiple of {m} frames (or 1); "
-                f"nearest valid: {_nearest_multiples(f, m)}"
-            )
-        for name, size in (("height", h), ("width", w)):
-            if size % cfg.pixel_multiple != 0 or size == 0:
-                raise ValueError(
-                    f"{name} {size} is not a multiple of {cfg.pixel_multiple}; "
-                    f"nearest valid: {_nearest_multiples(size, cfg.pixel_multiple)}"
-                )
+        cfg.check_video_size(f, h, w)
 
     def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None, overlap: int | None) -> int:
         self.check_video_shape(video.shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
 import signal
 import time
@@ -92,8 +93,8 @@ def train_args(ws, out, *extra):
 # (command, extra arguments, text the message must hold: the flag); {root} is the workspace, {out} the output.
 BAD_INPUTS = [
     ("generate", ["--frames", "0"], "--frames 0: must be"),
-    ("generate", ["--frames", "6"], "--frames 6: must be 4k\\+1 for V5.1; nearest valid: 5 or 9"),
-    ("generate", ["--width", "50"], "--width 50: must be a positive multiple of 16; nearest valid: 48 or 64"),
+    ("generate", ["--frames", "6"], "--frames: 6 frames: the mag VAE expects 4k\\+1 frames; nearest valid: 5 or 9"),
+    ("generate", ["--width", "50"], "--width: width 50 is not a multiple of 16; nearest valid: 48 or 64"),
     ("generate", ["--height", "-16"], "--height -16: must be"),
     ("generate", ["--steps", "0"], "--steps 0"),
     ("generate", ["--fps", "0"], "--fps 0"),
@@ -136,8 +137,13 @@ BAD_INPUTS = [
     ("train", ["--warmup-steps", "-1"], "--warmup-steps -1"),
     ("train", ["--weight-decay", "-1"], "--weight-decay -1.0"),
     ("train", ["--max-grad-norm", "0"], "--max-grad-norm 0.0"),
-    ("train", ["--frames", "6"], "--frames 6: must be 4k\\+1"),
-    ("train", ["--resolutions", "40"], "--resolutions 40"),
+    ("train", ["--frames", "6"], "--frames 6: must be 4k\\+1 \\(1, 5, 9, ... 49\\); nearest valid: 5"),
+    ("train", ["--resolutions", "512", "40"], "--resolutions 40: base sides must be multiples of 16"),
+    (
+        "train",
+        ["--validation-prompt", "x", "--validation-every", "1", "--validation-width", "0"],
+        "--validation-width 0",
+    ),
     ("train", ["--stride", "0"], "--stride 0"),
     ("train", ["--workers", "-1"], "--workers -1"),
     ("train", ["--shard-size", "0"], "--shard-size 0.0"),
@@ -165,8 +171,6 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("command, extra, message", BAD_INPUTS, ids=[f"{c} {' '.join(e)}" for c, e, _ in BAD_INPUTS])
 def test_bad_input_exits_2_naming_the_flag_before_any_work(ws, tmp_path, capsys, no_loading, command, extra, message):
-    import re
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("the user's notes")  # a user's file in the output location
@@ -189,6 +193,21 @@ def test_bad_input_exits_2_naming_the_flag_before_any_work(ws, tmp_path, capsys,
     assert no_loading == []  # no weight, text encoder or dataset file was read
     assert snapshot(tmp_path) == before  # nothing created, changed or removed
     assert (out / "notes.txt").read_text() == "the user's notes"
+
+
+def test_an_output_without_room_is_refused_before_any_work(ws, tmp_path, capsys, no_loading, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))  # 1000 bytes free
+    assert main(generate_args(ws, tmp_path / "clip.mp4")) == 2
+    assert re.search(
+        r"--out .*clip.mp4: the output needs about .* GiB but .* has 0.00 GiB free", capsys.readouterr().err
+    )
+    assert main(train_args(ws, tmp_path / "run")) == 2
+    assert re.search(r"--output .*run: the output needs about .* GiB", capsys.readouterr().err)
+    assert no_loading == [] and list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +336,18 @@ def test_a_full_disk_is_one_message_with_the_resume_command(ws, tmp_path, capsys
     err = capsys.readouterr().err
     assert "error: the disk is full writing" in err and "checkpoint-000001" in err and "--resume latest" in err
     assert "Traceback" not in err
+
+
+def test_a_failed_video_write_is_one_message(ws, tmp_path, capsys, monkeypatch):
+    import easyanimate_core.video_io as video_io
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(video_io, "write_video", full_disk)
+    assert main(generate_args(ws, tmp_path / "clip.mp4")) == 1
+    err = capsys.readouterr().err
+    assert "error: the disk is full writing" in err and "clip.mp4" in err and "Traceback" not in err
 
 
 def test_a_full_fine_tune_output_is_a_model_folder_generate_loads(ws, tmp_path, capsys):
