@@ -160,6 +160,15 @@ def start_processes(device: str | None) -> Processes:
     return Processes(rank, world, dev)
 
 
+def unlaunched_processes() -> bool:
+    """Whether ``accelerate launch --num_processes N`` (N > 1) started a single process: its simple launcher,
+    which it uses without --multi_cpu / --multi_gpu, sets MASTER_ADDR for the processes it did not start but no
+    WORLD_SIZE (accelerate 1.x, ``prepare_simple_launcher_cmd_env``)."""
+    env = os.environ
+    launched_by_accelerate = any(key.startswith("ACCELERATE_") for key in env)
+    return launched_by_accelerate and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+
+
 # --------------------------------------------------------------------------------------------------
 # Text embeddings and latents computed before training
 # --------------------------------------------------------------------------------------------------
@@ -705,6 +714,12 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         f"{procs.world} process{'es' if procs.world > 1 else ''} on {procs.device.type}; global batch "
         f"{args.batch_size} ({args.batch_size // procs.world} a process{micro})"
     )
+    if unlaunched_processes():
+        log(
+            "warning: accelerate launch asked for several processes but started this one alone (on the CPU it "
+            "needs --multi_cpu); this run trains on 1 process. For several, use accelerate launch --multi_cpu / "
+            "--multi_gpu or torchrun --nproc_per_node N -m easyanimate_core.cli train ..."
+        )
     probes = ProbeCache(output / PROBE_CACHE)
     started = time.perf_counter()
     samples = load_dataset(args.data, args.data_root, args.min_frames, args.skip_bad_samples, log, probes=probes)

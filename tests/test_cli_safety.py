@@ -319,10 +319,16 @@ def test_a_signal_stops_with_a_checkpoint_and_the_resumed_run_is_bit_identical(w
     assert losses == [json.loads(line)["loss"] for line in (stopped / "loss.jsonl").read_text().splitlines()]
 
 
-def test_process_count_and_global_batch_are_logged_and_old_checkpoints_pruned(ws, tmp_path, capsys):
+def test_process_count_and_global_batch_are_logged_and_old_checkpoints_pruned(ws, tmp_path, capsys, monkeypatch):
+    # What `accelerate launch --cpu --num_processes 2` gives the one process it starts (no --multi_cpu).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     output = tmp_path / "run"
     assert main(train_args(ws, output, "--max-steps", "3", "--checkpoint-every", "1", "--keep-checkpoints", "2")) == 0
-    assert "1 process on cpu; global batch 1 (1 a process)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 process on cpu; global batch 1 (1 a process)" in out
+    assert "warning: accelerate launch asked for several processes but started this one alone" in out
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
 
 
