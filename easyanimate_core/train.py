@@ -444,13 +444,13 @@ def _check_output_folder(args, needed_bytes: int) -> None:
     if args.resume:
         resolve_resume(output, args.resume)  # ValueError when there is no such checkpoint
         return
-    earlier = [output / name for name in (f"{args.name}.safetensors", "transformer", "training_args.json")]
-    earlier += list_checkpoints(output)
+    # Trained weights only: the logs and settings a run that failed before its first checkpoint left are replaced.
+    earlier = [output / f"{args.name}.safetensors", output / "transformer", *list_checkpoints(output)]
     found = [p for p in earlier if p.exists()]
     if found:
         raise ValueError(
             f"--output {args.output} holds the outputs of an earlier run ({found[0].name}): add --resume latest "
-            "to continue it, or choose another --output"
+            "to continue it (with a higher --max-steps), or choose another --output"
         )
 
 

@@ -332,6 +332,15 @@ def test_process_count_and_global_batch_are_logged_and_old_checkpoints_pruned(ws
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(ws, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    for name in ("training_args.json", "loss.jsonl", "dataset_probes.json"):  # what such a run leaves
+        (output / name).write_text("{}")
+    assert main(train_args(ws, output, "--max-steps", "1")) == 0
+    assert (output / "easyanimate_lora.safetensors").is_file()
+
+
 def test_a_full_disk_is_one_message_with_the_resume_command(ws, tmp_path, capsys, monkeypatch):
     def full_disk(folder, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
