@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -287,6 +288,10 @@ import comfy.options
 comfy.options.enable_args_parsing()
 import torch
 import comfy.sample, comfy.samplers
+import folder_paths
+# ComfyUI's writable folders in this script's temporary folder: nothing is written into the checkout.
+for _name in ("user", "input", "output", "temp"):
+    getattr(folder_paths, f"set_{_name}_directory")(tempfile.mkdtemp(prefix=_name + "_"))
 sys.path.insert(0, REPO)
 from tests.tiny_checkpoint import write_tiny_checkpoint
 sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
@@ -311,6 +316,11 @@ def run_in_comfy_python(script: str, skip_reason: str) -> dict:
         pytest.skip(skip_reason)
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     prelude = f"COMFYUI_PATH = {comfy_path!r}\nREPO = {str(REPO_ROOT)!r}\n"
-    proc = subprocess.run([python, "-c", prelude + script], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    # No bytecode written into the checkout, and the script's temporary folders (tempfile) removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="easyanimate_script_") as tmp:
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", TMPDIR=tmp)
+        proc = subprocess.run(
+            [python, "-c", prelude + script], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

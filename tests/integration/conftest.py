@@ -11,6 +11,37 @@ from comfy_harness import ComfyServer
 from frontend import chromium_path, open_frontend
 
 
+def checkout_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and link under ``root`` with its size and modification time (a link: its target's length)."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            state[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def comfy_checkout_unchanged():
+    """The integration tests leave the ComfyUI checkout exactly as found: no file or link added, changed or
+    removed (bytecode included), checked after the whole session."""
+    comfy_path = os.environ.get("COMFYUI_PATH")
+    if not comfy_path:
+        yield
+        return
+    before = checkout_state(Path(comfy_path))
+    yield
+    after = checkout_state(Path(comfy_path))
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    assert (added, removed, changed) == ([], [], []), (
+        f"the integration tests changed the ComfyUI checkout {comfy_path}: added {added[:10]}, removed "
+        f"{removed[:10]}, changed {changed[:10]}"
+    )
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory):
     """A running ComfyUI server with this pack installed; skips when COMFYUI_PATH is unset."""

@@ -21,7 +21,6 @@ VAE_SCRIPT = (
 import logging
 import folder_paths
 work = tempfile.mkdtemp()
-folder_paths.set_user_directory(work + "/user")  # the preview-colour cache; nothing written into the checkout
 import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
