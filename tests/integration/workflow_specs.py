@@ -271,6 +271,27 @@ def micro_lora() -> Workflow:
     return _micro_settings(Workflow("easyanimate_micro_lora", description, nodes, links))
 
 
+def micro_i2v() -> Workflow:
+    """The bundled micro model from a start image (a first frame it never saw in training): the prompt says how
+    the shape moves on."""
+    defaults = GENERATION_DEFAULTS
+    size = {"width": defaults["width"], "height": defaults["height"], "frames": defaults["frames"], "batch_size": 1}
+    conditioning = Node("i2v", "EasyAnimateImageToVideo", {**size, "noise_aug_strength": 0.0563}, 2)
+    inputs = [Node("start", "LoadImage", {"image": MICRO_START_IMAGE}, 1, "Start image")]
+    prompt = "a green circle moving down quickly on a black background"
+    nodes, links = conditioned_nodes(
+        MICRO, prompt, conditioning, inputs, steps=defaults["steps"], cfg=defaults["guidance"], fps=defaults["fps"]
+    )
+    next(n for n in nodes if n.key == "negative").widgets = {"text": ""}
+    links += [("start", "IMAGE", "i2v", "start_image")]
+    description = "EasyAnimate Micro (bundled): image to video"
+    return Workflow("easyanimate_micro_i2v", description, nodes, links)
+
+
+# The micro image-to-video workflow's start image (in ComfyUI's input folder): frame 0 of a held-out clip.
+MICRO_START_IMAGE = "easyanimate_micro_start.png"
+
+
 def _micro_settings(workflow: Workflow) -> Workflow:
     """The micro model's generation defaults (the CLI's too), EasyAnimate Sampler, and an empty negative prompt
     (the unconditional branch the model was trained with, by caption dropout)."""
@@ -285,7 +306,7 @@ def _micro_settings(workflow: Workflow) -> Workflow:
     return Workflow(workflow.name, workflow.description, nodes, links)
 
 
-MICRO_WORKFLOWS = [micro_t2v, micro_lora]
+MICRO_WORKFLOWS = [micro_t2v, micro_i2v, micro_lora]
 # The micro model's workflows exist (and are built) once its weights are in the repository: before that no
 # loader lists the bundled model, and a workflow naming it could not run.
 WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v, v4_i2v, v4_v2v]
