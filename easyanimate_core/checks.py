@@ -8,7 +8,8 @@ and how to fix it:
     check_output_file(flag, path, overwrite, size)      a file we may create or (with --overwrite) replace
     check_output_folder(flag, path, needed_bytes)       a folder we may create or write into
     check_video_size(frames, height, width, vae_config, flags)   the VAE's frame and size rules
-    check_memory(needed_bytes, what, device)            a lower-bound estimate against the memory there is
+    check_memory(needed_bytes, what, device, flags)     a lower-bound estimate against the memory there is
+    generation_memory_bytes(...), training_memory_bytes(...)   those lower bounds
     transformer_skeleton(info), lora_header(path)      a model's layers and a LoRA's shapes without their weights
 """
 
@@ -210,11 +211,21 @@ def generation_memory_bytes(frames: int, height: int, width: int, vae_config, hi
     return video + vae_activation + transformer
 
 
+def training_memory_bytes(info, mode: str, dtype: torch.dtype, clip_tokens: int, samples: int, shards: int) -> int:
+    """A lower bound of the memory one training process needs: the transformer's weights (full fine-tuning:
+    float32 weights, gradients and Adam's two moments, divided over ``shards`` FSDP processes) and, for each of the
+    ``samples`` of a forward pass, one hidden state per transformer block kept for the backward pass (a clip of
+    ``clip_tokens`` tokens). Real runs keep several activations a block (fewer with gradient checkpointing)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    weights = info.num_params * 16 // shards if mode == "full" else info.num_params * itemsize
+    hidden = info.config.num_attention_heads * info.config.attention_head_dim
+    return weights + samples * clip_tokens * hidden * info.config.num_layers * itemsize
+
+
 def check_memory(needed_bytes: int, what: str, device: torch.device, flags: str) -> None:
     """ValueError when ``needed_bytes`` (a lower bound) exceed the memory of ``device``; it prints both numbers."""
     available, where = available_memory(device)
     if needed_bytes > available:
         raise ValueError(
-            f"{flags}: {what} needs at least {needed_bytes / GIB:.1f} GiB (a lower bound, weights not counted); "
-            f"{where}: lower {flags}"
+            f"{flags}: {what} needs at least {needed_bytes / GIB:.1f} GiB (a lower bound); {where}: lower {flags}"
         )

@@ -261,7 +261,12 @@ def _generation_inputs(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
     needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size)
-    check_memory(needed, f"a {frames}-frame {width}x{height} video", device, "--frames / --width / --height")
+    check_memory(
+        needed,
+        f"a {frames}-frame {width}x{height} video (weights not counted)",
+        device,
+        "--frames / --width / --height",
+    )
     _check_output(args, frames, height, width)
     guidance = args.guidance if args.guidance is not None else guidance
     size = {"frames": frames, "height": height, "width": width}

@@ -54,6 +54,7 @@ from .checks import (
     check_video_size,
     generation_memory_bytes,
     io_error_message,
+    training_memory_bytes,
 )
 from .dataset import (
     BucketRule,
@@ -433,9 +434,21 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
         needed = generation_memory_bytes(*size, vae_info.config, hidden)
         what = f"a {size[0]}-frame {size[2]}x{size[1]} validation video"
         check_memory(needed, what, procs.device, "--validation-frames / --validation-height / --validation-width")
+    dtype = DTYPES[args.dtype or ("bf16" if procs.device.type == "cuda" else "fp32")]
+    samples = args.micro_batch or args.batch_size // procs.world
+    shards = procs.world if args.fsdp else 1
+    needed = training_memory_bytes(info, args.mode, dtype, clip_token_budget(args), samples, shards)
+    what = f"{args.mode} training of a {info.num_params:,}-parameter transformer on clips of up to "
+    what += f"{clip_token_budget(args):,} tokens, {samples} a forward pass,"
+    check_memory(needed, what, procs.device, "--resolutions / --frames / --token-budget / --micro-batch")
     # Room for one checkpoint (float32 weights and optimizer state) and the final output beside it.
     _check_output_folder(args, needed_bytes=trained_numbers * 4 + trained_numbers // 3 * 4)
     return root, info
+
+
+def clip_token_budget(args) -> int:
+    """Most transformer tokens per training clip: --token-budget, else --frames at the largest resolution."""
+    return args.token_budget or ((args.frames - 1) // 4 + 1) * (max(args.resolutions) // 16) ** 2
 
 
 def _check_output_folder(args, needed_bytes: int) -> None:
@@ -727,8 +740,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     if procs.main and probes.probed:
         probes.save()
     resolutions = tuple(args.resolutions)
-    budget = args.token_budget or ((args.frames - 1) // 4 + 1) * (max(resolutions) // 16) ** 2
-    rule = BucketRule(resolutions, args.frames, budget)
+    rule = BucketRule(resolutions, args.frames, clip_token_budget(args))
     buckets = [rule.bucket(s) for s in samples]
     log(f"{len(samples)} samples in buckets (frames x height x width):\n{describe_buckets(buckets)}")
     run = Run(args, procs, root, output, info.version, info.variant, samples, buckets, dtype, log=log)
