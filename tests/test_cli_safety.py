@@ -156,7 +156,11 @@ BAD_INPUTS = [
         ["--validation-prompt", "x", "--validation-every", "1", "--validation-frames", "6"],
         "--validation-frames",
     ),
-    ("train", ["--resolutions", "262144", "--frames", "49"], "--resolutions / --frames .*: lora training .* needs at least .* GiB"),
+    (
+        "train",
+        ["--resolutions", "262144", "--frames", "49"],
+        "--resolutions / --frames .*: lora training .* needs at least .* GiB",
+    ),
     ("train", ["--validation-image", "{root}/not_an_image.png"], "--validation-image .*not a readable image"),
     ("train", ["--lora-targets", "nothing*"], "--lora-targets nothing\\* match no Linear layer"),
     ("train", ["--data", "{root}/missing.json"], "--data {root}/missing.json: no such file"),
