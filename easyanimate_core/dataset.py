@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ class ProbeCache:
         self.path = path
         self.entries: dict[str, list] = {}
         self.probed = 0  # files probed (not answered from the cache) by this object
+        self._lock = threading.Lock()  # prefetch's threads count and store together
         if path is not None and path.is_file():
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
@@ -201,12 +203,16 @@ class ProbeCache:
         if saved is not None and saved[:2] == stamp:
             return tuple(saved[2:])
         result = probe(kind, path)
-        self.probed += 1
-        self.entries[key] = [*stamp, *result]
+        with self._lock:
+            self.probed += 1
+            self.entries[key] = [*stamp, *result]
         return result
 
-    def prefetch(self, items: list[tuple[str, Path]], workers: int) -> None:
-        """Probe the uncached ``items`` (kind, path) with ``workers`` threads; failures are left to ``get``."""
+    def prefetch(
+        self, items: list[tuple[str, Path]], workers: int, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Probe the uncached ``items`` (kind, path) with ``workers`` threads, calling ``progress(done, total)``
+        as they finish; failures are left to ``get``, which raises them."""
         from concurrent.futures import ThreadPoolExecutor
 
         def probe_quietly(item):
@@ -216,7 +222,9 @@ class ProbeCache:
                 pass
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(probe_quietly, items))
+            for done, _ in enumerate(pool.map(probe_quietly, items), 1):
+                if progress:
+                    progress(done, len(items))
 
     def save(self) -> None:
         if self.path is not None:
@@ -247,14 +255,15 @@ def load_dataset(
     """Read and check every entry; ValueError listing every bad one (with its JSON index) unless ``skip_bad``.
 
     Files are probed in ``workers`` threads (default: the CPU count) through ``probes`` (a ProbeCache: pass
-    one read from a file, and save it after, to skip unchanged files on the next start).
+    one read from a file, and save it after, to skip unchanged files on the next start); ``progress(done, total)``
+    follows the files.
     """
     json_path = Path(json_path)
     root = Path(data_root).expanduser() if data_root is not None else json_path.parent
     entries = read_metadata(json_path)
     probes = probes if probes is not None else ProbeCache()
     wanted = [item for item in (entry_path(e, root) for e in entries) if item and item[0] in KINDS]
-    probes.prefetch(wanted, workers or os.cpu_count() or 1)
+    probes.prefetch(wanted, workers or os.cpu_count() or 1, progress)
     samples, problems = [], []
     for index, entry in enumerate(entries):
         try:
@@ -262,8 +271,6 @@ def load_dataset(
         except ValueError as e:
             name = entry.get("file_path") if isinstance(entry, dict) else None
             problems.append(f"  #{index}{f' ({name})' if name else ''}: {e}")
-        if progress:
-            progress(index + 1, len(entries))
     if problems and not skip_bad:
         raise ValueError(
             f"{len(problems)} of {len(entries)} entries in {json_path} cannot be used:\n"

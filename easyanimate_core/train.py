@@ -735,7 +735,14 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         )
     probes = ProbeCache(output / PROBE_CACHE)
     started = time.perf_counter()
-    samples = load_dataset(args.data, args.data_root, args.min_frames, args.skip_bad_samples, log, probes=probes)
+    with tqdm(desc="checking the dataset", unit="file", disable=not procs.main, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        data = (args.data, args.data_root, args.min_frames, args.skip_bad_samples, log)
+        samples = load_dataset(*data, progress=progress, probes=probes)
     log(f"checked {len(samples)} samples in {time.perf_counter() - started:.1f} s ({probes.probed} files probed)")
     if procs.main and probes.probed:
         probes.save()
