@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import constructed_vae, data, model, train_vae  # noqa: E402
+from easyanimate_core.train_io import STATE_FILE, list_checkpoints  # noqa: E402
 
 STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
@@ -160,21 +161,39 @@ class Recipe:
                 model.save_model_folder(tmp / "transformer", transformer_state, config, torch.float32)
         return root
 
-    def train_transformer(self, name: str, base: Path, settings: dict, data_name: str = "data", extra=()) -> Path:
+    def train_transformer(
+        self,
+        name: str,
+        base: Path,
+        settings: dict,
+        data_name: str = "data",
+        extra=(),
+        continue_run: str | None = None,
+    ) -> Path:
         """Run ``easyanimate train`` (``--mode full`` unless ``extra`` says otherwise) into work/<name>,
-        resuming; returns the run folder."""
+        resuming; returns the run folder. ``continue_run``: start from that run's last checkpoint (its weights,
+        optimizer and step count, its latent cache) and train ``settings["steps"]`` more steps."""
         output = self.work / name
         if (output / "done").is_file():
             return output
+        steps, cache = settings["steps"], name
+        start = None
+        if continue_run:
+            start = list_checkpoints(self.work / continue_run)[-1]
+            steps += json.loads((start / STATE_FILE).read_text())["step"]
+            cache = continue_run
         argv = [sys.executable, "-m", "easyanimate_core.cli", "train", "--mode", "full", "--model", str(base)]
         argv += ["--data", str(self.work / data_name / "metadata.json"), "--output", str(output)]
         argv += [*self.transformer_args, *extra]
-        argv += ["--max-steps", str(settings["steps"]), "--lr", settings["lr"], "--seed", str(self.args.seed)]
-        argv += ["--cache-dir", str(self.work / "cache" / name), "--cache-latents"]
-        if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
+        argv += ["--max-steps", str(steps), "--lr", settings["lr"], "--seed", str(self.args.seed)]
+        argv += ["--cache-dir", str(self.work / "cache" / cache), "--cache-latents"]
+        if list_checkpoints(output):
             argv += ["--resume", "latest"]
-        elif output.is_dir():  # stopped before its first checkpoint (e.g. while caching latents): start it again
-            shutil.rmtree(output)
+        else:
+            if output.is_dir():  # stopped before its first checkpoint (e.g. while caching latents): start again
+                shutil.rmtree(output)
+            if start is not None:
+                argv += ["--resume", str(start)]
         print("+", " ".join(argv), flush=True)
         process = subprocess.Popen(argv, env=self.env)
         try:
@@ -194,7 +213,6 @@ class Recipe:
         self.train_transformer("t2v_run", self.base("base_t2v", None, None), self.t2v_settings, extra=extra)
 
     def inp(self) -> None:
-        from safetensors.torch import load_file
 
         trained = self.work / "t2v_run" / "transformer"
         if self.inp_settings["steps"] == 0:  # no inpaint training: the text-to-video weights go on as they are
@@ -203,10 +221,11 @@ class Recipe:
                     shutil.copytree(trained, tmp / "transformer")
                     (tmp / "done").write_text("")
             return
-        config = json.loads((trained / "config.json").read_text())
-        base = self.base("base_inp", load_file(trained / model.WEIGHTS_NAME), config)
+        # The text-to-video run goes on in inpaint mode (its latents are cached already; the masked clips' latents
+        # are cached once per mask drawn, so a step still costs one transformer pass).
         extra = ["--train-mode", "inpaint", "--cache-inpaint", str(self.inp_settings["masks"])]
-        self.train_transformer("inp_run", base, self.inp_settings, extra=extra)
+        base = self.work / "base_t2v"
+        self.train_transformer("inp_run", base, self.inp_settings, extra=extra, continue_run="t2v_run")
 
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""
