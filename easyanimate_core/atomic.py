@@ -41,10 +41,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     # The suffix stays last: some writers (ffmpeg) pick the format from the file name.
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{PARTIAL_MARK}", suffix=target.suffix)
     os.close(fd)
-    os.chmod(name, 0o666 & ~current_umask())
     tmp = Path(name)
     try:
         yield tmp
+        # Set once written: some writers (safetensors) create the file anew, 0600 whatever the umask.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

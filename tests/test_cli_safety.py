@@ -28,9 +28,10 @@ import easyanimate_core.dataset as dataset_module
 import easyanimate_core.loading as loading_module
 import easyanimate_core.text_encoders as text_encoders_module
 from easyanimate_core import train as train_module
-from easyanimate_core.atomic import atomic_dir, atomic_path
+from easyanimate_core.atomic import atomic_dir, atomic_path, current_umask
 from easyanimate_core.cli import build_parser, main
 from easyanimate_core.dataset import ProbeCache, load_dataset
+from easyanimate_core.lora import LoraLayer, save_lora
 from easyanimate_core.video_io import read_video, write_video
 from tests.test_train import write_dataset
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -49,7 +50,7 @@ def ws(tmp_path_factory):
     (root / "not_an_image.png").write_text("plain text")
     (root / "a_file").write_text("x")
     from easyanimate_core.loading import load_transformer
-    from easyanimate_core.lora import LoraLayer, LoraNetwork, save_lora
+    from easyanimate_core.lora import LoraNetwork
 
     layers = LoraNetwork(load_transformer(model), rank=2).layers()
     path, layer = next(iter(layers.items()))
@@ -254,9 +255,10 @@ def test_outputs_honour_the_umask(tmp_path, umask):
             (tmp / "inside").write_bytes(b"x")
         write_video(tmp_path / "clip.mp4", torch.rand(2, 16, 16, 3))
         write_video(tmp_path / "frames", torch.rand(2, 16, 16, 3))
+        save_lora(tmp_path / "lora.safetensors", {"proj_out": LoraLayer(torch.zeros(2, 8), torch.zeros(8, 2), 2.0)})
     finally:
         os.umask(old)
-    for path in ("file.bin", "clip.mp4", "folder/inside", "frames/00000.png"):
+    for path in ("file.bin", "clip.mp4", "folder/inside", "frames/00000.png", "lora.safetensors"):
         assert (tmp_path / path).stat().st_mode & 0o777 == 0o666 & ~umask, path
     for path in ("folder", "frames"):
         assert (tmp_path / path).stat().st_mode & 0o777 == 0o777 & ~umask, path
@@ -343,7 +345,11 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again(ws, tmp_path
     for name in ("training_args.json", "loss.jsonl", "dataset_probes.json"):  # what such a run leaves
         (output / name).write_text("{}")
     assert main(train_args(ws, output, "--max-steps", "1")) == 0
-    assert (output / "easyanimate_lora.safetensors").is_file()
+    lora, checkpoint = output / "easyanimate_lora.safetensors", output / "checkpoints" / "checkpoint-000001"
+    umask = current_umask()  # what a trained LoRA and checkpoint get: readable by whom the umask allows
+    assert lora.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (checkpoint / "lora.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_a_full_disk_is_one_message_with_the_resume_command(ws, tmp_path, capsys, monkeypatch):
