@@ -57,6 +57,7 @@ def ws(tmp_path_factory):
     layers[path] = LoraLayer(torch.zeros(2, 7), layer.up, 2.0)  # a layer 7 wide: another model's
     save_lora(root / "other_model_lora.safetensors", layers)
     torch.save({}, root / "lora.pt")
+    (root / "corrupt.safetensors").write_text("not safetensors")
     return {"root": root, "model": model, "data": data}
 
 
@@ -172,6 +173,8 @@ BAD_INPUTS = [
     ("train", ["--cache-latents"], "--cache-latents needs --cache-dir"),
     ("train", ["--name", "existing"], "--output .* holds the outputs of an earlier run \\(existing.safetensors\\)"),
     ("info", ["{root}/missing"], "PATH {root}/missing: no such file"),
+    ("info", ["{root}/data"], "{root}/data: no .safetensors weights found in this folder"),
+    ("info", ["{root}/corrupt.safetensors"], "{root}/corrupt.safetensors: not a readable safetensors file"),
 ]
 
 
