@@ -421,11 +421,14 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
     if args.train_mode == "inpaint" and info.variant != "InP":
         raise ValueError(f"--train-mode inpaint needs an InP model; {root} is {info.variant}")
     skeleton = transformer_skeleton(info)
-    trained_numbers = info.num_params * 3  # full: weights + Adam's two moments, all float32
-    if args.mode == "lora":
-        targets = lora_targets(skeleton, args.lora_targets)  # ValueError when the patterns match nothing
-        linears = [skeleton.get_submodule(t) for t in targets]
-        trained_numbers = sum(args.rank * (m.in_features + m.out_features) for m in linears) * 3
+    targets = lora_targets(skeleton, args.lora_targets) if args.mode == "lora" else []  # ValueError: none match
+    _check_resources(args, procs, info, vae_info, [skeleton.get_submodule(t) for t in targets])
+    return root, info
+
+
+def _check_resources(args, procs: Processes, info, vae_info, lora_layers: list[nn.Module]) -> None:
+    """The training clips and the validation videos fit the device's memory (lower bounds, numbers printed);
+    --output has room for a checkpoint and the final output."""
     if args.validation_prompt:
         flags = {"frames": "--validation-frames", "height": "--validation-height", "width": "--validation-width"}
         size = (args.validation_frames, args.validation_height, args.validation_width)
@@ -441,9 +444,9 @@ def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
     what = f"{args.mode} training of a {info.num_params:,}-parameter transformer on clips of up to "
     what += f"{clip_token_budget(args):,} tokens, {samples} a forward pass,"
     check_memory(needed, what, procs.device, "--resolutions / --frames / --token-budget / --micro-batch")
-    # Room for one checkpoint (float32 weights and optimizer state) and the final output beside it.
-    _check_output_folder(args, needed_bytes=trained_numbers * 4 + trained_numbers // 3 * 4)
-    return root, info
+    trained = sum(args.rank * (m.in_features + m.out_features) for m in lora_layers) if lora_layers else info.num_params
+    # A checkpoint holds the trained numbers and Adam's two moments in float32; the final output one more copy.
+    _check_output_folder(args, needed_bytes=trained * 4 * 4)
 
 
 def clip_token_budget(args) -> int:
