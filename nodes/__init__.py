@@ -8,6 +8,7 @@ below declares its own mappings; they are merged here, and a name defined twice 
 from __future__ import annotations
 
 from . import conditioning, latents, loaders, sampler, vae_nodes, web_routes
+from .common import install_example_inputs
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -19,5 +20,6 @@ for _module in (loaders, latents, vae_nodes, conditioning, sampler):
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
 web_routes.register_routes()
+install_example_inputs()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

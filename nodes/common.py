@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
 
@@ -121,6 +123,28 @@ def validation_error(check: Callable[[], str | None]) -> str | bool:
         return check() or True
     except (ValueError, FileNotFoundError) as error:
         return str(error)
+
+
+# The bundled workflows' example images and videos (LoadImage / LoadVideo read them from ComfyUI's input folder).
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
+
+
+def install_example_inputs() -> list[str]:
+    """Copy the example inputs missing from ComfyUI's input folder into it (a file of the same name already there
+    is left alone), so every bundled workflow opens with its media present; returns the names copied."""
+    target = Path(folder_paths.get_input_directory())
+    copied = []
+    for source in sorted(EXAMPLE_INPUTS.glob("easyanimate_*")):
+        destination = target / source.name
+        if destination.exists():
+            continue
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+            copied.append(source.name)
+        except OSError as error:  # a read-only input folder: the workflows still open, without a preview
+            logging.warning("EasyAnimate: could not copy the example input %s into %s: %s", source.name, target, error)
+    return copied
 
 
 def folder_input(part: str, tooltip: str) -> tuple:

@@ -207,6 +207,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         get_full_path_or_raise=get_full_path_or_raise,
         get_full_path=get_full_path,
         get_user_directory=lambda: str(models_dir.parent / "user"),
+        get_input_directory=lambda: str(models_dir.parent / "input"),
     )
 
     class RouteTable:  # aiohttp.web.RouteTableDef's decorator API, recording the handlers

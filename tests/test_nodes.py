@@ -203,3 +203,15 @@ def test_the_model_refuses_an_empty_patch_set_a_stock_lora_loader_passes_when_no
         clone.add_patches({}, 1.0)
     key = "diffusion_model.transformer.proj_out.weight"
     assert clone.add_patches({key: (torch.zeros(1),)}, 1.0) == [key]  # any real patch is taken as before
+
+
+def test_loading_the_pack_puts_the_workflows_example_inputs_in_comfys_input_folder(nodes):
+    common = nodes.package.common
+    shipped = sorted(p.name for p in common.EXAMPLE_INPUTS.glob("easyanimate_*"))
+    inputs = nodes.models.parent.parent / "input"
+    assert len(shipped) == 5 and sorted(p.name for p in inputs.iterdir()) == shipped
+    assert all((inputs / n).read_bytes() == (common.EXAMPLE_INPUTS / n).read_bytes() for n in shipped)
+    (inputs / shipped[0]).write_bytes(b"the user's own file")
+    (inputs / shipped[1]).unlink()
+    assert common.install_example_inputs() == [shipped[1]]  # only what is missing
+    assert (inputs / shipped[0]).read_bytes() == b"the user's own file"

@@ -97,3 +97,11 @@ def test_bundled_workflows_hold_no_null(path):
     """The frontend's workflow schema (validation on by default) refuses null for floatingLinks, extra.reroutes,
     definitions, outputs[].slot_index ...: a file holding one opens with an "Invalid workflow" alert."""
     assert _null_paths(json.loads(path.read_text())) == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_every_image_and_video_a_workflow_loads_is_shipped(path):
+    """LoadImage / LoadVideo read ComfyUI's input folder, where the pack copies workflows/inputs/ at start."""
+    media = {"LoadImage": 0, "LoadVideo": 0}  # the file name is the node's first widget value
+    names = [n["widgets_values"][media[n["type"]]] for n in json.loads(path.read_text())["nodes"] if n["type"] in media]
+    assert [name for name in names if not (REPO / "workflows" / "inputs" / name).is_file()] == []

@@ -82,11 +82,15 @@ VALIDATE = f"""async (workflow) => {{
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
-def test_workflow_opens_without_a_validation_alert_or_toast(page, path):
+def test_workflow_opens_without_a_validation_alert_toast_or_missing_media(page, path):
+    """Also no failed request for its example images and videos: the pack copied them into the input folder."""
+    failed_before = len(page.bad_responses)
     result = page.evaluate(VALIDATE, json.loads(path.read_text()))
+    page.wait_for_timeout(500)  # the media previews load after the graph
     assert result["validation"] is True
     assert result["toasts"] == [], result["toasts"]
     assert [d for d in result["dialogs"] if "Template" not in d] == [], result["dialogs"]
+    assert [r for r in page.bad_responses[failed_before:] if "/view?" in r] == []  # stock 404s (userdata) aside
 
 
 @pytest.fixture(scope="module")
