@@ -280,7 +280,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The start of a script for ``run_in_comfy_python`` that needs ComfyUI's modules and this pack: ComfyUI on the CPU,
 # then the pack imported as ComfyUI imports it (a package named by its folder, nodes imported relatively).
-PACK_IMPORT_SCRIPT = r"""
+# For scripts run in ComfyUI's Python before they import the pack (which copies its example inputs into the input
+# folder): ComfyUI's writable folders in the script's temporary folder, so nothing is written into the checkout.
+FOLDERS_TO_TEMP = r"""
+import folder_paths, tempfile
+for _name in ("user", "input", "output", "temp"):
+    getattr(folder_paths, f"set_{_name}_directory")(tempfile.mkdtemp(prefix=_name + "_"))
+"""
+
+PACK_IMPORT_SCRIPT = (
+    r"""
 import importlib.util, json, sys, tempfile
 sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
 sys.path[:0] = [COMFYUI_PATH]
@@ -288,11 +297,9 @@ import comfy.options
 comfy.options.enable_args_parsing()
 import torch
 import comfy.sample, comfy.samplers
-import folder_paths
-# ComfyUI's writable folders in this script's temporary folder: nothing is written into the checkout.
-for _name in ("user", "input", "output", "temp"):
-    getattr(folder_paths, f"set_{_name}_directory")(tempfile.mkdtemp(prefix=_name + "_"))
-sys.path.insert(0, REPO)
+"""
+    + FOLDERS_TO_TEMP
+    + r"""sys.path.insert(0, REPO)
 from tests.tiny_checkpoint import write_tiny_checkpoint
 sys.path.remove(REPO)  # the checkout's nodes/ must not shadow ComfyUI's nodes module
 spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
@@ -301,6 +308,7 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["easyanimate_pack"] = pack
 spec.loader.exec_module(pack)
 """
+)
 
 
 def run_in_comfy_python(script: str, skip_reason: str) -> dict:

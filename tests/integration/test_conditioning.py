@@ -14,7 +14,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ComfyError
+from comfy_harness import FOLDERS_TO_TEMP, ComfyError
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_native_model import FOLDERS
@@ -307,7 +307,8 @@ def test_control_video_for_an_inp_model_fails_before_any_step_and_the_server_sta
     assert setup.process.poll() is None and "EasyAnimateSampler" in setup.get_json("/object_info/EasyAnimateSampler")
 
 
-V5_DEFAULTS_SCRIPT = r"""
+V5_DEFAULTS_SCRIPT = (
+    r"""
 import importlib.util, json, sys, tempfile
 sys.argv = [sys.argv[0], "--cpu"]
 sys.path[:0] = [COMFYUI_PATH]
@@ -322,6 +323,9 @@ import torch
 sys.path.insert(0, REPO)
 from tests.tiny_checkpoint import write_tiny_checkpoint
 sys.path.remove(REPO)
+"""
+    + FOLDERS_TO_TEMP
+    + r"""
 spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
                                               submodule_search_locations=[REPO])
 pack = importlib.util.module_from_spec(spec)
@@ -353,6 +357,7 @@ with torch.no_grad():
     core = denoise(transformer, noise, make_sampler("DDIM", "V5", STEPS), prompts, GUIDANCE, {}, torch.Generator())
 print(json.dumps({"max_abs": core.abs().max().item(), "max_diff": (ours - core).abs().max().item()}))
 """
+)
 
 
 def test_v5_defaults_reproduce_the_core_ddim_pipeline():

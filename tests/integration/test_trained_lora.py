@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from comfy_harness import run_in_comfy_python
+from comfy_harness import FOLDERS_TO_TEMP, run_in_comfy_python
 from PIL import Image
 
 from easyanimate_core.cli import main
@@ -14,7 +14,8 @@ from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import importlib.util, json, sys
 sys.argv = [sys.argv[0], "--cpu"]  # comfy.model_management parses ComfyUI's command line on import
 sys.path[:0] = [COMFYUI_PATH]
@@ -28,6 +29,9 @@ import types
 routes = types.SimpleNamespace(get=lambda path: (lambda handler: handler))
 prompt_server = types.SimpleNamespace(instance=types.SimpleNamespace(routes=routes))
 sys.modules["server"] = types.SimpleNamespace(PromptServer=prompt_server)
+"""
+    + FOLDERS_TO_TEMP
+    + r"""
 # The pack imported as ComfyUI does: a package named by its folder, nodes imported relatively.
 spec = importlib.util.spec_from_file_location("easyanimate_pack", REPO + "/__init__.py",
                                               submodule_search_locations=[REPO])
@@ -71,6 +75,7 @@ print(json.dumps({
     "base_output_max_abs": base_out.abs().max().item(),
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")
