@@ -1,6 +1,11 @@
 """The `easyanimate` command line.
 
-easyanimate info PATH    what a checkpoint is (version, variant, size, dtype, missing parts)
+easyanimate generate ...   a video from a model folder (text, image, video or control to video, LoRAs)
+easyanimate train ...      a LoRA or a full fine-tune (train.py)
+easyanimate info PATH      what a checkpoint is (version, variant, size, dtype, missing parts)
+
+Every command checks all of its input before it loads a weight or touches an output (checks.py): a bad
+input exits with code 2 and a message naming the flag, the value, the problem and the fix.
 """
 
 from __future__ import annotations
@@ -177,9 +182,9 @@ def _check_loras(loras: list[str], info, root: Path) -> None:
         if path.suffix != ".safetensors":
             raise ValueError(f"--lora {lora}: not a .safetensors file (LoRAs are read from safetensors only)")
         try:
-            read_lora(lora_header(path), skeleton)
+            read_lora(lora_header(path), skeleton, name=f"--lora {lora}")
         except ValueError as e:
-            raise ValueError(f"--lora {lora}: {e}; it does not fit the {info.version} model in {root}") from e
+            raise ValueError(f"{e} (checked against the {info.version} model in {root})") from e
 
 
 def _generation_inputs(args) -> dict:

@@ -92,12 +92,15 @@ def _group(state_dict: dict[str, torch.Tensor], underscored: dict[str, str]) -> 
     return groups, stray
 
 
-def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) -> dict[str, LoraLayer]:
+def read_lora(
+    source: str | Path | dict[str, torch.Tensor], model: nn.Module, name: str | None = None
+) -> dict[str, LoraLayer]:
     """Read a LoRA (file or state dict) onto ``model``'s Linear layers; ValueError when nothing fits.
 
-    A partial match logs a warning with the count and examples of the keys that matched no layer.
+    A partial match logs a warning with the count and examples of the keys that matched no layer. Messages
+    start with ``name`` (default: the file, or "the LoRA state dict").
     """
-    name = str(source) if not isinstance(source, dict) else "the LoRA state dict"
+    name = name or (str(source) if not isinstance(source, dict) else "the LoRA state dict")
     if isinstance(source, (str, Path)):
         if Path(source).suffix != ".safetensors":
             raise ValueError(f"{source}: LoRAs are read from .safetensors files only (pickle files can run code)")
