@@ -105,3 +105,15 @@ def test_every_image_and_video_a_workflow_loads_is_shipped(path):
     media = {"LoadImage": 0, "LoadVideo": 0}  # the file name is the node's first widget value
     names = [n["widgets_values"][media[n["type"]]] for n in json.loads(path.read_text())["nodes"] if n["type"] in media]
     assert [name for name in names if not (REPO / "workflows" / "inputs" / name).is_file()] == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_every_workflow_has_a_thumbnail_that_is_not_blank(path):
+    """The template browser shows workflows/<name>.jpg: 640 x 400, with text and boxes drawn (bright pixels; an
+    empty canvas grid has none)."""
+    from PIL import Image
+
+    image = Image.open(path.with_suffix(".jpg")).convert("L")
+    assert image.size == (640, 400)
+    bright = sum(image.histogram()[200:]) / (image.size[0] * image.size[1])
+    assert bright > 0.01, f"{path.with_suffix('.jpg').name}: {bright:.2%} bright pixels"

@@ -3,12 +3,12 @@
     COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=...] .venv/bin/python tests/integration/build_workflows.py
 
 Starts a ComfyUI server with this pack (comfy_harness), builds each graph in headless Chromium with the
-frontend's own node classes, saves ``app.graph.serialize()`` (UI format) and a screenshot of the graph.
+frontend's own node classes, saves ``app.graph.serialize()`` (UI format) and a schematic thumbnail: the title and
+the nodes as labelled boxes with their links (the micro model's thumbnails, which show its output, are made apart).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -63,29 +63,97 @@ BUILD = f"""async (spec) => {{
     }}
     x += Math.max(0, ...column.map((n) => n.size[0])) + 60;
   }}
-  const nodes = Object.values(made);
-  const minX = Math.min(...nodes.map((n) => n.pos[0])) - 30;
-  const minY = Math.min(...nodes.map((n) => n.pos[1])) - 60;
-  const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
-  const maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
   app.graph.extra = {{ ...(app.graph.extra ?? {{}}), easyanimate_description: spec.description }};
   // Saved as JSON text without undefined or null properties: Playwright would hand undefined back as null, and the
   // frontend's workflow schema refuses null where it wants an array, object or number ("Invalid workflow").
   const workflow = JSON.stringify(app.graph.serialize(), (key, value) => (value === null ? undefined : value));
   await app.loadGraphData(JSON.parse(workflow));  // what a user opening the file gets
-  return {{ workflow, bounds: [minX, minY, maxX, maxY] }};
+  const titles = Object.fromEntries(Object.entries(made).map(([key, node]) => [key, node.title]));
+  return {{ workflow, titles }};
 }}"""
 
 
-FRAME = f"""([minX, minY, maxX, maxY]) => {{
-  const app = {APP};
-  const el = app.canvas.canvas;
-  const ratio = window.devicePixelRatio || 1;
-  app.canvas.ds.scale = Math.min(el.width / ratio / (maxX - minX), el.height / ratio / (maxY - minY));
-  app.canvas.ds.offset = [-minX, -minY];
-  app.canvas.setDirty(true, true);
-  app.canvas.draw(true, true);
-}}"""
+# Link colours by output (type or name), as ComfyUI draws the types.
+LINK_COLOURS = {
+    "model": "#b39ddb",
+    "conditioning": "#ffa931",
+    "positive": "#ffa931",
+    "negative": "#ffa931",
+    "latent": "#ff9cf9",
+    "vae": "#ff6e6e",
+    "image": "#64b5f6",
+    "images": "#64b5f6",
+    "video": "#64b5f6",
+    "text_encoder": "#ffd500",
+    "image_encoder": "#a5d6a7",
+}
+
+
+def _font(size: int, bold: bool = False):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def _wrapped(draw, text: str, font, width: int) -> str:
+    """``text`` on at most two lines of ``width`` pixels, the second cut with an ellipsis."""
+    words, lines = text.split(), [""]
+    for word in words:
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    if len(lines) > 2:
+        lines = [lines[0], lines[1] + " …"]
+    while draw.textlength(lines[-1], font=font) > width and len(lines[-1]) > 2:
+        lines[-1] = lines[-1][:-2].rstrip() + "…"
+    return "\n".join(lines)
+
+
+def schematic_thumbnail(spec, titles: dict[str, str]):
+    """A legible picture of a workflow at thumbnail size: its title, then its nodes as labelled boxes in the spec's
+    columns with the links between them in ComfyUI's type colours (a screenshot of the graph is unreadable at
+    640 x 400, and blank when the canvas has not drawn yet)."""
+    from PIL import Image, ImageDraw
+
+    width, height = THUMBNAIL_SIZE
+    image = Image.new("RGB", (width, height), "#202020")
+    draw = ImageDraw.Draw(image)
+    draw.text((16, 14), spec.description, font=_font(22, bold=True), fill="#f0f0f0")
+    columns = sorted({n.column for n in spec.nodes})
+    space = 18
+    box_w = (width - 32 - space * (len(columns) - 1)) // len(columns)
+    top, box_h, gap = 58, 42, 12
+    boxes = {}
+    for c, column in enumerate(columns):
+        x = 16 + c * (box_w + space)
+        members = [n for n in spec.nodes if n.column == column]
+        y = top + max(0, (height - top - 10 - len(members) * (box_h + gap) + gap) // 2)
+        for node in members:
+            boxes[node.key] = (x, y, x + box_w, y + box_h)
+            y += box_h + gap
+    for source, output, target, _ in spec.links:
+        (sx0, sy0, sx1, sy1), (tx0, ty0, _, ty1) = boxes[source], boxes[target]
+        colour = LINK_COLOURS.get(output.lower(), "#9e9e9e")
+        if tx0 <= sx0:  # the same column: straight down (or up) between the boxes
+            x = (sx0 + sx1) // 2
+            ends = [(x, sy1), (x, ty0)] if ty0 > sy1 else [(x, sy0), (x, ty1)]
+            draw.line(ends, fill=colour, width=3)
+            continue
+        start, end = (sx1, (sy0 + sy1) // 2), (tx0, (ty0 + ty1) // 2)
+        middle = end[0] - space // 2
+        draw.line([start, (middle, start[1]), (middle, end[1]), end], fill=colour, width=3)
+    label = _font(12)
+    for node in spec.nodes:
+        x0, y0, x1, y1 = boxes[node.key]
+        draw.rounded_rectangle(boxes[node.key], 6, fill="#353535", outline="#5a5a5a")
+        text = _wrapped(draw, titles.get(node.key, node.type).removeprefix("EasyAnimate "), label, box_w - 10)
+        draw.multiline_text((x0 + 5, (y0 + y1) // 2), text, font=label, fill="#e8e8e8", anchor="lm", spacing=2)
+    return image
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -100,7 +168,6 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def main() -> int:
-    from PIL import Image
     from playwright import sync_api
 
     comfy_path = os.environ.get("COMFYUI_PATH")
@@ -116,16 +183,11 @@ def main() -> int:
                     spec = make()
                     built = page.evaluate(BUILD, spec.as_js())
                     workflow = json.loads(built["workflow"])
-                    page.wait_for_timeout(500)  # the frontend restores the saved view after loading
-                    page.evaluate(FRAME, built["bounds"])
-                    # The canvas' own pixels: no dialog or toast drawn over it can end up in the thumbnail.
-                    data_url = page.evaluate(f"() => {APP}.canvas.canvas.toDataURL('image/png')")
-                    png = base64.b64decode(data_url.split(",", 1)[1])
-                    image = Image.open(io.BytesIO(png)).convert("RGB")
-                    image.thumbnail(THUMBNAIL_SIZE)
-                    jpg = io.BytesIO()
-                    image.save(jpg, "JPEG", quality=85)
                     write_atomically(OUT / f"{spec.name}.json", (json.dumps(workflow, indent=2) + "\n").encode())
+                    if spec.name.startswith("easyanimate_micro_"):
+                        continue  # the micro model's thumbnails show what it makes (made with its weights)
+                    jpg = io.BytesIO()
+                    schematic_thumbnail(spec, built["titles"]).save(jpg, "JPEG", quality=90)
                     write_atomically(OUT / f"{spec.name}.jpg", jpg.getvalue())
                     print(f"wrote workflows/{spec.name}.json and .jpg ({len(workflow['nodes'])} nodes)")
         finally:

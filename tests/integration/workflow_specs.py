@@ -153,7 +153,7 @@ SIZE = {"width": 672, "height": 384, "frames": 49, "batch_size": 1}
 
 def t2v() -> Workflow:
     nodes, links = text_to_video_nodes(V51_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
-    return Workflow("easyanimate_v51_t2v", "EasyAnimate V5.1: text to video", nodes, links)
+    return Workflow("easyanimate_v51_t2v", "EasyAnimate V5.1 · Text to Video", nodes, links)
 
 
 def i2v() -> Workflow:
@@ -166,7 +166,7 @@ def i2v() -> Workflow:
     prompt = "A dog running across a meadow towards the camera, sunny day"
     nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs)
     links += [("start", "IMAGE", "i2v", "start_image"), ("end", "IMAGE", "i2v", "end_image")]
-    return Workflow("easyanimate_v51_i2v", "EasyAnimate V5.1: image to video (start and end image)", nodes, links)
+    return Workflow("easyanimate_v51_i2v", "EasyAnimate V5.1 · Image to Video (start + end)", nodes, links)
 
 
 def v2v() -> Workflow:
@@ -179,7 +179,7 @@ def v2v() -> Workflow:
     prompt = "A cat walking in the snow, cinematic lighting"
     nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs, denoise=0.7)
     links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
-    return Workflow("easyanimate_v51_v2v", "EasyAnimate V5.1: video to video (strength 0.7)", nodes, links)
+    return Workflow("easyanimate_v51_v2v", "EasyAnimate V5.1 · Video to Video (strength 0.7)", nodes, links)
 
 
 def control() -> Workflow:
@@ -197,7 +197,7 @@ def control() -> Workflow:
         ("frames", "images", "control", "video"),
         ("reference", "IMAGE", "control", "ref_image"),
     ]
-    return Workflow("easyanimate_v51_control", "EasyAnimate V5.1: control video with a reference image", nodes, links)
+    return Workflow("easyanimate_v51_control", "EasyAnimate V5.1 · Control Video + Reference", nodes, links)
 
 
 def lora() -> Workflow:
@@ -208,7 +208,7 @@ def lora() -> Workflow:
     )
     links = [link for link in links if link[:2] != ("model", "model")]
     links += [("model", "model", "lora", "model"), ("lora", "MODEL", "sampler", "model")]
-    return Workflow("easyanimate_v51_lora", "EasyAnimate V5.1: text to video with a LoRA", nodes, links)
+    return Workflow("easyanimate_v51_lora", "EasyAnimate V5.1 · Text to Video with a LoRA", nodes, links)
 
 
 def v4_t2v() -> Workflow:
@@ -221,7 +221,7 @@ def v4_t2v() -> Workflow:
     next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
     nodes.insert(nodes.index(latent) + 1, sampler_node(steps=25, cfg=7.0, column=2))
     links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
-    return Workflow("easyanimate_v4_t2v", "EasyAnimate V4: text to video", nodes, links)
+    return Workflow("easyanimate_v4_t2v", "EasyAnimate V4 · Text to Video (144 frames)", nodes, links)
 
 
 V4_SIZE = {"width": 672, "height": 384, "frames": 144, "batch_size": 1}
@@ -238,7 +238,7 @@ def v4_i2v() -> Workflow:
     prompt = "A dog running across a meadow towards the camera, sunny day"
     nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, **V4_SAMPLING)
     links += [("start", "IMAGE", "i2v", "start_image"), ("image_encoder", "image_encoder", "i2v", "image_encoder")]
-    return Workflow("easyanimate_v4_i2v", "EasyAnimate V4: image to video", nodes, links)
+    return Workflow("easyanimate_v4_i2v", "EasyAnimate V4 · Image to Video", nodes, links)
 
 
 def v4_v2v() -> Workflow:
@@ -251,7 +251,7 @@ def v4_v2v() -> Workflow:
     prompt = "A cat walking in the snow, cinematic lighting"
     nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, denoise=0.7, **V4_SAMPLING)
     links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
-    return Workflow("easyanimate_v4_v2v", "EasyAnimate V4: video to video (strength 0.7)", nodes, links)
+    return Workflow("easyanimate_v4_v2v", "EasyAnimate V4 · Video to Video (strength 0.7)", nodes, links)
 
 
 def micro_t2v() -> Workflow:
