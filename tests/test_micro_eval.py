@@ -34,6 +34,13 @@ def test_held_out_prompts_come_out_in_their_colour_and_motion_with_one_object(mi
     assert summary["one_object_frames"] >= 0.8, rows
 
 
+def test_image_to_video_continues_the_prompts_motion_from_a_first_frame_never_trained_on(micro):
+    cases = eval_cases(data.held_out_attributes(), SAMPLES)
+    summary, rows = evaluate(load_micro(micro), cases, steps=STEPS, image_to_video=True)
+    assert summary["direction_ok"] >= 0.75, rows
+    assert summary["colour_ok"] >= 0.75, rows
+
+
 def test_the_bundled_lora_teaches_its_colour_which_the_base_model_does_not_produce(micro):
     cases = eval_cases(data.all_attributes(data.EXTRA_COLOURS), SAMPLES // 2)
     with_lora, rows = evaluate(load_micro(micro, micro / "loras" / LORA), cases, steps=STEPS)

@@ -34,13 +34,16 @@ import torch.nn.functional as F
 from ..vae import MagvitVAE
 from .model import vae_config
 
-CONSTANT = 100.0  # the (+c, -c) channels: the relative error of the GroupNorm's sigma is ~ sum(v^2) / c^2 ~ 1e-4
+CONSTANT = 300.0  # the (+c, -c) channels: the relative error of the GroupNorm's sigma is ~ sum(v^2) / c^2 ~ 1e-4
 LOGVAR = -30.0  # the smallest log-variance the VAE keeps (vae.encode clamps there): posterior samples = means
 HAAR_KINDS = 4  # per colour: block mean, dx, dy, dxy
 MOTION_LATENTS = 3  # per colour: the block mean of a latent's last two frames minus its first two
-# The decoder never reads the motion channels; scaled up so that they weigh in the transformer's loss about as
-# much as the Haar details (std 0.1 vs 0.01-0.07 on palette clips).
-MOTION_GAIN = 2.0
+# The decoder reads only the block means. The details and motion channels, which are nonzero only around
+# objects, are scaled up to about the means' spread (on palette clips: means std 0.3, details 0.01-0.07 and
+# motion 0.025-0.05 before the gains), so that where an object is and how it moves weigh in the transformer's
+# loss as much as the background colour does.
+DETAIL_GAIN = 4.0
+MOTION_GAIN = 6.0
 USED_LATENTS = 3 * HAAR_KINDS + MOTION_LATENTS
 CURRENT = 2  # a causal conv's time tap of the current frame (taps 0, 1 look back 2, 1 frames)
 
@@ -67,7 +70,8 @@ def closed_form_encode(video: torch.Tensor) -> torch.Tensor:
     quadrants = F.avg_pool3d(frames, (1, 4, 4))  # [B, 3, T, H/4, W/4]
     q00, q01 = quadrants[..., 0::2, 0::2], quadrants[..., 0::2, 1::2]
     q10, q11 = quadrants[..., 1::2, 0::2], quadrants[..., 1::2, 1::2]
-    coefficients = torch.stack(_haar(q00, q01, q10, q11), dim=2)  # [B, 3, 4, T, h, w]
+    mean, *details = _haar(q00, q01, q10, q11)
+    coefficients = torch.stack([mean, *(DETAIL_GAIN * d for d in details)], dim=2)  # [B, 3, 4, T, h, w]
     change = MOTION_GAIN * F.avg_pool3d(halves[:, :, :, 1] - halves[:, :, :, 0], (1, 8, 8))  # [B, 3, T-1, h, w]
     motion = torch.cat([torch.zeros_like(change[:, :, :1]), change], dim=2)
     spare = motion.new_zeros(b, 16 - USED_LATENTS, *motion.shape[2:])
@@ -126,7 +130,8 @@ def constructed_state_dict() -> dict[str, torch.Tensor]:
         if signal < 3 * HAAR_KINDS:  # Haar coefficient: the mean of the window's two new frames
             colour, kind = divmod(signal, HAAR_KINDS)
             signs = [(1, 1, 1, 1), (1, -1, 1, -1), (1, 1, -1, -1), (1, -1, -1, 1)][kind]  # q00, q01, q10, q11
-            time_weights = {1: 1 / 8, 2: 1 / 8}  # / 4 (Haar) / 2 (frame pair)
+            gain = DETAIL_GAIN if kind else 1.0
+            time_weights = {1: gain / 8, 2: gain / 8}  # / 4 (Haar) / 2 (frame pair)
         else:  # motion: the later frame pair minus the earlier one (0 for frame 0, whose window repeats it)
             colour, signs = signal - 3 * HAAR_KINDS, (1, 1, 1, 1)
             time_weights = {1: -MOTION_GAIN / 4, 2: MOTION_GAIN / 4}
