@@ -46,8 +46,21 @@ SNAP_SCRIPT = """async () => {
   const info = node.easyanimateInfo;
   const {output} = await app.graphToPrompt();
   const inputs = output[String(node.id)]?.inputs;
+  const saved = node.serialize().widgets_values;
+  const drawn = [];
+  const fillText = CanvasRenderingContext2D.prototype.fillText;
+  CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+    drawn.push(String(text));
+    return fillText.call(this, text, ...rest);
+  };
+  app.canvas.draw(true, true);
+  CanvasRenderingContext2D.prototype.fillText = fillText;
+  const element = node.easyanimateInfoElement;
+  // On the canvas the text is drawn; the DOM copy (for the Vue renderer) stays hidden so it is never shown twice.
+  const shown = element ? {text: element.textContent, visible: element.getClientRects().length > 0} : null;
+  const canvasDrawn = drawn.includes(info);
   app.graph.remove(node);
-  return {initial, snapped, info, inputs};
+  return {initial, snapped, info, inputs, saved, shown, canvasDrawn};
 }"""
 
 
@@ -56,8 +69,42 @@ def test_frames_and_size_widgets_snap_to_the_version_rules_and_show_duration(pag
     assert result["initial"] == "49 frames · 6.1 s at 8 fps · latent 13×48×84", result
     assert result["snapped"] == {"frames": 49, "width": 656, "height": 384}, result
     assert result["info"] == "49 frames · 6.1 s at 8 fps · latent 13×48×82", result
-    # The info line is drawn, not a widget: the prompt carries exactly the node's own inputs.
+    # The info line is a DOM widget on the canvas node, never saved or sent: the prompt carries exactly the node's
+    # own inputs and the workflow its own widget values.
     assert result["inputs"] == {"version": "V5.1", "width": 656, "height": 384, "frames": 49, "batch_size": 1}
+    assert result["saved"] == ["V5.1", 656, 384, 49, 1]
+    assert result["canvasDrawn"], result
+    assert result["shown"] == {"text": result["info"], "visible": False}
+
+
+VUE_SCRIPT = """async () => {
+  const app = window.comfyAPI?.app?.app ?? window.app;
+  const settings = app.extensionManager.setting;
+  const before = settings.get("Comfy.VueNodes.Enabled");
+  await settings.set("Comfy.VueNodes.Enabled", true);
+  await new Promise((r) => setTimeout(r, 1000));
+  const node = window.LiteGraph.createNode("EasyAnimateEmptyLatentVideo");
+  app.graph.add(node);
+  for (let i = 0; i < 50 && !node.easyanimateInfo; i++) await new Promise((r) => setTimeout(r, 100));
+  app.graph.setDirtyCanvas(true, true);
+  await new Promise((r) => setTimeout(r, 1500));
+  const vueNode = document.querySelector(`[data-node-id="${node.id}"]`);
+  const result = {vue: !!vueNode, text: vueNode?.innerText ?? "", info: node.easyanimateInfo};
+  app.graph.remove(node);
+  await settings.set("Comfy.VueNodes.Enabled", before);
+  return result;
+}"""
+
+
+def test_the_info_line_is_shown_in_the_vue_node_renderer(page):
+    """The new frontend's Vue nodes draw no canvas foreground: the line is a DOM widget shown inside them."""
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? ''")
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (1, 35):
+        pytest.skip(f"frontend {version}: its Vue node renderer is experimental and renders no DOM widgets")
+    result = page.evaluate(VUE_SCRIPT)
+    assert result["vue"], result  # the node was rendered as a Vue node
+    assert result["info"] == "49 frames · 6.1 s at 8 fps · latent 13×48×84", result
+    assert result["info"] in result["text"], result
 
 
 CONDITIONING_SNAP_SCRIPT = """async () => {

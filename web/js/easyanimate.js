@@ -13,7 +13,14 @@ import { api } from "../../../scripts/api.js";
 
 const RULES_ROUTE = "/easyanimate/video_rules";
 const DEFAULT_VERSION = "V5.1";
-const INFO_HEIGHT = 20;
+// The info line: drawn on the canvas node (onDrawForeground), and a DOM widget that only the Vue node renderer
+// shows (its nodes are elements with a data-node-id; on the canvas the element stays hidden, as the text is drawn).
+const INFO_CSS = `
+.easyanimate-info { display: none; }
+[data-node-id] .easyanimate-info {
+  display: block; font: 11px sans-serif; color: #9ab; padding: 0 6px;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+}`;
 
 let rules = null; // {version: {frame_step, frame_offset, pixel_multiple, spatial_compression, temporal_compression, fps}}
 
@@ -78,6 +85,7 @@ function applyRules(node) {
     if (w && typeof w.value === "number") w.value = nearestSize(w.value, rule.pixel_multiple);
   }
   node.easyanimateInfo = describe(node, rule);
+  if (node.easyanimateInfoElement) node.easyanimateInfoElement.textContent = node.easyanimateInfo;
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -116,6 +124,9 @@ app.registerExtension({
   name: "EasyAnimate.Core",
 
   async setup() {
+    const style = document.createElement("style");
+    style.textContent = INFO_CSS;
+    document.head.appendChild(style);
     await loadRules();
     // Nodes restored before the rules arrived (a workflow open at start-up) get their info line now.
     for (const node of app.graph?._nodes ?? []) if (node.easyanimateRules) applyRules(node);
@@ -130,7 +141,20 @@ app.registerExtension({
         const w = widget(this, name);
         if (w) chainCallback(w, "callback", () => applyRules(this));
       }
-      this.setSize?.([this.size[0], this.size[1] + INFO_HEIGHT]);
+      // Never saved or sent: the workflow's widget values and the prompt's inputs stay the node's own. Its height
+      // is the room the canvas text is drawn in.
+      const element = document.createElement("div");
+      element.className = "easyanimate-info";
+      const info = this.addDOMWidget?.("easyanimate_info", "easyanimate_info", element, {
+        serialize: false,
+        hideOnZoom: false,
+        getMinHeight: () => 18,
+        getMaxHeight: () => 18,
+      });
+      if (info) {
+        info.serialize = false;
+        this.easyanimateInfoElement = element;
+      }
       applyRules(this);
     });
 
