@@ -109,9 +109,25 @@ def test_every_spec_has_its_workflow_and_thumbnail():
     assert all((REPO_ROOT / "workflows" / f"{name}.jpg").is_file() for name in names)
 
 
-def test_template_browser_lists_the_workflows(comfy_server):
+# What the template browser fetches for each of a custom node's templates, with the URLs it builds (the name as is).
+TEMPLATE_FILES = f"""async ([module, names]) => {{
+  const api = {APP}.api ?? window.comfyAPI.api.api;
+  const url = (name, ext) => api.apiURL(`/workflow_templates/${{module}}/${{name}}.${{ext}}`);
+  const status = async (name, ext) => (await fetch(url(name, ext))).status;
+  const out = {{}};
+  for (const name of names) out[name] = [await status(name, "json"), await status(name, "jpg")];
+  return out;
+}}"""
+
+
+def test_template_browser_lists_the_workflows_by_title_and_serves_their_files(comfy_server, page):
+    """The browser shows a template by its file name: released workflows are named by their titles."""
     templates = comfy_server.get_json("/workflow_templates")
-    assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOW_FILES)
+    names = sorted(templates[PACK_DIR_NAME])
+    assert names == sorted(p.stem for p in WORKFLOW_FILES)
+    assert "EasyAnimate V5.1 · Image to Video (start + end)" in names
+    assert all(n.startswith("EasyAnimate ") for n in names if n not in {p.stem for p in MICRO_FILES}), names
+    assert page.evaluate(TEMPLATE_FILES, [PACK_DIR_NAME, names]) == {n: [200, 200] for n in names}
 
 
 def write_tiny_lora(path: Path, checkpoint: Path) -> None:

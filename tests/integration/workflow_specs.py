@@ -53,6 +53,12 @@ class Workflow:
         return {"nodes": [n.as_js() for n in self.nodes], "links": self.links, "description": self.description}
 
 
+def released(title: str, nodes: list[Node], links: list[tuple[str, str, str, str]]) -> Workflow:
+    """A released-model workflow, whose file is named by its title: ComfyUI's template browser (frontends 1.27 to
+    1.58) shows a custom node's template by its file name, as both title and description."""
+    return Workflow(title, title, nodes, links)
+
+
 def text_to_video_nodes(model: str, prompt: str) -> tuple[list[Node], list[tuple[str, str, str, str]]]:
     """Loader, prompts, empty latent, stock KSampler, decode, stock CreateVideo + SaveVideo."""
     nodes = [
@@ -153,7 +159,7 @@ SIZE = {"width": 672, "height": 384, "frames": 49, "batch_size": 1}
 
 def t2v() -> Workflow:
     nodes, links = text_to_video_nodes(V51_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
-    return Workflow("easyanimate_v51_t2v", "EasyAnimate V5.1 · Text to Video", nodes, links)
+    return released("EasyAnimate V5.1 · Text to Video", nodes, links)
 
 
 def i2v() -> Workflow:
@@ -166,7 +172,7 @@ def i2v() -> Workflow:
     prompt = "A dog running across a meadow towards the camera, sunny day"
     nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs)
     links += [("start", "IMAGE", "i2v", "start_image"), ("end", "IMAGE", "i2v", "end_image")]
-    return Workflow("easyanimate_v51_i2v", "EasyAnimate V5.1 · Image to Video (start + end)", nodes, links)
+    return released("EasyAnimate V5.1 · Image to Video (start + end)", nodes, links)
 
 
 def v2v() -> Workflow:
@@ -179,7 +185,7 @@ def v2v() -> Workflow:
     prompt = "A cat walking in the snow, cinematic lighting"
     nodes, links = conditioned_nodes(V51_INP, prompt, conditioning, inputs, denoise=0.7)
     links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
-    return Workflow("easyanimate_v51_v2v", "EasyAnimate V5.1 · Video to Video (strength 0.7)", nodes, links)
+    return released("EasyAnimate V5.1 · Video to Video (strength 0.7)", nodes, links)
 
 
 def control() -> Workflow:
@@ -197,7 +203,7 @@ def control() -> Workflow:
         ("frames", "images", "control", "video"),
         ("reference", "IMAGE", "control", "ref_image"),
     ]
-    return Workflow("easyanimate_v51_control", "EasyAnimate V5.1 · Control Video + Reference", nodes, links)
+    return released("EasyAnimate V5.1 · Control Video + Reference", nodes, links)
 
 
 def lora() -> Workflow:
@@ -208,7 +214,7 @@ def lora() -> Workflow:
     )
     links = [link for link in links if link[:2] != ("model", "model")]
     links += [("model", "model", "lora", "model"), ("lora", "MODEL", "sampler", "model")]
-    return Workflow("easyanimate_v51_lora", "EasyAnimate V5.1 · Text to Video with a LoRA", nodes, links)
+    return released("EasyAnimate V5.1 · Text to Video with a LoRA", nodes, links)
 
 
 def v4_t2v() -> Workflow:
@@ -221,7 +227,7 @@ def v4_t2v() -> Workflow:
     next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
     nodes.insert(nodes.index(latent) + 1, sampler_node(steps=25, cfg=7.0, column=2))
     links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
-    return Workflow("easyanimate_v4_t2v", "EasyAnimate V4 · Text to Video (144 frames)", nodes, links)
+    return released("EasyAnimate V4 · Text to Video (144 frames)", nodes, links)
 
 
 V4_SIZE = {"width": 672, "height": 384, "frames": 144, "batch_size": 1}
@@ -238,7 +244,7 @@ def v4_i2v() -> Workflow:
     prompt = "A dog running across a meadow towards the camera, sunny day"
     nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, **V4_SAMPLING)
     links += [("start", "IMAGE", "i2v", "start_image"), ("image_encoder", "image_encoder", "i2v", "image_encoder")]
-    return Workflow("easyanimate_v4_i2v", "EasyAnimate V4 · Image to Video", nodes, links)
+    return released("EasyAnimate V4 · Image to Video", nodes, links)
 
 
 def v4_v2v() -> Workflow:
@@ -251,7 +257,7 @@ def v4_v2v() -> Workflow:
     prompt = "A cat walking in the snow, cinematic lighting"
     nodes, links = conditioned_nodes(V4_INP, prompt, conditioning, inputs, denoise=0.7, **V4_SAMPLING)
     links += [("load", "VIDEO", "frames", "video"), ("frames", "images", "v2v", "video")]
-    return Workflow("easyanimate_v4_v2v", "EasyAnimate V4 · Video to Video (strength 0.7)", nodes, links)
+    return released("EasyAnimate V4 · Video to Video (strength 0.7)", nodes, links)
 
 
 def micro_t2v() -> Workflow:
