@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from .loading import check_safetensors
 from .text_encoders import _dtype_kwargs, _frozen
 
 FOLDER = "image_encoder"
@@ -38,6 +39,8 @@ def check_image_encoder_files(root: str | Path) -> None:
             "for image-to-video; download the full model folder"
         )
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        for weights in sorted(folder.glob("*.safetensors")):  # truncated or corrupt: named, with the fix
+            check_safetensors(weights)
         return
     pickles = [name for name in PICKLE_WEIGHTS if (folder / name).is_file()]
     if pickles:

@@ -35,6 +35,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .keys import diffusers_to_official, official_to_diffusers, strip_key_prefix
+from .loading import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def read_lora(
     if isinstance(source, (str, Path)):
         if Path(source).suffix != ".safetensors":
             raise ValueError(f"{source}: LoRAs are read from .safetensors files only (pickle files can run code)")
+        check_safetensors(source)  # truncated or corrupt: named, with the fix (not the library's raw error)
         state_dict = load_file(str(source))
     else:
         state_dict = source

@@ -237,3 +237,17 @@ def test_a_truncated_transformer_is_reported_by_the_model_loader_not_the_text_en
     assert re.search(r"transformer/diffusion_pytorch_model.safetensors: truncated: .* Download it again", error)
     with pytest.raises(ValueError, match="truncated"):
         nodes.nodes.EasyAnimateModelLoader().load(name, "default")
+
+
+def test_a_truncated_lora_or_image_encoder_is_named_with_the_fix_on_its_loader(nodes, tiny_folders):
+    model = nodes.nodes.EasyAnimateModelLoader().load(install(nodes, tiny_folders, "V5.1"), "default")[0]
+    loras = standard_folder(nodes, "loras")
+    lora = {"lora_unet__proj_out.lora_down.weight": torch.zeros(2, 8), "lora_unet__proj_out.alpha": torch.tensor(2.0)}
+    save_file(lora, loras / "style.safetensors")
+    _truncate(loras / "style.safetensors")
+    with pytest.raises(ValueError, match=r"style.safetensors: not a readable safetensors file .* download it again"):
+        nodes.nodes.EasyAnimateLoraLoader().apply(model, "style.safetensors", 1.0)
+    name = install(nodes, tiny_folders, "V4")
+    _truncate(nodes.models / name / "image_encoder" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"image_encoder/model.safetensors: truncated: .* Download it again"):
+        nodes.nodes.EasyAnimateImageEncoderLoader().load(name)
