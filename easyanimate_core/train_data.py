@@ -86,15 +86,21 @@ def fixed_clip_generator(seed: int, sample_index: int) -> torch.Generator:
     return seeded(seed, -1, sample_index)
 
 
-def build_latent_cache(run: Run) -> dict[int, Path]:
-    """Each sample's posterior (mean, logvar) of its fixed clip, in ``cache_dir/latents``; {sample position: file}."""
-    args, procs = run.args, run.procs
-    folder = Path(args.cache_dir) / "latents"
+def _cache_files(run: Run, kind: str, *extra) -> dict[int, Path]:
+    """{sample position: file in ``cache_dir/kind``}, named by the sample's file, clip settings, model and ``extra``."""
+    args = run.args
     files = {}
     for pos, (sample, bucket) in enumerate(zip(run.samples, run.buckets, strict=True)):
         stat = sample.path.stat()
         key = digest(sample.path.resolve(), stat.st_mtime_ns, stat.st_size, bucket, args.stride, args.seed, run.root)
-        files[pos] = folder / f"{key}.safetensors"
+        files[pos] = Path(args.cache_dir) / kind / f"{digest(key, *extra) if extra else key}.safetensors"
+    return files
+
+
+def build_latent_cache(run: Run) -> dict[int, Path]:
+    """Each sample's posterior (mean, logvar) of its fixed clip, in ``cache_dir/latents``; {sample position: file}."""
+    args, procs = run.args, run.procs
+    files = _cache_files(run, "latents")
     todo = [pos for pos, f in files.items() if not f.is_file()][procs.rank :: procs.world]
     for pos in run.progress(todo, "caching latents"):
         sample, bucket = run.samples[pos], run.buckets[pos]
@@ -115,18 +121,14 @@ def build_inpaint_cache(run: Run) -> dict[int, Path]:
 
     args, procs = run.args, run.procs
     count = args.cache_inpaint
-    folder = Path(args.cache_dir) / "inpaint"
-    files = {}
-    for pos, (sample, bucket) in enumerate(zip(run.samples, run.buckets, strict=True)):
-        stat = sample.path.stat()
-        key = digest(sample.path.resolve(), stat.st_mtime_ns, stat.st_size, bucket, args.stride, args.seed, run.root)
-        files[pos] = folder / f"{digest(key, 'inpaint', count)}.safetensors"
+    files = _cache_files(run, "inpaint", "inpaint", count)
     todo = [pos for pos, f in files.items() if not f.is_file()][procs.rank :: procs.world]
     channels = run.vae.config.latent_channels
     for pos in run.progress(todo, "caching inpaint latents"):
         sample, bucket = run.samples[pos], run.buckets[pos]
         pixels = load_clip(sample, bucket, args.stride, fixed_clip_generator(args.seed, sample.index))[None]
-        shape = (1, channels, run.vae.latent_frames(pixels.shape[2]), *(s // 8 for s in pixels.shape[3:]))
+        scale = run.vae.config.spatial_compression
+        shape = (1, channels, run.vae.latent_frames(pixels.shape[2]), *(s // scale for s in pixels.shape[3:]))
         rows = {}
         for m in range(count):
             mask, masked = draw_inpaint_input(pixels, seeded(args.seed, -2, sample.index, m))
