@@ -534,7 +534,11 @@ def _load_models(run: Run, resume: Path | None) -> None:
         fully_shard(transformer)
     elif procs.world > 1:
         ids = [procs.device.index] if procs.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # find_unused_parameters: when every block is dual-stream (the micro model), the last block's text-stream
+        # output feeds nothing, so its weights never get a gradient and DDP would wait for them forever.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
+        )
     run.model = model
     # Named after wrapping: fully_shard replaces the parameters by sharded ones.
     run.params = [(n, p) for n, p in container.named_parameters() if p.requires_grad]

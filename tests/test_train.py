@@ -365,3 +365,15 @@ def test_inpaint_masks_cover_every_kind_and_repeat_with_the_generator():
     assert any(bool((m[:, :, 0] == 0).all() and (m[:, :, -1] == 1).all()) for m in masks)  # image-to-video
     assert any(bool((m[:, :, 0] == 0).all() and (m[:, :, -1] == 0).all()) for m in masks)  # start and end
     assert torch.equal(masks[3], random_inpaint_mask(9, 8, 8, torch.Generator().manual_seed(3)))
+
+
+def test_torchrun_full_mode_trains_a_transformer_whose_blocks_are_all_dual_stream(workspace, tmp_path):
+    """The last dual-stream block's text output feeds nothing (the micro model's layout): DDP must not wait for
+    gradients of those weights (it stopped at the second step with 'Expected to have finished reduction')."""
+    from easyanimate_core.micro.model import write_initial_checkpoint
+
+    model = write_initial_checkpoint(tmp_path / "micro", "InP")
+    output = tmp_path / "out"
+    extra = ["--model", str(model), "--mode", "full", "--max-steps", "3", "--checkpoint-every", "3"]
+    torchrun(cli_args(workspace, output, *extra, "--cache-dir", str(tmp_path / "cache"), "--cache-latents"))
+    assert sorted(losses_of(output)) == [1, 2, 3]
