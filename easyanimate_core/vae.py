@@ -335,6 +335,13 @@ class _Ctx:
         return self.ops.Linear(cin, cout, bias=True, dtype=self.dtype, device=self.device)
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    """Storage and version of ``t``: changes when the tensor is replaced or written in place. Inference tensors
+    (weights loaded under ``torch.inference_mode``, as inside a ComfyUI server) keep no version counter; they are
+    named by storage alone (they can only be written in place inside inference mode, which no loader does)."""
+    return (t.data_ptr(), None if t.is_inference() else t._version)
+
+
 class ResidualBlock3D(nn.Module):
     """GroupNorm-SiLU-conv twice plus a (1x1x1 when widths differ) shortcut."""
 
@@ -354,7 +361,7 @@ class ResidualBlock3D(nn.Module):
         w, b = self.conv2.weight, self.conv2.bias
         if not (w.dtype.is_floating_point and w.dtype.itemsize >= 2) or w.device.type == "meta":
             return False  # fp8 storage (cast on the fly) or no data: never skip
-        key = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        key = (_identity(w), None if b is None else _identity(b))
         if self._zero_branch[0] != key:
             self._zero_branch = (key, not bool(w.any()) and (b is None or not bool(b.any())))
         return self._zero_branch[1]

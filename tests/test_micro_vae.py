@@ -120,3 +120,15 @@ def test_the_shipped_vae_is_the_constructed_one():
     assert shipped.keys() == expected.keys()
     assert all(torch.equal(shipped[k], expected[k]) for k in expected)
     assert load_vae(root).config.scaling_factor == round(cv.scaling_factor(), 5)
+
+
+def test_a_vae_loaded_under_inference_mode_skips_its_zero_branches_too(tmp_path):
+    """ComfyUI runs nodes under torch.inference_mode: the weights are inference tensors (no version counter)."""
+    cv.write_vae_folder(tmp_path / "vae")
+    video = _clips(1, seed=4)
+    with torch.inference_mode():
+        vae = load_vae(tmp_path / "vae")
+        mean, _ = vae.encode(video)
+        decoded = vae.decode(mean)
+    assert (mean - cv.closed_form_encode(video)).abs().max() < CLOSED_FORM_TOLERANCE
+    assert (decoded - cv.closed_form_decode(mean)).abs().max() < CLOSED_FORM_TOLERANCE
