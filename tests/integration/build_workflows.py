@@ -4,7 +4,8 @@
 
 Starts a ComfyUI server with this pack (comfy_harness), builds each graph in headless Chromium with the
 frontend's own node classes, saves ``app.graph.serialize()`` (UI format) and a schematic thumbnail: the title and
-the nodes as labelled boxes with their links (the micro model's thumbnails, which show its output, are made apart).
+the nodes as labelled boxes with their links; the bundled micro model's workflows are run on its weights instead, and
+their thumbnails show frames of the video each makes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(HERE))
 
 from comfy_harness import REPO_ROOT, ComfyServer  # noqa: E402
 from frontend import APP, open_frontend  # noqa: E402
-from workflow_specs import WORKFLOWS  # noqa: E402
+from workflow_specs import MICRO_PREFIX, WORKFLOWS  # noqa: E402
 
 OUT = REPO_ROOT / "workflows"
 THUMBNAIL_SIZE = (640, 400)
@@ -156,6 +157,36 @@ def schematic_thumbnail(spec, titles: dict[str, str]):
     return image
 
 
+def output_thumbnail(title: str, frames):
+    """The micro model's thumbnail: its title over ten frames of the video its workflow made ([F, H, W, 3] uint8),
+    each shown 2x with nearest pixels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    width, height = THUMBNAIL_SIZE
+    image = Image.new("RGB", (width, height), "#202020")
+    draw = ImageDraw.Draw(image)
+    draw.text(
+        (16, 14), _wrapped(draw, title, _font(22, bold=True), width - 32), font=_font(22, bold=True), fill="#f0f0f0"
+    )
+    picks = np.linspace(0, len(frames) - 1, 10).round().astype(int)
+    side = width // 5
+    for i, index in enumerate(picks):
+        frame = Image.fromarray(frames[index]).resize((side, side), Image.NEAREST)
+        image.paste(frame, ((i % 5) * side, height - (2 - i // 5) * side))
+    return image
+
+
+def micro_frames(server, page):
+    """Run the workflow just built (as a user would queue it) and read back the frames of the video it saves."""
+    import imageio.v3 as iio
+
+    prompt = page.evaluate(f"async () => (await {APP}.graphToPrompt()).output")
+    entry = server.run_prompt(prompt, timeout=600)
+    videos = [f for f in server.output_files(entry) if f.suffix in (".mp4", ".webm", ".webp", ".gif")]
+    return iio.imread(videos[0])
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -184,10 +215,12 @@ def main() -> int:
                     built = page.evaluate(BUILD, spec.as_js())
                     workflow = json.loads(built["workflow"])
                     write_atomically(OUT / f"{spec.name}.json", (json.dumps(workflow, indent=2) + "\n").encode())
-                    if spec.name.startswith("easyanimate_micro_"):
-                        continue  # the micro model's thumbnails show what it makes (made with its weights)
                     jpg = io.BytesIO()
-                    schematic_thumbnail(spec, built["titles"]).save(jpg, "JPEG", quality=90)
+                    if spec.name.startswith(MICRO_PREFIX):  # the bundled model: show what the workflow makes
+                        thumbnail = output_thumbnail(spec.description, micro_frames(server, page))
+                    else:
+                        thumbnail = schematic_thumbnail(spec, built["titles"])
+                    thumbnail.save(jpg, "JPEG", quality=90)
                     write_atomically(OUT / f"{spec.name}.jpg", jpg.getvalue())
                     print(f"wrote workflows/{spec.name}.json and .jpg ({len(workflow['nodes'])} nodes)")
         finally:

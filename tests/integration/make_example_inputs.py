@@ -12,6 +12,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw
+from workflow_specs import MICRO_START_IMAGE
 
 OUT = Path(__file__).resolve().parents[2] / "workflows" / "inputs"
 W, H, FRAMES, FPS = 672, 384, 49, 8
@@ -92,8 +93,19 @@ def pose(t: float) -> np.ndarray:
     return np.asarray(image)
 
 
+def micro_start() -> Image.Image:
+    """The micro image-to-video workflow's start image: frame 0 of a clip of its prompt's shape, drawn with a seed the
+    training data never used (easyanimate_core.micro.evaluate.start_image)."""
+    from workflow_specs import MICRO_I2V_ATTRIBUTES
+
+    from easyanimate_core.micro.evaluate import Case, start_image
+
+    return Image.fromarray((start_image(Case(MICRO_I2V_ATTRIBUTES, seed=0)).numpy() * 255).round().astype(np.uint8))
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    micro_start().save(OUT / MICRO_START_IMAGE, optimize=True)
     meadow(150, 0.8).save(OUT / "easyanimate_start.png", optimize=True)
     meadow(380, 1.6).save(OUT / "easyanimate_end.png", optimize=True)
     studio_person().save(OUT / "easyanimate_reference.png", optimize=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from easyanimate_core.micro import shipped_micro_model
+from easyanimate_core.micro.data import Attributes
 from easyanimate_core.micro.model import GENERATION_DEFAULTS
 
 V51_INP = "EasyAnimateV5.1-12b-zh-InP"
@@ -17,6 +18,8 @@ V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
 V4_INP = "EasyAnimateV4-XL-2-InP"
 # nodes.common.BUNDLED_MICRO: the micro model shipped in the pack; its workflows run as saved, on its weights.
 MICRO = "EasyAnimate-Micro (bundled)"
+# Titles (= file names, which the template browser shows) of the micro model's workflows start with this.
+MICRO_PREFIX = "EasyAnimate Micro · "
 # The tiny random checkpoints the tests put in place of the released folders:
 # released name -> (tiny folder name, variant, version).
 TINY_STAND_INS = {
@@ -263,8 +266,8 @@ def v4_v2v() -> Workflow:
 def micro_t2v() -> Workflow:
     """The bundled micro model: a 64 x 64 clip of 17 frames in seconds on a CPU, at its own generation defaults."""
     nodes, links = text_to_video_nodes(MICRO, "a red circle moving right slowly on a navy background")
-    description = "EasyAnimate Micro (bundled): text to video"
-    return _micro_settings(Workflow("easyanimate_micro_t2v", description, nodes, links))
+    title = f"{MICRO_PREFIX}Text to Video"
+    return _micro_settings(Workflow(title, title, nodes, links))
 
 
 def micro_lora() -> Workflow:
@@ -273,8 +276,8 @@ def micro_lora() -> Workflow:
     nodes.insert(1, Node("lora", "EasyAnimateLoraLoader", {"lora_name": "micro_cyan.safetensors", "strength": 1.0}, 0))
     links = [link for link in links if link[:2] != ("model", "model")]
     links += [("model", "model", "lora", "model"), ("lora", "MODEL", "sampler", "model")]
-    description = "EasyAnimate Micro (bundled): a LoRA teaching a new colour"
-    return _micro_settings(Workflow("easyanimate_micro_lora", description, nodes, links))
+    title = f"{MICRO_PREFIX}LoRA (a new colour)"
+    return _micro_settings(Workflow(title, title, nodes, links))
 
 
 def micro_i2v() -> Workflow:
@@ -284,18 +287,20 @@ def micro_i2v() -> Workflow:
     size = {"width": defaults["width"], "height": defaults["height"], "frames": defaults["frames"], "batch_size": 1}
     conditioning = Node("i2v", "EasyAnimateImageToVideo", {**size, "noise_aug_strength": 0.0563}, 2)
     inputs = [Node("start", "LoadImage", {"image": MICRO_START_IMAGE}, 1, "Start image")]
-    prompt = "a green circle moving down quickly on a black background"
+    prompt = MICRO_I2V_ATTRIBUTES.caption
     nodes, links = conditioned_nodes(
         MICRO, prompt, conditioning, inputs, steps=defaults["steps"], cfg=defaults["guidance"], fps=defaults["fps"]
     )
     next(n for n in nodes if n.key == "negative").widgets = {"text": ""}
     links += [("start", "IMAGE", "i2v", "start_image")]
-    description = "EasyAnimate Micro (bundled): image to video"
-    return Workflow("easyanimate_micro_i2v", description, nodes, links)
+    title = f"{MICRO_PREFIX}Image to Video"
+    return Workflow(title, title, nodes, links)
 
 
-# The micro image-to-video workflow's start image (in ComfyUI's input folder): frame 0 of a held-out clip.
+# The micro image-to-video workflow's start image (workflows/inputs/, made by make_example_inputs.py): frame 0
+# of a clip of these attributes (a held-out colour and shape pair) that no training clip is.
 MICRO_START_IMAGE = "easyanimate_micro_start.png"
+MICRO_I2V_ATTRIBUTES = Attributes("circle", "green", "down", "quickly", "black")
 
 
 def _micro_settings(workflow: Workflow) -> Workflow:
