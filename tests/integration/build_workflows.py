@@ -157,18 +157,18 @@ def schematic_thumbnail(spec, titles: dict[str, str]):
     return image
 
 
-def output_thumbnail(title: str, frames):
-    """The micro model's thumbnail: its title over ten frames of the video its workflow made ([F, H, W, 3] uint8),
-    each shown 2x with nearest pixels."""
+def output_thumbnail(title: str, prompt: str, frames):
+    """The micro model's thumbnail: its title and prompt over ten frames of the video its workflow made
+    ([F, H, W, 3] uint8), each shown 2x with nearest pixels."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     width, height = THUMBNAIL_SIZE
     image = Image.new("RGB", (width, height), "#202020")
     draw = ImageDraw.Draw(image)
-    draw.text(
-        (16, 14), _wrapped(draw, title, _font(22, bold=True), width - 32), font=_font(22, bold=True), fill="#f0f0f0"
-    )
+    font, small = _font(22, bold=True), _font(18)
+    draw.text((16, 14), _wrapped(draw, title, font, width - 32), font=font, fill="#f0f0f0")
+    draw.text((16, 54), _wrapped(draw, f"“{prompt}”", small, width - 32), font=small, fill="#f0f0f0")
     picks = np.linspace(0, len(frames) - 1, 10).round().astype(int)
     side = width // 5
     for i, index in enumerate(picks):
@@ -217,7 +217,8 @@ def main() -> int:
                     write_atomically(OUT / f"{spec.name}.json", (json.dumps(workflow, indent=2) + "\n").encode())
                     jpg = io.BytesIO()
                     if spec.name.startswith(MICRO_PREFIX):  # the bundled model: show what the workflow makes
-                        thumbnail = output_thumbnail(spec.description, micro_frames(server, page))
+                        prompt = next(n.widgets["text"] for n in spec.nodes if n.key == "positive")
+                        thumbnail = output_thumbnail(spec.description, prompt, micro_frames(server, page))
                     else:
                         thumbnail = schematic_thumbnail(spec, built["titles"])
                     thumbnail.save(jpg, "JPEG", quality=90)
