@@ -209,7 +209,7 @@ def test_loading_the_pack_puts_the_workflows_example_inputs_in_comfys_input_fold
     common = nodes.package.common
     shipped = sorted(p.name for p in common.EXAMPLE_INPUTS.glob("easyanimate_*"))
     inputs = nodes.models.parent.parent / "input"
-    assert len(shipped) == 5 and sorted(p.name for p in inputs.iterdir()) == shipped
+    assert len(shipped) == 6 and sorted(p.name for p in inputs.iterdir()) == shipped
     assert all((inputs / n).read_bytes() == (common.EXAMPLE_INPUTS / n).read_bytes() for n in shipped)
     (inputs / shipped[0]).write_bytes(b"the user's own file")
     (inputs / shipped[1]).unlink()
