@@ -5,21 +5,21 @@
     python bench/train_micro.py --work /tmp/micro-work --set t2v.steps=3000 inp.steps=0   # other settings
 
 Stages (each is skipped when its output exists, so the script continues where a run stopped):
-    init   untrained model folder: micro InP transformer, VAE, frozen word-level Qwen2-VL text encoder
-    vae    python -m easyanimate_core.micro.train_vae (procedural clips rendered on the fly), then its
-           scaling factor (1 / latent std)
+    init   untrained model folder: micro InP transformer, frozen word-level Qwen2-VL text encoder
+    vae    the VAE by construction (constructed_vae.py, about a second: no training), its scaling factor
+           (1 / latent std) and its reconstruction scores (vae_run/scores.json)
     data   the training set: every non-held-out caption combination, PER_COMBINATION clips each
     t2v    easyanimate train --mode full --train-mode normal on the InP transformer: text-to-video only
            (all-zero inpaint latents, as the released InP models get for text-to-video); latents are
            cached once, so a step costs one transformer pass
-    inp    the same transformer trained on in inpaint mode: random start / start-end / box / frame masks and
-           20% text-to-video; the masked clip goes through the VAE every step (GPU work)
+    inp    the text-to-video run goes on in inpaint mode: random start / start-end / box / frame masks and
+           20% text-to-video; the masked clips' latents are cached once per drawn mask (--cache-inpaint)
     lora   easyanimate train --mode lora --train-mode normal on the InP model: clips of a colour no base caption
            names (cyan)
     ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
     eval   bench/eval_micro.py on held-out prompts (JSON next to the work folder's outputs)
 
-Both trainers resume exactly (a batch, its noise and timesteps depend only on the seed and the step), so
+The trainer resumes exactly (a batch, its noise and timesteps depend only on the seed and the step), so
 a recipe run in several pieces gives the same weights as one run on the same machine and torch build.
 The transformer stages run min(2, cores) processes under torchrun (--processes), one thread each (--threads): on
 2 cores that trains ~1.8x faster than one process, and one thread per process is 3-4x faster than two when other

@@ -106,7 +106,7 @@ def constructed_state_dict() -> dict[str, torch.Tensor]:
     vae = MagvitVAE(config)
     state = {k: torch.zeros_like(v) for k, v in vae.state_dict().items()}
     for key, value in state.items():
-        if ".norm" in key and key.endswith("weight") or key.endswith("conv_norm_out.weight"):
+        if key.endswith(("norm1.weight", "norm2.weight", "conv_norm_out.weight")):
             value.fill_(1.0)  # GroupNorm scales 1, shifts 0
     enc, dec = "encoder.", "decoder."
 
