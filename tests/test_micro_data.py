@@ -102,6 +102,20 @@ def test_scorers_catch_wrong_videos():
     assert scoring.analyse(speck).counts == [0] * len(video)
 
 
+def test_colours_are_named_through_blends_with_the_background():
+    """A shape blended into its background (a block-averaging decoder) keeps its colour's name: half-covered cyan
+    over black is nearer to plain green than to cyan, yet lies on the black-cyan line."""
+    for background in data.BACKGROUNDS.values():
+        bg = np.asarray(background, np.float32)
+        for name, colour in data.ALL_COLOURS.items():
+            for share in (0.45, 0.7, 1.0):
+                blend = bg + share * (np.asarray(colour, np.float32) - bg)
+                assert scoring.mixed_colour(blend, bg) == name, (name, background, share)
+    half_cyan = 0.5 * np.asarray(data.EXTRA_COLOURS["cyan"], np.float32)
+    plain_nearest = min(data.ALL_COLOURS, key=lambda n: np.linalg.norm(np.asarray(data.ALL_COLOURS[n]) - half_cyan))
+    assert plain_nearest == "green" and scoring.mixed_colour(half_cyan, np.zeros(3, np.float32)) == "cyan"
+
+
 def test_scorers_take_float_tensors():
     clip = data.sample_clip(data.Attributes("triangle", "white", "down", "slowly", "black"), np.random.default_rng(1))
     frames = torch.from_numpy(data.render(clip)).float() / 255

@@ -42,11 +42,9 @@ def test_image_to_video_continues_the_prompts_motion_from_a_first_frame_never_tr
 
 
 def test_the_bundled_lora_teaches_its_colour_which_the_base_model_does_not_produce(micro):
-    """Cyan with the LoRA, never without. The bound is low because of the VAE, not the LoRA: its decoder draws 8x8
-    block means, and a cyan object mixed into its blocks' dark background reads as green or blue, so only 44% of
-    real cyan clips come back cyan through it (MODEL_CARD.md); measured here 4 of 8 with the LoRA, 0 without."""
+    """Cyan with the LoRA, never without (measured here 8 of 8 with it, 0 without: yellow or white)."""
     cases = eval_cases(data.all_attributes(data.EXTRA_COLOURS), SAMPLES)
     with_lora, rows = evaluate(load_micro(micro, micro / "loras" / LORA), cases, steps=STEPS)
     without, _ = evaluate(load_micro(micro), cases, steps=STEPS)
-    assert with_lora["colour_ok"] >= 0.25, rows
+    assert with_lora["colour_ok"] >= 0.75, rows
     assert without["colour_ok"] <= 1 / len(data.ALL_COLOURS)

@@ -9,7 +9,10 @@ video: the shape covers a few percent of it) exceeds FOREGROUND_DISTANCE. Object
 foreground components of at least MIN_OBJECT_AREA pixels (smaller specks are noise, not objects; the
 smallest shape the generator draws covers about 60 pixels). The object colour is the median of the
 objects' interior pixels (eroded by one pixel, so anti-aliased edges do not pull it towards the
-background), named by the nearest palette colour. Motion is a least-squares line through the centroids
+background), named by the palette colour whose mixes with the background come nearest to it: a decoder
+that averages 8 x 8 blocks shows a small shape partly blended with the background (cyan half over black
+is nearer to green than to cyan, but it lies on the black-cyan line), and naming the plain nearest
+colour would score that blur, not the colour the model drew. Motion is a least-squares line through the centroids
 of the largest object per frame: the dominant axis and sign give the direction; less than
 MIN_TRAVEL pixels over the clip is "static".
 """
@@ -39,7 +42,7 @@ class Analysis:
     counts: list[int]  # objects per frame
     centroids: np.ndarray  # [F, 2] (x, y) of the largest object, NaN where none
     extents: list[float]  # fill ratio of the largest object per frame (NaN where none)
-    colour: str | None  # nearest palette colour of the object pixels (None: no object anywhere)
+    colour: str | None  # palette colour of the object pixels, blends allowed (None: no object anywhere)
     colour_rgb: np.ndarray | None
     velocity: np.ndarray  # [2] pixels per frame (x, y); NaN if fewer than two frames have an object
     direction: str  # "left" | "right" | "up" | "down" | "static" | "none"
@@ -71,9 +74,18 @@ def foreground(frames: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.linalg.norm(frames.astype(np.float32) - background, axis=-1) > FOREGROUND_DISTANCE
 
 
-def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]] = ALL_COLOURS) -> str:
-    """The palette name closest to ``rgb`` (Euclidean RGB distance)."""
-    return min(palette, key=lambda name: float(np.linalg.norm(np.asarray(palette[name], np.float32) - rgb)))
+def mixed_colour(
+    rgb: np.ndarray, background: np.ndarray, palette: dict[str, tuple[int, int, int]] = ALL_COLOURS
+) -> str:
+    """The palette name whose blends with ``background`` (the segment from it to the colour) pass closest to ``rgb``."""
+    offset = np.asarray(rgb, np.float32) - background
+
+    def distance(name: str) -> float:
+        direction = np.asarray(palette[name], np.float32) - background
+        share = np.clip(offset @ direction / max(float(direction @ direction), 1e-6), 0.0, 1.0)
+        return float(np.linalg.norm(offset - share * direction))
+
+    return min(palette, key=distance)
 
 
 def _objects(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -128,7 +140,7 @@ def analyse(video) -> Analysis:
         counts=counts,
         centroids=centroids,
         extents=extents,
-        colour=nearest_colour(colour_rgb) if colour_rgb is not None else None,
+        colour=mixed_colour(colour_rgb, background) if colour_rgb is not None else None,
         colour_rgb=colour_rgb,
         velocity=velocity,
         direction=_direction(velocity, len(frames)),
