@@ -193,20 +193,23 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     return available, f"this machine's available RAM ({available / GIB:.1f} GiB)"
 
 
-def generation_memory_bytes(frames: int, height: int, width: int, vae_config, hidden_size: int) -> int:
+def generation_memory_bytes(
+    frames: int, height: int, width: int, vae_config, hidden_size: int, window_frames: int | None = None
+) -> int:
     """A lower bound of the memory a generation of this size needs beyond the weights.
 
     Counted: the decoded video in float32 twice (the VAE's output and the clamped copy written out), the VAE
     decoder's first full-resolution activation (its first block's channels, one decoder mini-batch of frames,
-    float32) and the transformer's hidden states for every latent token (two branches for guidance, float32).
-    Attention, other activations and the weights come on top, so a size refused here can never run.
+    float32) and the transformer's hidden states for every latent token of one model call (two branches for
+    guidance, float32; ``window_frames``: the frames of one context window). Attention, other activations and the
+    weights come on top, so a size refused here can never run.
     """
     pixels = frames * height * width
     video = 2 * pixels * 3 * 4
     decoder_frames = min(frames, max(1, vae_config.mini_batch_decoder * vae_config.temporal_compression))
     vae_activation = decoder_frames * height * width * vae_config.block_out_channels[0] * 4
     m = vae_config.pixel_multiple
-    tokens = vae_config.latent_frames(frames) * (height // m) * (width // m)
+    tokens = vae_config.latent_frames(min(frames, window_frames or frames)) * (height // m) * (width // m)
     transformer = 2 * tokens * hidden_size * 4
     return video + vae_activation + transformer
 

@@ -187,6 +187,43 @@ def _check_loras(loras: list[str], info, root: Path) -> None:
             raise ValueError(f"{e} (checked against the {info.version} model in {root})") from e
 
 
+def _long_video_method(args, variant: str) -> str | None:
+    """How --context-frames makes a long clip: "parts" (each part continues the last: InP models, the official
+    long-video mode) or "windows" (context windows sampled together: any model, the only way for T2V / Control)."""
+    if args.context_frames is None:
+        return None
+    can_continue = variant == "InP" and not args.video
+    if args.context_method == "parts" and not can_continue:
+        why = "video-to-video" if args.video else f"a {variant} model"
+        raise ValueError(
+            f"--context-method parts continues each part from the last one's frames, which needs an InP model "
+            f"without --video; this is {why}: use --context-method windows"
+        )
+    if args.context_method == "auto":
+        return "parts" if can_continue else "windows"
+    return args.context_method
+
+
+def _context_windows(args, version: str, frames: int, vae_config):
+    """The context windows of --context-frames / --context-overlap (None without), checked."""
+    if args.context_frames is None:
+        return None
+    if vae_config.temporal_mode != "mag":
+        raise ValueError(
+            f"--context-frames needs a V5 / V5.1 model (the mag VAE's latent frames); this {version} model makes "
+            "144 frames in one pass: drop --context-frames"
+        )
+    from .context import context_windows_for_frames
+
+    windows = context_windows_for_frames(args.context_frames, args.context_overlap, vae_config.temporal_compression)
+    if args.context_frames >= frames:
+        raise ValueError(
+            f"--context-frames {args.context_frames} is not shorter than --frames {frames}: one window is the "
+            "whole clip, so drop --context-frames (or raise --frames)"
+        )
+    return windows
+
+
 def _generation_inputs(args) -> dict:
     """Read and check every input of ``generate``; raises ValueError before any weight is loaded."""
     from . import sampling
@@ -263,9 +300,16 @@ def _generation_inputs(args) -> dict:
         height, width = size_bucket(*aspect, args.resolution)
         size_flags |= {"height": "--resolution", "width": "--resolution"}
     check_video_size(frames, height, width, vae_info.config, size_flags)
+    context = _context_windows(args, info.version, frames, vae_info.config)
+    long_method = _long_video_method(args, info.variant)
+    # RIFLEx needs the length the model was trained on: its folder's default clip, else the version's.
+    trained_frames = folder_defaults.get("frames", VIDEO_DEFAULTS[info.version][0]) if args.riflex else None
+    if args.riflex and info.version == "V4":
+        raise ValueError("--riflex changes the temporal RoPE of V5 / V5.1 models; V4 has none: drop --riflex")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
-    needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size)
+    window_frames = args.context_frames if context else None
+    needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size, window_frames)
     check_memory(
         needed,
         f"a {frames}-frame {width}x{height} video (weights not counted)",
@@ -285,6 +329,9 @@ def _generation_inputs(args) -> dict:
         "fps": fps,
         "needs_clip": needs_clip,
         "device": device,
+        "context": context if long_method == "windows" else None,
+        "parts": (args.context_frames, args.context_overlap) if long_method == "parts" else None,
+        "riflex_trained_frames": trained_frames,
     }
 
 
@@ -293,6 +340,7 @@ def generate(args) -> int:
     from tqdm import tqdm
 
     from .loading import load_transformer, load_vae
+    from .long_video import generate_in_parts, part_spans
     from .lora import merge_lora, read_lora
     from .pipeline import generate as run_pipeline
     from .text_encoders import load_text_encoders
@@ -322,22 +370,47 @@ def generate(args) -> int:
     # fp16 overflows in the VAE (black frames): it computes in fp32 then, as the official tools.
     vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, **where)
     started = time.perf_counter()
-    with tqdm(total=job["sampler"].num_steps, desc="sampling", unit="step") as bar:
-        frames = run_pipeline(
-            transformer,
-            vae,
-            prompts,
-            job["sampler"],
-            **job["size"],
-            guidance=job["guidance"],
-            image_encoder=image_encoder,
-            seed=args.seed,
-            cfg_batched=not args.sequential_cfg,
-            progress=lambda done, total: bar.update(done - bar.n),
-            device=placement.device,
-            stage=placement.using,
-            **job["inputs"],
-        )
+    settings = {
+        "guidance": job["guidance"],
+        "image_encoder": image_encoder,
+        "seed": args.seed,
+        "cfg_batched": not args.sequential_cfg,
+        "device": placement.device,
+        "stage": placement.using,
+        "riflex_trained_frames": job["riflex_trained_frames"],
+    }
+    parts = len(part_spans(job["size"]["frames"], *job["parts"])) if job["parts"] else 1
+    with tqdm(total=job["sampler"].num_steps * parts, desc="sampling", unit="step") as bar:
+        progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+        if job["parts"]:
+            part_frames, overlap = job["parts"]
+            size = {k: v for k, v in job["size"].items() if k != "frames"}
+            inputs = {k: v for k, v in job["inputs"].items() if v is not None}
+            frames = generate_in_parts(
+                transformer,
+                vae,
+                prompts,
+                job["sampler"],
+                frames=job["size"]["frames"],
+                part_frames=part_frames,
+                overlap=overlap,
+                progress=progress,
+                **size,
+                **settings,
+                **inputs,
+            )
+        else:
+            frames = run_pipeline(
+                transformer,
+                vae,
+                prompts,
+                job["sampler"],
+                **job["size"],
+                **settings,
+                progress=progress,
+                context=job["context"],
+                **job["inputs"],
+            )
     if args.verbose:
         print(placement.describe())
     metadata = {
@@ -357,6 +430,11 @@ def generate(args) -> int:
         "dtype": args.dtype,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if args.context_frames:
+        method = "parts" if job["parts"] else "windows"
+        metadata["context"] = f"{method} of {args.context_frames} frames, overlap {args.context_overlap}"
+    if args.riflex:
+        metadata["riflex"] = f"trained on {job['riflex_trained_frames']} frames"
     for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
@@ -388,6 +466,30 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         choices=RESOLUTIONS,
         help="pick width x height from the official size buckets at this base resolution, in the aspect ratio "
         "of --image / --video / --control (else of --width x --height); default: none, --width x --height as given",
+    )
+    p.add_argument(
+        "--context-frames",
+        type=int,
+        help="sample a long clip in overlapping windows of this many frames (4k + 1; V5 / V5.1), blended where "
+        "they overlap. In latent frames (frame 0 alone, then 4 frames each): --frames 145 is 37 latent frames, "
+        "--context-frames 49 is 13 and --context-overlap 16 is 4, so windows start at latent frames 0, 9, 18, 24",
+    )
+    p.add_argument(
+        "--context-overlap", type=int, default=16, help="frames shared by neighbouring windows (a multiple of 4)"
+    )
+    p.add_argument(
+        "--context-method",
+        choices=("auto", "parts", "windows"),
+        default="auto",
+        help="parts: one window after the other, each continuing the last one's final --context-overlap frames, "
+        "cross-faded (EasyAnimate's long-video mode; InP models); windows: all windows denoised together, their "
+        "predictions blended at every step (any model); auto: parts for InP models, else windows",
+    )
+    p.add_argument(
+        "--riflex",
+        action="store_true",
+        help="RIFLEx: lower the temporal RoPE frequency whose period is nearest the trained length, so one pass "
+        "(or one window) a little longer than the model was trained on does not repeat its motion (V5 / V5.1)",
     )
     p.add_argument("--fps", type=float, help="default: the version's (8 for V5 / V5.1, 24 for V4)")
     p.add_argument("--steps", type=int, help="default: the version's released default")

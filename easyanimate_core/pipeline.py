@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .context import ContextWindows, cut_in_time, predict_in_windows, reference_at_first_frame, riflex_frequency
 from .dataset import ASPECT_RATIO_512
 from .sampling import Sampler
 from .text_encoders import PromptEmbeds, PromptPair
@@ -160,12 +161,17 @@ def resize_mask(mask: torch.Tensor, latent_shape: tuple[int, ...], first_frame_a
 def image_to_video_inputs(
     start_image: torch.Tensor | None, end_image: torch.Tensor | None, size: VideoSize
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Video [1, 3, F, H, W] in [-1, 1] and mask [1, 1, F, H, W] (1 = generate) for start/end images."""
+    """Video [1, 3, F, H, W] in [-1, 1] and mask [1, 1, F, H, W] (1 = generate) for start/end images.
+
+    ``start_image`` [H, W, 3], or first frames [K, H, W, 3] to keep (a continued clip, as the official long-video
+    generation passes the previous part's last frames)."""
     video = torch.zeros(1, 3, size.frames, size.height, size.width)
     mask = torch.ones(1, 1, size.frames, size.height, size.width)
     if start_image is not None:
-        video[:] = to_model_pixels(start_image[None], size)  # the start image tiled over all frames
-        mask[:, :, 0] = 0
+        first = start_image if start_image.ndim == 4 else start_image[None]
+        video[:] = to_model_pixels(first[:1], size)  # the (first) start image tiled over all frames
+        video[:, :, : len(first)] = to_model_pixels(first, size)
+        mask[:, :, : len(first)] = 0
     if end_image is not None:
         video[:, :, -1:] = to_model_pixels(end_image[None], size)
         mask[:, :, -1] = 0
@@ -308,10 +314,14 @@ def denoise(
     cfg_batched: bool = True,
     progress: ProgressFn | None = None,
     step_inputs: StepInputsFn | None = None,
+    context: ContextWindows | None = None,
+    rope_temporal_frequency: tuple[int, float] | None = None,
 ) -> torch.Tensor:
     """The sampling loop with classifier-free guidance (uncond and cond in one batch, or one after the other).
 
-    ``extra`` inputs are the same for both branches; ``step_inputs(i)`` gives per-step (uncond, cond) inputs.
+    ``extra`` inputs (latents with a time axis) are the same for both branches; ``step_inputs(i)`` gives per-step
+    (uncond, cond) inputs. ``context``: every prediction is made in these windows of latent frames and blended
+    (``context.predict_in_windows``). ``rope_temporal_frequency``: RIFLEx (V5 / V5.1).
     """
     device, dtype = latents.device, latents.dtype
     use_cfg = guidance > 1.0
@@ -320,9 +330,23 @@ def denoise(
     uncond = text_inputs(prompts.negative, device, dtype, masks) if use_cfg else None
     latent_channels = latents.shape[1]
 
+    rope = {} if rope_temporal_frequency is None else {"rope_temporal_frequency": rope_temporal_frequency}
+
+    def window_inputs(name: str, value: torch.Tensor, span: range) -> torch.Tensor:
+        if name == "control_latents" and value.shape[1] == 2 * latent_channels:  # V5.1 Control: + reference slot
+            control, reference = value.chunk(2, dim=1)
+            return torch.cat([cut_in_time(name, control, span), reference_at_first_frame(reference, len(span))], 1)
+        return cut_in_time(name, value, span)
+
     def predict(x: torch.Tensor, t: torch.Tensor, inputs: dict, n: int) -> torch.Tensor:
-        out = transformer(x, t.expand(x.shape[0]), **inputs, **{k: v.repeat(n, 1, 1, 1, 1) for k, v in extra.items()})
-        return out[:, :latent_channels]  # a learned-sigma output carries extra channels
+        def window(x: torch.Tensor, window_extra: dict) -> torch.Tensor:
+            repeated = {k: v.repeat(n, 1, 1, 1, 1) for k, v in window_extra.items()}
+            out = transformer(x, t.expand(x.shape[0]), **inputs, **repeated, **rope)
+            return out[:, :latent_channels]  # a learned-sigma output carries extra channels
+
+        if context is None:
+            return window(x, extra)
+        return predict_in_windows(window, x, extra, context, cut=window_inputs)
 
     for i in range(sampler.num_steps):
         t = sampler.timesteps[i : i + 1].to(device=device, dtype=dtype)
@@ -372,6 +396,8 @@ def generate(
     progress: ProgressFn | None = None,
     device: torch.device | str | None = None,
     stage: StageFn | None = None,
+    context: ContextWindows | None = None,
+    riflex_trained_frames: int | None = None,
 ) -> torch.Tensor:
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
     DiT-space latents [1, C, T, h, w] (see the module docstring).
@@ -381,6 +407,9 @@ def generate(
     ``device``: where to compute (default: where the transformer's weights are; give it when they are
     streamed from the CPU). ``stage(name, model)``: a context manager around each use of a model
     ("image_encoder", "vae" encode, "transformer" sampling, "vae" decode), e.g. ``offload.ModelPlacement.using``.
+    ``context``: sample in overlapping windows of latent frames (``easyanimate_core.context``), for clips longer than
+    the model was trained on. ``riflex_trained_frames`` (V5 / V5.1): the video frames the model was trained on; a
+    longer clip gets RIFLEx's temporal RoPE change (``context.riflex_frequency``), for one pass a little longer.
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     is_v4 = model_version(transformer) == "V4"
@@ -390,6 +419,8 @@ def generate(
         raise ValueError("control_video / ref_image need a Control model; this transformer is not one")
     if (start_image is not None or end_image is not None) and not inpaint_ch:
         raise ValueError("start/end images need an InP model; this transformer is text-to-video only")
+    if start_image is not None and start_image.ndim == 4 and (is_v4 or len(start_image) >= frames):
+        raise ValueError("several start frames need a V5 / V5.1 InP model and fewer frames than the clip")
     clip_needed = is_v4 and start_image is not None and transformer.config.has_clip
     if clip_needed and image_encoder is None:
         raise ValueError(
@@ -400,6 +431,8 @@ def generate(
         raise ValueError("video-to-video needs a sampler made with strength < 1 (the share of steps to run)")
     if video is not None and video.shape[0] < frames:
         raise ValueError(f"the input video has {video.shape[0]} frames; {frames} were requested")
+    if riflex_trained_frames is not None and is_v4:
+        raise ValueError("RIFLEx changes the temporal RoPE of V5 / V5.1; V4 has none (its RoPE is 2-D): drop it")
     size = snap_size(frames, height, width, vae)
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = transformer.dtype
@@ -444,10 +477,26 @@ def generate(
                 vae, control_video, ref_image, shape, control_ch, size, device
             ).to(dtype)
     latents = sampler.initial_latents(noise, x0).to(device, dtype)
+    rope_frequency = None
+    seen = shape[2] if context is None else min(shape[2], context.length)  # latent frames of one model call
+    if riflex_trained_frames is not None and seen > vae.latent_frames(riflex_trained_frames):
+        head_dim = transformer.config.attention_head_dim
+        rope_frequency = riflex_frequency(head_dim, vae.latent_frames(riflex_trained_frames), seen)
 
     with stage("transformer", transformer):
         latents = denoise(
-            transformer, latents, sampler, prompts, guidance, extra, generator, cfg_batched, progress, step_inputs
+            transformer,
+            latents,
+            sampler,
+            prompts,
+            guidance,
+            extra,
+            generator,
+            cfg_batched,
+            progress,
+            step_inputs,
+            context=context,
+            rope_temporal_frequency=rope_frequency,
         )
     if not decode:
         return latents

@@ -123,9 +123,14 @@ def _grid_positions(start: int, stop: int, n: int, compat: str) -> torch.Tensor:
     return pos.float()
 
 
-def _axis_freqs(dim: int, pos: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [len(pos), dim] with each frequency repeated twice (interleaved pairs)."""
+def _axis_freqs(
+    dim: int, pos: torch.Tensor, theta: float, replace: tuple[int, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [len(pos), dim] with each frequency repeated twice (interleaved pairs); ``replace`` = (index,
+    frequency) sets one frequency (RIFLEx)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if replace is not None:
+        freqs[replace[0]] = replace[1]
     angles = torch.outer(pos, freqs)
     return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
 
@@ -140,18 +145,20 @@ def rope_3d(
     compat: str = "official",
     theta: float = 10000.0,
     device: torch.device | None = None,
+    temporal_frequency: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D rotary table (cos, sin), each [frames*grid_h*grid_w, head_dim] float32, tokens in (t, h, w) order.
 
     head_dim is split [t: D/4 | h: 3D/8 | w: 3D/8]; spatial positions come from fitting the token
     grid into the base grid (not integer indices), temporal positions are 0..frames-1.
+    ``temporal_frequency`` = (index, frequency): one temporal frequency changed (RIFLEx, ``context.riflex_frequency``).
     """
     if head_dim % 16:
         raise ValueError(f"3-D RoPE needs attention_head_dim divisible by 16, got {head_dim}")
     top, left, bottom, right = rope_grid_crop(grid_h, grid_w, base_h, base_w)
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
     pos_t = torch.arange(frames, dtype=torch.float32)
-    cos_t, sin_t = _axis_freqs(dim_t, pos_t, theta)
+    cos_t, sin_t = _axis_freqs(dim_t, pos_t, theta, temporal_frequency)
     cos_h, sin_h = _axis_freqs(dim_hw, _grid_positions(top, bottom, grid_h, compat), theta)
     cos_w, sin_w = _axis_freqs(dim_hw, _grid_positions(left, right, grid_w, compat), theta)
 
@@ -525,7 +532,9 @@ class EasyAnimateTransformer3D(nn.Module):
                 else "this model has no second text stream; pass encoder_hidden_states_t5=None"
             )
 
-    def rope(self, frames: int, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, frames: int, grid_h: int, grid_w: int, device, temporal_frequency: tuple[int, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         p = cfg.patch_size
         base_h, base_w = cfg.rope_base_height // p, cfg.rope_base_width // p
@@ -538,6 +547,7 @@ class EasyAnimateTransformer3D(nn.Module):
             base_w,
             cfg.compat,
             device=device,
+            temporal_frequency=temporal_frequency,
         )
 
     def forward(
@@ -548,8 +558,12 @@ class EasyAnimateTransformer3D(nn.Module):
         encoder_hidden_states_t5: torch.Tensor | None = None,
         inpaint_latents: torch.Tensor | None = None,
         control_latents: torch.Tensor | None = None,
+        rope_temporal_frequency: tuple[int, float] | None = None,
     ) -> torch.Tensor:
-        """Predict v (V5) or the flow velocity (V5.1). ``timestep`` [B] is in [0, 1000]."""
+        """Predict v (V5) or the flow velocity (V5.1). ``timestep`` [B] is in [0, 1000].
+
+        ``rope_temporal_frequency`` = (index, frequency): RIFLEx's temporal RoPE change (``context.riflex_frequency``).
+        """
         self.validate_inputs(
             hidden_states,
             encoder_hidden_states,
@@ -567,7 +581,7 @@ class EasyAnimateTransformer3D(nn.Module):
 
         temb = timestep_sinusoid(timestep, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype)
         temb = self.time_embedding(temb)  # [B, time_embed_dim]
-        rope = self.rope(f, gh, gw, hidden_states.device)
+        rope = self.rope(f, gh, gw, hidden_states.device, rope_temporal_frequency)
 
         x = torch.cat(
             [t for t in (hidden_states, inpaint_latents, control_latents) if t is not None],

@@ -24,6 +24,7 @@ import comfy.supported_models_base
 import folder_paths
 import torch
 
+from easyanimate_core.context import reference_at_first_frame, riflex_frequency
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
 from easyanimate_core.pipeline import model_inputs, model_version, v4_clip_active
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
@@ -33,6 +34,7 @@ from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
 from easyanimate_core.vae import VAE_V4, VAE_V51
 
 from .common import NATIVE_VERSIONS, VAE_CONFIGS
+from .model_patches import RIFLEX_OPTION
 
 WEIGHT_DTYPES = {
     "default": None,
@@ -198,6 +200,17 @@ class EasyAnimateNet(torch.nn.Module):
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         extra = {name: kwargs[name] for name in COND_TO_KWARG.values() if kwargs.get(name) is not None}
+        window = (transformer_options or {}).get("context_window")
+        for name in ("inpaint_latents", "control_latents"):
+            value = extra.get(name)
+            if window is not None and value is not None and value.shape[2] != x.shape[2]:
+                # ComfyUI's context windows (0.3.x) cut the noise but not 5-D conditioning: cut it the same way.
+                extra[name] = value[:, :, list(window.index_list)]
+        reference = kwargs.get("reference_latents")
+        if reference is not None:  # V5.1 Control: the reference image at the first frame of the clip / each window
+            extra["control_latents"] = torch.cat(
+                [extra["control_latents"], reference_at_first_frame(reference, x.shape[2])], 1
+            )
         clip, clip_weight = extra.pop("clip_encoder_hidden_states", None), extra.pop("clip_weight", None)
         if clip is not None and self.clip_step(transformer_options):
             extra["clip_encoder_hidden_states"] = clip
@@ -207,6 +220,11 @@ class EasyAnimateNet(torch.nn.Module):
         for name, channels in (("inpaint_latents", self.inpaint_channels), ("control_latents", self.control_channels)):
             if channels and name not in extra:
                 extra[name] = x.new_zeros(x.shape[0], channels, *x.shape[2:])
+        trained = (transformer_options or {}).get(RIFLEX_OPTION)
+        if trained is not None and x.shape[2] > VAE_CONFIGS[self.version].latent_frames(trained):
+            head_dim = self.transformer.config.attention_head_dim
+            latent = VAE_CONFIGS[self.version].latent_frames(trained)
+            extra["rope_temporal_frequency"] = riflex_frequency(head_dim, latent, x.shape[2])
         out = self.transformer(x, timesteps, context, **extra)
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
 
@@ -260,6 +278,12 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
             if value is not None:
                 if key == "easyanimate_control_latents":
                     value = fit_control_latents(value, self.diffusion_model.control_channels)
+                    latent = self.diffusion_model.latent_format.latent_channels
+                    if value.shape[1] == 2 * latent:
+                        # V5.1: the reference slot holds one image at latent frame 0. Kept apart, one frame long, so
+                        # that context windows cut only the control video and every window gets the reference.
+                        out["reference_latents"] = comfy.conds.CONDRegular(value[:, latent:, :1])
+                        value = value[:, :latent]
                 out[kwarg] = comfy.conds.CONDRegular(value)
         return out
 

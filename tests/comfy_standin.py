@@ -10,6 +10,7 @@ keeping the real signature.
 
 from __future__ import annotations
 
+import copy
 import enum
 import importlib.util
 import logging
@@ -76,10 +77,12 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
             self.patches: dict[str, list] = {}
+            self.model_options = {"transformer_options": {}}
 
         def clone(self):
             n = self.__class__(self.model, self.load_device, self.offload_device)
             n.patches = {k: list(v) for k, v in self.patches.items()}
+            n.model_options = copy.deepcopy(self.model_options)  # comfy: create_model_options_clone (nested dicts)
             n.object_patches = dict(self.object_patches)
             return n
 

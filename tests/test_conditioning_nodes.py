@@ -202,10 +202,57 @@ def test_v51_control_without_reference_gets_the_zero_reference(nodes, control_fo
     [[embeds, _]] = text_conditioning()
     control = torch.randn(1, 16, 2, 2, 4)
     conds = model.extra_conds(cross_attn=embeds, noise=torch.zeros(1, 16, 2, 2, 4), easyanimate_control_latents=control)
-    got = conds["control_latents"].cond
-    assert got.shape == (1, 32, 2, 2, 4)
-    torch.testing.assert_close(got[:, :16], control, rtol=0, atol=0)
-    assert not got[:, 16:].any()
+    torch.testing.assert_close(conds["control_latents"].cond, control, rtol=0, atol=0)
+    reference = conds["reference_latents"].cond  # one latent frame, given at frame 0 of the clip / each window
+    assert reference.shape == (1, 16, 1, 2, 4) and not reference.any()
+
+
+class ContextWindow:
+    """What ComfyUI's context windows put in transformer_options["context_window"] (IndexListContextWindow)."""
+
+    def __init__(self, index_list):
+        self.index_list = index_list
+
+
+@pytest.mark.parametrize("kind", ["InP", "Control"])
+def test_a_context_window_cuts_the_conditioning_latents_the_way_it_cut_the_noise(
+    nodes, tiny_folders, control_folders, kind
+):
+    """ComfyUI 0.3.x cuts only the noise to a window; the MODEL cuts its time-carrying conditioning to match, and a V5.1
+    Control model's reference goes to the window's own first frame."""
+    model = (
+        load_model(nodes, install(nodes, tiny_folders, "V5.1"))
+        if kind == "InP"
+        else control_model(nodes, control_folders, "V5.1")
+    )
+    [[embeds, _]] = text_conditioning()
+    g = torch.Generator().manual_seed(5)
+    whole = torch.randn(1, 16, 6, 2, 4, generator=g)
+    key, channels = ("easyanimate_inpaint_latents", 17) if kind == "InP" else ("easyanimate_control_latents", 32)
+    latents = torch.randn(1, channels, 6, 2, 4, generator=g)
+    conds = {k: v.cond for k, v in model.extra_conds(cross_attn=embeds, noise=whole, **{key: latents}).items()}
+    seen = []
+    hook = model.diffusion_model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
+    window = [2, 3, 4]
+    t = torch.tensor([500.0])
+    windowed = model.diffusion_model(
+        whole[:, :, window], t, embeds, transformer_options={"context_window": ContextWindow(window)}, **conds
+    )
+    cut = {k: (v[:, :, window] if v.shape[2] == 6 else v) for k, v in conds.items()}
+    direct = model.diffusion_model(whole[:, :, window], t, embeds, **cut)  # conditioning cut beforehand (ComfyUI 0.8)
+    hook.remove()
+    torch.testing.assert_close(windowed, direct, rtol=0, atol=0)
+    name = "inpaint_latents" if kind == "InP" else "control_latents"
+    got = seen[0][name]
+    assert got.shape[2] == 3
+    if kind == "InP":
+        torch.testing.assert_close(got, latents[:, :, window], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(got[:, :16], latents[:, :16, window], rtol=0, atol=0)
+        torch.testing.assert_close(got[:, 16:, :1], latents[:, 16:, :1], rtol=0, atol=0)
+        assert not got[:, 16:, 1:].any()
 
 
 def test_v5_control_with_a_reference_image_is_refused(nodes, control_folders):

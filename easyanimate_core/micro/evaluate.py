@@ -12,13 +12,16 @@ the clip is drawn with a seed of its own, so it is not a training video) and sco
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..context import ContextWindows
 from ..loading import load_transformer, load_vae
+from ..long_video import generate_in_parts
 from ..lora import merge_lora, read_lora
 from ..pipeline import generate
 from ..sampling import make_sampler
@@ -76,16 +79,28 @@ def start_image(case: Case) -> torch.Tensor:
 
 
 def generate_case(
-    model: MicroModel, case: Case, steps: int, guidance: float, image_to_video: bool = False
+    model: MicroModel,
+    case: Case,
+    steps: int,
+    guidance: float,
+    image_to_video: bool = False,
+    frames: int = FRAMES,
+    context: ContextWindows | None = None,
+    parts: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Frames [F, H, W, 3] in [0, 1] for ``case`` (text-to-video, or image-to-video from ``start_image``)."""
+    """Frames [F, H, W, 3] in [0, 1] for ``case`` (text-to-video, or image-to-video from ``start_image``);
+    ``frames`` past the trained 17 with ``context`` windows or in ``parts`` = (frames, overlap) (long_video.py)."""
     prompts = model.text.encode(case.attributes.caption)
-    return generate(
+    run = generate
+    if parts is not None:
+        run = functools.partial(generate_in_parts, part_frames=parts[0], overlap=parts[1])
+    return run(
         model.transformer,
         model.vae,
         prompts,
         make_sampler("Flow", "V5.1", steps),
-        frames=FRAMES,
+        context=context,
+        frames=frames,
         height=SIZE,
         width=SIZE,
         guidance=guidance,
@@ -102,14 +117,23 @@ def evaluate(
     image_to_video: bool = False,
     progress=None,
     keep_frames: bool = False,
+    frames: int = FRAMES,
+    context: ContextWindows | None = None,
+    parts: tuple[int, int] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Generate and score every case: (rates from ``scoring.summarise``, one row per case)."""
+    """Generate and score every case: (rates from ``scoring.summarise``, one row per case).
+
+    Clips longer than the trained 17 frames (``frames`` with ``context`` windows) also score whether the direction
+    holds in each half of the clip on its own (``direction_kept``)."""
     rows = []
     for i, case in enumerate(cases):
-        frames = generate_case(model, case, steps, guidance, image_to_video)
-        row = {**scoring.score(frames, case.attributes), "seed": case.seed}
+        video = generate_case(model, case, steps, guidance, image_to_video, frames, context, parts)
+        row = {**scoring.score(video, case.attributes), "seed": case.seed}
+        if frames > FRAMES:
+            halves = (video[: frames // 2 + 1], video[frames // 2 :])
+            row["direction_kept"] = all(scoring.analyse(h).direction == case.attributes.direction for h in halves)
         if keep_frames:
-            row["frames"] = frames
+            row["frames"] = video
         rows.append(row)
         if progress:
             progress(i + 1, len(cases))

@@ -174,5 +174,7 @@ def summarise(scores: list[dict]) -> dict:
         key: float(np.mean([s[key] for s in scores])) for key in ("colour_ok", "direction_ok", "speed_ok", "shape_ok")
     }
     rates["one_object_frames"] = float(np.mean([s["one_object_share"] for s in scores]))
+    if all("direction_kept" in s for s in scores):  # long clips: the direction in each half on its own
+        rates["direction_kept"] = float(np.mean([s["direction_kept"] for s in scores]))
     rates["samples"] = len(scores)
     return rates

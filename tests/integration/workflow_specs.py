@@ -220,6 +220,25 @@ def lora() -> Workflow:
     return released("EasyAnimate V5.1 · Text to Video with a LoRA", nodes, links)
 
 
+def long_video() -> Workflow:
+    """145 frames from 49-frame windows: ComfyUI's own "WAN Context Windows (Manual)" node (frames in video frames,
+    4 per latent frame, like EasyAnimate's VAE) between the loader and the stock KSampler."""
+    nodes, links = text_to_video_nodes(V51_INP, "A sailing boat gliding along a rocky coast at sunset, drone shot")
+    next(n for n in nodes if n.key == "latent").widgets["frames"] = 145
+    windows = {
+        "context_length": 49,
+        "context_overlap": 16,
+        "context_schedule": "standard_static",
+        "context_stride": 1,
+        "closed_loop": False,
+        "fuse_method": "pyramid",
+    }
+    nodes.insert(3, Node("windows", "WanContextWindowsManual", windows, 1, "Context windows"))
+    links = [link for link in links if link[:2] != ("model", "model")]
+    links += [("model", "model", "windows", "model"), ("windows", "MODEL", "sampler", "model")]
+    return released("EasyAnimate V5.1 · Long Video (145 frames)", nodes, links)
+
+
 def v4_t2v() -> Workflow:
     """V4 text to video: its released 25 Euler steps at guidance 7 (EasyAnimate Sampler "default"), 144 frames at
     24 fps (multiples of 8), BERT + mT5 prompts."""
@@ -320,6 +339,6 @@ def _micro_settings(workflow: Workflow) -> Workflow:
 MICRO_WORKFLOWS = [micro_t2v, micro_i2v, micro_lora]
 # The micro model's workflows exist (and are built) once its weights are in the repository: before that no
 # loader lists the bundled model, and a workflow naming it could not run.
-WORKFLOWS = [t2v, i2v, v2v, control, lora, v4_t2v, v4_i2v, v4_v2v]
+WORKFLOWS = [t2v, i2v, v2v, control, lora, long_video, v4_t2v, v4_i2v, v4_v2v]
 if shipped_micro_model() is not None:
     WORKFLOWS += MICRO_WORKFLOWS
