@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from easyanimate_core.context import context_windows_for_frames  # noqa: E402
 from easyanimate_core.micro import data  # noqa: E402
 from easyanimate_core.micro.evaluate import eval_cases, evaluate, load_micro  # noqa: E402
+from easyanimate_core.step_cache import DEFAULT_THRESHOLD  # noqa: E402
 from easyanimate_core.video_io import write_video  # noqa: E402
 
 TARGETS = {
@@ -38,6 +39,7 @@ TARGETS = {
     # Issue 18: 49 frames from 17-frame windows keep the direction, one object.
     "long": {"direction_ok": 0.9, "one_object_frames": 0.95},
     "long-i2v": {"direction_ok": 0.9, "one_object_frames": 0.95},
+    "t2v-cached": {"colour_ok": 0.9, "direction_ok": 0.9, "one_object_frames": 0.95},
 }
 
 
@@ -51,9 +53,7 @@ def windows_in_frames(args) -> tuple[int, int]:
     return args.context_frames, args.context_overlap
 
 
-def run(
-    model, name: str, cases, args, image_to_video: bool = False, frames: int = data.FRAMES, context=None, parts=None
-) -> dict:
+def run(model, name: str, cases, args, image_to_video: bool = False, frames: int = data.FRAMES, **options) -> dict:
     """Evaluate ``cases``, print the rates, optionally save the videos; returns summary and rows."""
     started = time.perf_counter()
     with tqdm(total=len(cases), desc=name, unit="video") as bar:
@@ -66,8 +66,7 @@ def run(
             progress=lambda done, total: bar.update(done - bar.n),
             keep_frames=bool(args.videos),
             frames=frames,
-            context=context,
-            parts=parts,
+            **options,
         )
     seconds = time.perf_counter() - started
     if args.videos:
@@ -106,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lora", help="LoRA file: also evaluate --concept with and without it")
     p.add_argument("--concept", default="cyan", choices=sorted(data.EXTRA_COLOURS), help="the LoRA's colour")
+    p.add_argument(
+        "--cache",
+        type=float,
+        nargs="?",
+        const=DEFAULT_THRESHOLD,
+        help=f"also run t2v with step caching at this threshold (alone: {DEFAULT_THRESHOLD}, the default) with the "
+        "model's fitted polynomial, and print both runs, the block passes run and the wall-time ratio",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write every number (and per-sample rows) here")
     p.add_argument("--videos", help="save every generated video under this folder")
@@ -122,6 +129,20 @@ def main(argv: list[str] | None = None) -> int:
             print("i2v: skipped, the model is text-to-video only (no inpaint channels)")
         else:
             results["i2v"] = run(model, "i2v", cases, args, image_to_video=True)
+    if args.cache is not None:
+        plain = results.get("t2v") or run(model, "t2v", cases, args)
+        cached = results["t2v-cached"] = run(model, "t2v-cached", cases, args, cache_threshold=args.cache)
+        share = cached["summary"]["block_pass_share"]
+        for key in ("colour_ok", "direction_ok", "one_object_frames"):
+            change = 100 * (cached["summary"][key] - plain["summary"][key])
+            print(
+                f"step cache {args.cache}: {key} {cached['summary'][key]:.1%} vs {plain['summary'][key]:.1%} "
+                f"({change:+.1f} points)"
+            )
+        print(
+            f"step cache {args.cache}: {share:.1%} of the block passes run; wall time {cached['seconds']:.0f} s vs "
+            f"{plain['seconds']:.0f} s without ({cached['seconds'] / plain['seconds']:.2f}x)"
+        )
     windows = context_windows_for_frames(args.context_frames, args.context_overlap)
     long = {"context": windows} if args.context_method == "windows" else {"parts": windows_in_frames(args)}
     long_cases = eval_cases(

@@ -110,13 +110,13 @@ def reference_at_first_frame(reference: torch.Tensor, frames: int) -> torch.Tens
 
 
 def predict_in_windows(
-    predict: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    predict: Callable[[torch.Tensor, dict[str, torch.Tensor], range], torch.Tensor],
     x: torch.Tensor,
     time_inputs: dict[str, torch.Tensor],
     windows: ContextWindows,
     cut: Callable[[str, torch.Tensor, range], torch.Tensor] = cut_in_time,
 ) -> torch.Tensor:
-    """``predict(x_window, inputs_window)`` over each window of ``x`` [B, C, T, h, w], blended: [B, C', T, h, w].
+    """``predict(x_window, inputs_window, span)`` over each window of ``x`` [B, C, T, h, w], blended: [B, C', T, h, w].
 
     ``time_inputs`` (inpaint / control latents [B, C_i, T, h, w]) are cut to each window by ``cut(name, value,
     span)``: the same latent frames as ``x`` by default.
@@ -124,10 +124,10 @@ def predict_in_windows(
     total = x.shape[2]
     spans = windows.spans(total)
     if len(spans) == 1:
-        return predict(x, time_inputs)
+        return predict(x, time_inputs, spans[0])
     out = weight_sum = None
     for span in spans:
-        pred = predict(x[:, :, span.start : span.stop], {k: cut(k, v, span) for k, v in time_inputs.items()})
+        pred = predict(x[:, :, span.start : span.stop], {k: cut(k, v, span) for k, v in time_inputs.items()}, span)
         w = windows.weights(span, total).to(pred.device, pred.dtype)[:, None, None]  # [t, 1, 1]
         if out is None:
             out = pred.new_zeros(*pred.shape[:2], total, *pred.shape[3:])

@@ -54,10 +54,10 @@ def generate_in_parts(
     docstring). ``settings`` go to every part's ``pipeline.generate`` (height, width, guidance, device, ...)."""
     spans = part_spans(frames, part_frames, overlap)
     steps = sampler.num_steps
-    clip = None  # [F, H, W, 3] so far
+    clip, done = None, 0  # [F, H, W, 3], filled up to frame ``done``
     for i, (start, length) in enumerate(spans):
         last = i == len(spans) - 1
-        kept = start_image if clip is None else clip[start:]  # the previous part's frames this part continues
+        kept = start_image if clip is None else clip[start:done].clone()  # the frames this part continues
         part = generate(
             transformer,
             vae,
@@ -71,10 +71,13 @@ def generate_in_parts(
             **settings,
         )
         if clip is None:
-            clip = part
+            clip = part.new_empty(frames, *part.shape[1:])  # written in place: one copy of the clip in memory
+            clip[:length] = part
+            done = length
             continue
-        shared = clip.shape[0] - start
+        shared = done - start
         fade = (torch.arange(shared, dtype=part.dtype) / shared)[:, None, None, None]  # 0 -> old frames, 1 -> new
-        blended = clip[start:] * (1 - fade) + part[:shared] * fade
-        clip = torch.cat([clip[:start], blended, part[shared:]])
+        clip[start:done].mul_(1 - fade).add_(part[:shared] * fade)
+        clip[done : start + length] = part[shared:]
+        done = start + length
     return clip

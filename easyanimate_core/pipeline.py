@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .context import ContextWindows, cut_in_time, predict_in_windows, reference_at_first_frame, riflex_frequency
 from .dataset import ASPECT_RATIO_512
 from .sampling import Sampler
+from .step_cache import StepCache
 from .text_encoders import PromptEmbeds, PromptPair
 from .transformer import EasyAnimateTransformer3D
 from .transformer_v4 import EasyAnimateV4Transformer3D
@@ -303,6 +304,16 @@ def text_inputs(embeds: PromptEmbeds, device, dtype, masks: bool = False) -> dic
     return kw
 
 
+def cfg_skip_steps(steps: int, share: float, at: str = "end") -> set[int]:
+    """The steps that skip the unconditional branch: the first or last ``share`` of ``steps`` (rounded down)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the CFG-skip share must be at least 0 and below 1 (e.g. 0.25), got {share}")
+    if at not in ("start", "end"):
+        raise ValueError(f'CFG skipping is at the "start" or the "end" of the steps, not {at!r}')
+    count = int(steps * share)
+    return set(range(count)) if at == "start" else set(range(steps - count, steps))
+
+
 def denoise(
     transformer: Transformer,
     latents: torch.Tensor,
@@ -316,12 +327,17 @@ def denoise(
     step_inputs: StepInputsFn | None = None,
     context: ContextWindows | None = None,
     rope_temporal_frequency: tuple[int, float] | None = None,
+    step_cache: StepCache | None = None,
+    cfg_skip: float = 0.0,
+    cfg_skip_at: str = "end",
 ) -> torch.Tensor:
     """The sampling loop with classifier-free guidance (uncond and cond in one batch, or one after the other).
 
     ``extra`` inputs (latents with a time axis) are the same for both branches; ``step_inputs(i)`` gives per-step
     (uncond, cond) inputs. ``context``: every prediction is made in these windows of latent frames and blended
-    (``context.predict_in_windows``). ``rope_temporal_frequency``: RIFLEx (V5 / V5.1).
+    (``context.predict_in_windows``). ``rope_temporal_frequency``: RIFLEx (V5 / V5.1). ``step_cache``: TeaCache
+    (step_cache.py), its state per branch and window. ``cfg_skip``: the share of the steps at the ``cfg_skip_at``
+    ("end" or "start") of the schedule that run the conditional branch alone (guidance off: half the work).
     """
     device, dtype = latents.device, latents.dtype
     use_cfg = guidance > 1.0
@@ -338,30 +354,34 @@ def denoise(
             return torch.cat([cut_in_time(name, control, span), reference_at_first_frame(reference, len(span))], 1)
         return cut_in_time(name, value, span)
 
-    def predict(x: torch.Tensor, t: torch.Tensor, inputs: dict, n: int) -> torch.Tensor:
-        def window(x: torch.Tensor, window_extra: dict) -> torch.Tensor:
+    steps = sampler.num_steps
+    skip_steps = cfg_skip_steps(steps, cfg_skip, cfg_skip_at)
+
+    def predict(x: torch.Tensor, t: torch.Tensor, inputs: dict, n: int, branch: str, i: int) -> torch.Tensor:
+        def window(x: torch.Tensor, window_extra: dict, span: range) -> torch.Tensor:
             repeated = {k: v.repeat(n, 1, 1, 1, 1) for k, v in window_extra.items()}
-            out = transformer(x, t.expand(x.shape[0]), **inputs, **repeated, **rope)
+            cache = {} if step_cache is None else {"step_cache": step_cache.for_call((branch, span), i, steps)}
+            out = transformer(x, t.expand(x.shape[0]), **inputs, **repeated, **rope, **cache)
             return out[:, :latent_channels]  # a learned-sigma output carries extra channels
 
         if context is None:
-            return window(x, extra)
+            return window(x, extra, range(x.shape[2]))
         return predict_in_windows(window, x, extra, context, cut=window_inputs)
 
-    for i in range(sampler.num_steps):
+    for i in range(steps):
         t = sampler.timesteps[i : i + 1].to(device=device, dtype=dtype)
         x = sampler.scale_model_input(latents, i)
         step_uncond, step_cond = step_inputs(i) if step_inputs else ({}, {})
-        if not use_cfg:
-            pred = predict(x, t, {**cond, **step_cond}, 1)
+        if not use_cfg or i in skip_steps:
+            pred = predict(x, t, {**cond, **step_cond}, 1, "cond", i)
         elif cfg_batched:
             branch_uncond, branch_cond = {**uncond, **step_uncond}, {**cond, **step_cond}
             both = {k: torch.cat([branch_uncond[k], branch_cond[k]]) for k in branch_cond}
-            pred_uncond, pred_cond = predict(torch.cat([x, x]), t, both, 2).chunk(2)
+            pred_uncond, pred_cond = predict(torch.cat([x, x]), t, both, 2, "both", i).chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         else:
-            pred_uncond = predict(x, t, {**uncond, **step_uncond}, 1)
-            pred_cond = predict(x, t, {**cond, **step_cond}, 1)
+            pred_uncond = predict(x, t, {**uncond, **step_uncond}, 1, "uncond", i)
+            pred_cond = predict(x, t, {**cond, **step_cond}, 1, "cond", i)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = sampler.step(pred, i, latents, generator=generator)
         if progress:
@@ -398,6 +418,9 @@ def generate(
     stage: StageFn | None = None,
     context: ContextWindows | None = None,
     riflex_trained_frames: int | None = None,
+    step_cache: StepCache | None = None,
+    cfg_skip: float = 0.0,
+    cfg_skip_at: str = "end",
 ) -> torch.Tensor:
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
     DiT-space latents [1, C, T, h, w] (see the module docstring).
@@ -410,6 +433,7 @@ def generate(
     ``context``: sample in overlapping windows of latent frames (``easyanimate_core.context``), for clips longer than
     the model was trained on. ``riflex_trained_frames`` (V5 / V5.1): the video frames the model was trained on; a
     longer clip gets RIFLEx's temporal RoPE change (``context.riflex_frequency``), for one pass a little longer.
+    ``step_cache`` (TeaCache, step_cache.py), ``cfg_skip`` / ``cfg_skip_at``: faster sampling (``denoise``).
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     is_v4 = model_version(transformer) == "V4"
@@ -431,6 +455,7 @@ def generate(
         raise ValueError("video-to-video needs a sampler made with strength < 1 (the share of steps to run)")
     if video is not None and video.shape[0] < frames:
         raise ValueError(f"the input video has {video.shape[0]} frames; {frames} were requested")
+    cfg_skip_steps(sampler.num_steps, cfg_skip, cfg_skip_at)  # a bad share fails before any encode
     if riflex_trained_frames is not None and is_v4:
         raise ValueError("RIFLEx changes the temporal RoPE of V5 / V5.1; V4 has none (its RoPE is 2-D): drop it")
     size = snap_size(frames, height, width, vae)
@@ -497,9 +522,13 @@ def generate(
             step_inputs,
             context=context,
             rope_temporal_frequency=rope_frequency,
+            step_cache=step_cache,
+            cfg_skip=cfg_skip,
+            cfg_skip_at=cfg_skip_at,
         )
     if not decode:
         return latents
     with stage("vae", vae):
         pixels = vae.decode(latents.float() / vae.config.scaling_factor, chunk_latents=decode_chunk)
-    return ((pixels[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]
+    # In place: the decoded video is ours, and a long clip should not be copied twice more.
+    return pixels[0].cpu().clamp_(-1, 1).add_(1).div_(2).permute(1, 2, 3, 0)  # [F, H, W, 3]

@@ -559,8 +559,11 @@ class EasyAnimateTransformer3D(nn.Module):
         inpaint_latents: torch.Tensor | None = None,
         control_latents: torch.Tensor | None = None,
         rope_temporal_frequency: tuple[int, float] | None = None,
+        step_cache=None,
     ) -> torch.Tensor:
         """Predict v (V5) or the flow velocity (V5.1). ``timestep`` [B] is in [0, 1000].
+
+        ``step_cache``: ``StepCache.for_call(...)`` (step_cache.py): may skip the blocks, reusing their last residual.
 
         ``rope_temporal_frequency`` = (index, frequency): RIFLEx's temporal RoPE change (``context.riflex_frequency``).
         """
@@ -594,11 +597,19 @@ class EasyAnimateTransformer3D(nn.Module):
         if encoder_hidden_states_t5 is not None:
             context = torch.cat([context, self.text_proj_t5(encoder_hidden_states_t5)], dim=1)
 
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, context = checkpoint(block, x, context, temb, rope, use_reentrant=False)
-            else:
-                x, context = block(x, context, temb, rope)
+        def run_blocks(x: torch.Tensor) -> torch.Tensor:
+            c = context
+            for block in self.transformer_blocks:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x, c = checkpoint(block, x, c, temb, rope, use_reentrant=False)
+                else:
+                    x, c = block(x, c, temb, rope)
+            return x  # the text tokens end here: the output reads the video tokens only
+
+        if step_cache is None:
+            x = run_blocks(x)
+        else:  # TeaCache's signal: the first block's timestep-modulated video input
+            x = step_cache(self.transformer_blocks[0].norm1(x, context, temb)[0], x, run_blocks)
 
         x = self.norm_out(self.norm_final(x), temb)
         x = self.proj_out(x)  # [B, N, C*p*p], last axis laid out (c, p_h, p_w)

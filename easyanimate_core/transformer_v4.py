@@ -662,8 +662,11 @@ class EasyAnimateV4Transformer3D(nn.Module):
         clip_attention_mask: torch.Tensor | None = None,
         image_meta_size: torch.Tensor | None = None,
         style: torch.Tensor | None = None,
+        step_cache=None,
     ) -> torch.Tensor:
         """Predict [v ; variance] for latents at ``timestep`` [B] in [0, 1000).
+
+        ``step_cache``: ``StepCache.for_call(...)`` (step_cache.py): may skip the blocks, reusing their last residual.
 
         Text masks default to all ones; ``image_meta_size`` [B, 6] to the official [1024, 1024, H, W, 0, 0]
         in pixels; ``style`` to 0. Without CLIP features (text-to-video, or the first 60 % of the official
@@ -701,15 +704,24 @@ class EasyAnimateV4Transformer3D(nn.Module):
         rope = self.rope(gh, gw, f, device)
 
         pushes, pops = cfg.skip_layers
-        skips = []
-        for i, block in enumerate(self.blocks):
-            args = (x, text, temb, rope, f, clip, skips.pop() if i in pops else None, cfg.rope_in_first_block or i > 0)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
-            if i in pushes:
-                skips.append(x)
+
+        def run_blocks(x: torch.Tensor) -> torch.Tensor:
+            skips = []
+            for i, block in enumerate(self.blocks):
+                skip = skips.pop() if i in pops else None
+                args = (x, text, temb, rope, f, clip, skip, cfg.rope_in_first_block or i > 0)
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, *args, use_reentrant=False)
+                else:
+                    x = block(*args)
+                if i in pushes:
+                    skips.append(x)
+            return x
+
+        if step_cache is None:
+            x = run_blocks(x)
+        else:  # TeaCache's signal: the first block's timestep-shifted input
+            x = step_cache(self.blocks[0].norm1(x, temb), x, run_blocks)
 
         x = self.proj_out(self.norm_out(x, temb))  # [B, N, p*p*C], last axis laid out (p_h, p_w, c)
         x = x.reshape(b, f, gh, gw, p, p, cfg.out_channels)

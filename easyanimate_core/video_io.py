@@ -59,7 +59,11 @@ def read_video(path: str | Path, max_frames: int | None = None) -> torch.Tensor:
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    # Frame by frame: a long clip never has a second float copy of itself in memory.
+    out = np.empty(tuple(frames.shape), np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = (frame.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return out
 
 
 def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, metadata: dict | None = None) -> Path:

@@ -54,7 +54,8 @@ def test_a_prediction_that_ignores_windows_comes_back_unchanged():
     cond = torch.randn(2, 1, 11, 4, 4)
     calls = []
 
-    def predict(xw, inputs):
+    def predict(xw, inputs, span):
+        assert len(span) == xw.shape[2]
         calls.append(xw.shape[2])
         return xw * 2 + inputs["inpaint_latents"]
 
@@ -144,11 +145,12 @@ class CallRecorder:
     """Records the latent frames and the extra inputs of every transformer call."""
 
     def __init__(self, transformer):
-        self.calls = []
+        self.calls, self.batch_sizes = [], []
         self.handle = transformer.register_forward_pre_hook(self.record, with_kwargs=True)
 
     def record(self, module, args, kwargs):
         self.calls.append((args[0].shape[2], {k: v for k, v in kwargs.items() if k.endswith("_latents")}))
+        self.batch_sizes.append(args[0].shape[0])
 
 
 def test_one_window_as_long_as_the_clip_is_an_ordinary_run():

@@ -129,3 +129,56 @@ def test_a_missing_lora_fails_before_loading(models, tmp_path, capsys):
     out = tmp_path / "x.mp4"
     assert run(models["InP"], out, "--lora", str(tmp_path / "missing.safetensors")) == 2
     assert "--lora" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "variant, method, extra",
+    [
+        ("InP", "parts", ["--image", "{media}/start/00000.png", "--end-image", "{media}/end/00000.png"]),
+        ("InP", "windows", ["--context-method", "windows", "--riflex"]),
+        ("Control", "windows", ["--control", "{long}", "--ref-image", "{media}/start/00000.png"]),
+    ],
+)
+def test_long_clips_in_windows_or_parts(models, media, tmp_path, variant, method, extra):
+    """13 frames from 9-frame windows overlapping by 4 (3 latent frames of 4, one shared): the whole length comes out;
+    parts for an InP model unless windows are asked for, windows for a Control model."""
+    long = tmp_path / "long.mp4"
+    write_video(long, torch.rand(13, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(5)))
+    out = tmp_path / "out.mp4"
+    flags = ["--frames", "13", "--context-frames", "9", "--context-overlap", "4"]
+    assert run(models[variant], out, *[e.format(media=media, long=long) for e in extra], *flags) == 0
+    assert tuple(read_video(out).shape) == (13, HEIGHT, WIDTH, 3)
+    meta = read_metadata(out)
+    assert meta["context"] == f"{method} of 9 frames, overlap 4"
+    assert ("riflex" in meta) == ("--riflex" in extra)
+
+
+@pytest.mark.parametrize(
+    "variant, extra, message",
+    [
+        ("InP", ["--context-frames", "8"], r"--context-frames 8: a window must be 4k \+ 1 video frames.*use 5 or 9"),
+        ("InP", ["--context-frames", "9", "--context-overlap", "3"], "--context-overlap 3: .*multiple of 4"),
+        (
+            "InP",
+            ["--context-frames", "5", "--context-overlap", "4"],
+            "--context-frames 5 is not shorter than --frames 5",
+        ),
+        (
+            "Control",
+            ["--frames", "13", "--context-frames", "9", "--context-overlap", "4", "--context-method", "parts"],
+            "needs an InP model",
+        ),
+    ],
+)
+def test_bad_long_clip_settings_fail_before_loading(models, tmp_path, capsys, variant, extra, message):
+    out = tmp_path / "x.mp4"
+    assert run(models[variant], out, *extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_help_shows_the_latent_frame_arithmetic_of_windows(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--frames 145 is 37 latent frames, --context-frames 49 is 13 and --context-overlap 16 is 4" in text

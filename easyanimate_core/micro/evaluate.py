@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..context import ContextWindows
 from ..loading import load_transformer, load_vae
 from ..long_video import generate_in_parts
 from ..lora import merge_lora, read_lora
 from ..pipeline import generate
 from ..sampling import make_sampler
+from ..step_cache import StepCache, model_coefficients
 from ..text_encoders import TextEncoders, load_text_encoders
 from ..transformer import EasyAnimateTransformer3D
 from ..vae import MagvitVAE
@@ -42,6 +42,7 @@ class MicroModel:
     text: TextEncoders
     transformer: EasyAnimateTransformer3D
     vae: MagvitVAE
+    root: Path | None = None  # the model folder (its step_cache.json)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def load_micro(root: str | Path, lora: str | Path | None = None, lora_strength: 
     transformer = load_transformer(root, dtype=torch.float32)
     if lora is not None:
         merge_lora(transformer, read_lora(lora, transformer), lora_strength)
-    return MicroModel(load_text_encoders(root, dtype=torch.float32), transformer, load_vae(root, dtype=torch.float32))
+    text = load_text_encoders(root, dtype=torch.float32)
+    return MicroModel(text, transformer, load_vae(root, dtype=torch.float32), Path(root))
 
 
 def eval_cases(attributes: list[Attributes], samples: int, first_seed: int = 0) -> list[Case]:
@@ -85,11 +87,12 @@ def generate_case(
     guidance: float,
     image_to_video: bool = False,
     frames: int = FRAMES,
-    context: ContextWindows | None = None,
     parts: tuple[int, int] | None = None,
+    **options,
 ) -> torch.Tensor:
     """Frames [F, H, W, 3] in [0, 1] for ``case`` (text-to-video, or image-to-video from ``start_image``);
-    ``frames`` past the trained 17 with ``context`` windows or in ``parts`` = (frames, overlap) (long_video.py)."""
+    ``frames`` past the trained 17 in ``parts`` = (frames, overlap) (long_video.py) or with ``context`` windows;
+    ``options`` go to ``pipeline.generate`` (context, step_cache, cfg_skip, ...)."""
     prompts = model.text.encode(case.attributes.caption)
     run = generate
     if parts is not None:
@@ -99,13 +102,13 @@ def generate_case(
         model.vae,
         prompts,
         make_sampler("Flow", "V5.1", steps),
-        context=context,
         frames=frames,
         height=SIZE,
         width=SIZE,
         guidance=guidance,
         seed=case.seed,
         start_image=start_image(case) if image_to_video else None,
+        **options,
     )
 
 
@@ -118,16 +121,24 @@ def evaluate(
     progress=None,
     keep_frames: bool = False,
     frames: int = FRAMES,
-    context: ContextWindows | None = None,
     parts: tuple[int, int] | None = None,
+    cache_threshold: float | None = None,
+    **options,
 ) -> tuple[dict, list[dict]]:
     """Generate and score every case: (rates from ``scoring.summarise``, one row per case).
 
-    Clips longer than the trained 17 frames (``frames`` with ``context`` windows) also score whether the direction
-    holds in each half of the clip on its own (``direction_kept``)."""
-    rows = []
+    Clips longer than the trained 17 frames (``frames`` in ``parts`` or with ``context`` windows) also score whether
+    the direction holds in each half of the clip on its own (``direction_kept``). ``cache_threshold``: step caching
+    with the model folder's fitted polynomial (a new cache per video); the summary adds ``block_pass_share``."""
+    rows, passes, calls = [], 0, 0
     for i, case in enumerate(cases):
-        video = generate_case(model, case, steps, guidance, image_to_video, frames, context, parts)
+        cache = None
+        if cache_threshold is not None:
+            cache = StepCache(model_coefficients(model.root, "V5.1", 0, 0), cache_threshold)
+            options["step_cache"] = cache
+        video = generate_case(model, case, steps, guidance, image_to_video, frames, parts, **options)
+        if cache is not None:
+            passes, calls = passes + cache.passes, calls + cache.passes + cache.skips
         row = {**scoring.score(video, case.attributes), "seed": case.seed}
         if frames > FRAMES:
             halves = (video[: frames // 2 + 1], video[frames // 2 :])
@@ -137,4 +148,6 @@ def evaluate(
         rows.append(row)
         if progress:
             progress(i + 1, len(cases))
+    if calls:
+        return {**scoring.summarise(rows), "block_pass_share": passes / calls}, rows
     return scoring.summarise(rows), rows

@@ -6,7 +6,9 @@ import math
 
 import pytest
 from comfy_harness import PACK_DIR_NAME, PACK_IMPORT_SCRIPT, ComfyError, run_in_comfy_python
+from workflow_specs import MICRO
 
+from easyanimate_core.micro import shipped_micro_model
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -74,7 +76,11 @@ def test_object_info_lists_our_nodes_and_only_present_folders(comfy_server, tiny
     # Other test modules share the server and add their own checkpoints: every entry must exist, ours included.
     assert set(tiny_models.values()) <= set(folders)
     models = comfy_server.base_dir / "models"
+    bundled = shipped_micro_model()
     for name in folders:
+        if name == MICRO:  # the pack's own model, listed from inside the pack
+            assert bundled is not None and (bundled / "transformer").is_dir()
+            continue
         path = models / "diffusion_models" / name if name.endswith(".safetensors") else models / "EasyAnimate" / name
         assert (path / "transformer").is_dir() or path.is_file(), name
     assert info["EasyAnimateModelLoader"]["output"] == ["MODEL", "STRING"]

@@ -1,0 +1,109 @@
+"""Faster sampling: step caching (TeaCache) and CFG skipping, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from easyanimate_core.pipeline import cfg_skip_steps
+from easyanimate_core.step_cache import (
+    COEFFICIENTS_FILE,
+    RELEASED_COEFFICIENTS,
+    StepCache,
+    model_coefficients,
+    polynomial,
+)
+from tests.test_context import CallRecorder, run, tiny_parts
+
+
+def test_polynomial_is_numpy_poly1d_order():
+    coefficients = RELEASED_COEFFICIENTS[("V5.1", 48, 3072)]
+    for x in (0.0, 0.03, 0.2):
+        assert polynomial(coefficients, x) == pytest.approx(float(np.poly1d(coefficients)(x)))
+
+
+def fake_blocks(calls: list):
+    def run_blocks(x):
+        calls.append(1)
+        return x * 2 + 1
+
+    return run_blocks
+
+
+def test_a_skipped_call_adds_the_last_residual_and_first_and_last_steps_always_run():
+    cache = StepCache([1.0], threshold=100.0)  # every estimate 1: skips until 100 of them add up
+    x = torch.ones(1, 4, 8)
+    calls = []
+    outs = [cache.for_call("cond", i, 5)(x * (i + 1), x * (i + 1), fake_blocks(calls)) for i in range(5)]
+    assert len(calls) == 2 and (cache.passes, cache.skips) == (2, 3)  # steps 0 and 4 ran
+    residual = (x * 2 + 1) - x
+    for i in (1, 2, 3):
+        assert torch.equal(outs[i], x * (i + 1) + residual)
+    assert torch.equal(outs[4], x * 5 * 2 + 1)
+
+
+def test_changes_accumulate_until_the_threshold_then_the_blocks_run_again():
+    cache = StepCache([1.0, 0.0], threshold=0.25)  # estimate = the input's relative change
+    calls = []
+    for i in range(6):  # inputs 1, 1.1, 1.2, ...: relative changes ~0.1 each
+        x = torch.full((1, 2, 4), 1 + 0.1 * i)
+        cache.for_call("cond", i, 6)(x, x, fake_blocks(calls))
+    # step 0 runs; 0.1, 0.19 stay under 0.25 (skip); 0.27 runs; 0.08 skips; step 5 (last) runs
+    assert (cache.passes, cache.skips) == (3, 3)
+
+
+def test_each_branch_is_compared_with_its_own_previous_call():
+    cache = StepCache([1.0, 0.0], threshold=0.05)
+    calls = []
+    for i in range(4):
+        cond, uncond = torch.full((1, 2, 4), 1.0), torch.full((1, 2, 4), 1.0 + i)  # uncond changes, cond does not
+        cache.for_call("cond", i, 4)(cond, cond, fake_blocks(calls))
+        cache.for_call("uncond", i, 4)(uncond, uncond, fake_blocks(calls))
+    assert cache.skips == 2  # cond skips steps 1 and 2; uncond runs every step
+
+
+def test_threshold_zero_never_skips_and_equals_no_cache():
+    transformer, vae = tiny_parts(4)
+    plain = run(transformer, vae)
+    cache = StepCache(RELEASED_COEFFICIENTS[("V5.1", 48, 3072)], threshold=0.0)
+    assert torch.equal(run(transformer, vae, step_cache=cache), plain)
+    assert cache.skips == 0 and cache.passes == 3
+
+
+def test_a_cache_skips_middle_steps_of_a_real_run_and_stays_close():
+    transformer, vae = tiny_parts(4)
+    plain = run(transformer, vae)
+    cache = StepCache([1.0, 0.0], threshold=1e9)
+    cached = run(transformer, vae, step_cache=cache)
+    assert (cache.passes, cache.skips) == (2, 1)  # 3 steps: the middle one reuses the first one's residual
+    assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
+
+
+def test_coefficients_come_from_the_folder_else_the_released_table_else_an_error(tmp_path):
+    assert model_coefficients(tmp_path, "V5.1", 36, 3072) == RELEASED_COEFFICIENTS[("V5.1", 36, 3072)]
+    with pytest.raises(ValueError, match="no step-cache polynomial for this V5 model .*bench/fit_step_cache.py"):
+        model_coefficients(tmp_path, "V5", 48, 3072)  # V5-12B: none published
+    (tmp_path / COEFFICIENTS_FILE).write_text(json.dumps({"coefficients": [0.5, 0.1]}))
+    assert model_coefficients(tmp_path / "transformer", "V5", 48, 3072) == [0.5, 0.1]
+    (tmp_path / COEFFICIENTS_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="is not a step-cache file"):
+        model_coefficients(tmp_path, "V5", 48, 3072)
+
+
+def test_cfg_skip_steps_are_the_first_or_last_share():
+    assert cfg_skip_steps(10, 0.25) == {8, 9}
+    assert cfg_skip_steps(10, 0.25, "start") == {0, 1}
+    assert cfg_skip_steps(10, 0.0) == set()
+    with pytest.raises(ValueError, match="at least 0 and below 1"):
+        cfg_skip_steps(10, 1.0)
+
+
+def test_cfg_skipping_runs_the_conditional_branch_alone_at_the_skipped_steps():
+    transformer, vae = tiny_parts(4)
+    recorder = CallRecorder(transformer)
+    skipped = run(transformer, vae, cfg_skip=0.34)  # 3 steps: the last one
+    assert recorder.batch_sizes == [2, 2, 1]
+    assert not torch.equal(skipped, run(transformer, vae))
