@@ -309,6 +309,18 @@ def _generation_inputs(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
     window_frames = args.context_frames if context else None
+    cache_coefficients = None
+    if args.cache is not None:
+        from .step_cache import model_coefficients
+
+        check_number("--cache", args.cache, low=0, fix="a threshold such as 0.1 (the default; higher skips more)")
+        cache_coefficients = model_coefficients(root, info.version, info.config.num_layers, hidden_size)
+    from .pipeline import cfg_skip_steps
+
+    try:
+        cfg_skip_steps(1, args.cfg_skip, args.cfg_skip_at)
+    except ValueError as e:
+        raise ValueError(f"--cfg-skip {args.cfg_skip}: {e}") from e
     needed = generation_memory_bytes(frames, height, width, vae_info.config, hidden_size, window_frames)
     check_memory(
         needed,
@@ -332,6 +344,7 @@ def _generation_inputs(args) -> dict:
         "context": context if long_method == "windows" else None,
         "parts": (args.context_frames, args.context_overlap) if long_method == "parts" else None,
         "riflex_trained_frames": trained_frames,
+        "cache_coefficients": cache_coefficients,
     }
 
 
@@ -367,10 +380,22 @@ def generate(args) -> int:
     for lora in args.lora:  # merged before any fp8 storage, in the weights' own dtype
         merge_lora(transformer, read_lora(lora, transformer), args.lora_strength)
     transformer = placement.prepare_transformer(transformer)
+    if args.compile:
+        from .regional_compile import compile_blocks
+
+        compile_blocks(transformer)  # each block compiles on its first call (the first step is slower)
     # fp16 overflows in the VAE (black frames): it computes in fp32 then, as the official tools.
     vae = load_vae(root, dtype=dtype if dtype != torch.float16 else torch.float32, **where)
     started = time.perf_counter()
+    from .attention import attention_backend, using_attention
+    from .step_cache import StepCache
+
+    attention_fn, attention_name = attention_backend(args.attention)
+    cache = StepCache(job["cache_coefficients"], args.cache) if args.cache is not None else None
     settings = {
+        "step_cache": cache,
+        "cfg_skip": args.cfg_skip,
+        "cfg_skip_at": args.cfg_skip_at,
         "guidance": job["guidance"],
         "image_encoder": image_encoder,
         "seed": args.seed,
@@ -380,7 +405,10 @@ def generate(args) -> int:
         "riflex_trained_frames": job["riflex_trained_frames"],
     }
     parts = len(part_spans(job["size"]["frames"], *job["parts"])) if job["parts"] else 1
-    with tqdm(total=job["sampler"].num_steps * parts, desc="sampling", unit="step") as bar:
+    with (
+        tqdm(total=job["sampler"].num_steps * parts, desc="sampling", unit="step") as bar,
+        using_attention(attention_fn),
+    ):
         progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
         if job["parts"]:
             part_frames, overlap = job["parts"]
@@ -435,6 +463,16 @@ def generate(args) -> int:
         metadata["context"] = f"{method} of {args.context_frames} frames, overlap {args.context_overlap}"
     if args.riflex:
         metadata["riflex"] = f"trained on {job['riflex_trained_frames']} frames"
+    metadata["attention"] = attention_name
+    if cache is not None:
+        metadata["step_cache"] = (
+            f"threshold {args.cache}, {cache.passes} of {cache.passes + cache.skips} block passes run"
+        )
+        print(f"step cache: {cache.passes} of {cache.passes + cache.skips} block passes run ({cache.pass_share:.0%})")
+    if args.cfg_skip:
+        metadata["cfg_skip"] = f"{args.cfg_skip} at the {args.cfg_skip_at}"
+    if args.compile:
+        metadata["compile"] = "blocks"
     for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
@@ -506,6 +544,31 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="full: all on the GPU; model_cpu_offload: each model on the GPU only while it runs; "
         "model_cpu_offload_and_qfloat8: also store the transformer blocks in fp8; "
         "sequential_cpu_offload: stream each layer's weights (least memory, slowest)",
+    )
+    p.add_argument(
+        "--cache",
+        type=float,
+        nargs="?",
+        const=0.1,
+        help="step caching (TeaCache): skip the transformer blocks at steps whose input changed little, reusing "
+        "their last residual; the value is the threshold (alone: 0.1; higher is faster and less exact). Needs the "
+        "model's polynomial: published for V5.1-12B / 7B and V5-7B, else fitted by bench/fit_step_cache.py",
+    )
+    p.add_argument(
+        "--cfg-skip",
+        type=float,
+        default=0.0,
+        help="share of the steps (at --cfg-skip-at) run without the unconditional branch: e.g. 0.2 saves 10%% of "
+        "the model passes",
+    )
+    p.add_argument("--cfg-skip-at", choices=("end", "start"), default="end", help="where --cfg-skip skips")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (first step slower)")
+    p.add_argument(
+        "--attention",
+        choices=("sdpa", "sage", "flash"),
+        default="sdpa",
+        help="attention kernel: PyTorch's sdpa, SageAttention or flash-attn (CUDA; when not installed: sdpa, with a "
+        "warning)",
     )
     p.add_argument("--verbose", action="store_true", help="print which models were on the device at each stage")
     p.add_argument("--sequential-cfg", action="store_true", help="run the unconditional pass separately")

@@ -182,3 +182,33 @@ def test_help_shows_the_latent_frame_arithmetic_of_windows(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--frames 145 is 37 latent frames, --context-frames 49 is 13 and --context-overlap 16 is 4" in text
+
+
+def test_speed_flags_run_and_are_recorded(models, tmp_path):
+    """--cache with the model folder's own fitted polynomial, --cfg-skip, an attention backend by name."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(models["InP"], model)
+    (model / "step_cache.json").write_text(json.dumps({"coefficients": [1.0, 0.0]}))
+    out = tmp_path / "fast.mp4"
+    assert run(model, out, "--cache", "0.5", "--cfg-skip", "0.5", "--steps", "4", "--attention", "sdpa") == 0
+    meta = read_metadata(out)
+    assert meta["step_cache"].startswith("threshold 0.5, ") and meta["cfg_skip"] == "0.5 at the end"
+    assert meta["attention"] == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--cache"], r"no step-cache polynomial for this V5.1 model .*bench/fit_step_cache.py"),
+        (["--cfg-skip", "1.5"], "--cfg-skip 1.5: the CFG-skip share must be at least 0 and below 1"),
+        (["--cache", "-1"], "--cache"),
+    ],
+)
+def test_bad_speed_flags_fail_before_loading(models, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.mp4"
+    assert run(models["InP"], out, *extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from easyanimate_core.attention import attention_backend, sdpa_attention, using_attention
 from easyanimate_core.pipeline import cfg_skip_steps
+from easyanimate_core.regional_compile import compile_blocks
 from easyanimate_core.step_cache import (
     COEFFICIENTS_FILE,
     RELEASED_COEFFICIENTS,
@@ -107,3 +110,50 @@ def test_cfg_skipping_runs_the_conditional_branch_alone_at_the_skipped_steps():
     skipped = run(transformer, vae, cfg_skip=0.34)  # 3 steps: the last one
     assert recorder.batch_sizes == [2, 2, 1]
     assert not torch.equal(skipped, run(transformer, vae))
+
+
+def test_compiled_blocks_give_the_eager_output():
+    """torch.compile per block (CPU inductor here) changes nothing beyond float tolerance."""
+    transformer, vae = tiny_parts(4)
+    eager = run(transformer, vae)
+    compile_blocks(transformer)
+    assert all("Optimized" in type(b).__name__ for b in transformer.transformer_blocks)
+    torch.testing.assert_close(run(transformer, vae), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_missing_attention_backend_falls_back_to_sdpa_with_a_warning(caplog):
+    fn, name = attention_backend("sdpa")
+    assert name == "sdpa" and fn is sdpa_attention
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'; choose one of sdpa, sage, flash"):
+        attention_backend("xformers")
+    for backend, module in (("sage", "sageattention"), ("flash", "flash_attn")):
+        if importlib.util.find_spec(module) is None:
+            fn, name = attention_backend(backend)
+            assert name == "sdpa" and fn is sdpa_attention
+            assert f"attention: {backend} is not installed" in caplog.text
+
+
+@pytest.mark.parametrize(("backend", "module"), [("sage", "sageattention"), ("flash", "flash_attn")])
+def test_optional_backends_match_sdpa(backend, module):
+    if importlib.util.find_spec(module) is None or not torch.cuda.is_available():
+        pytest.skip(f"{module} is not installed or there is no CUDA device: {backend} runs on CUDA only")
+    fn, name = attention_backend(backend)
+    q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert name == backend
+    torch.testing.assert_close(fn(q, k, v).float(), sdpa_attention(q, k, v).float(), rtol=0.05, atol=0.05)
+
+
+def test_using_attention_installs_a_backend_for_the_block_only():
+    calls = []
+
+    def counting(q, k, v):
+        calls.append(q.shape)
+        return sdpa_attention(q, k, v)
+
+    transformer, vae = tiny_parts(4)
+    plain = run(transformer, vae)
+    with using_attention(counting):
+        assert torch.equal(run(transformer, vae), plain)
+    assert calls and len(calls) == 3 * 2  # 3 steps x 2 blocks (batched CFG: one call each)
+    run(transformer, vae)
+    assert len(calls) == 6
