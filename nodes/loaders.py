@@ -15,6 +15,7 @@ import folder_paths
 import torch
 from safetensors import safe_open
 
+from easyanimate_core.attention import BACKENDS, attention_backend
 from easyanimate_core.loading import check_safetensors, inspect_checkpoint
 from easyanimate_core.lora import read_lora
 from easyanimate_core.text_encoders import TextEncoders, load_text_encoders
@@ -120,7 +121,17 @@ class EasyAnimateModelLoader:
             "required": {
                 "model_folder": (choices, {"tooltip": tooltip}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"tooltip": "Storage dtype of the weights; default picks one."}),
-            }
+            },
+            "optional": {
+                "attention": (
+                    list(BACKENDS),
+                    {
+                        "default": "sdpa",
+                        "tooltip": "Attention kernel: PyTorch's sdpa, SageAttention or flash-attn (CUDA, half "
+                        "precision; when the package is not installed, sdpa runs and the log says so).",
+                    },
+                ),
+            },
         }
 
     RETURN_TYPES = ("MODEL", "STRING")
@@ -133,9 +144,11 @@ class EasyAnimateModelLoader:
     def VALIDATE_INPUTS(cls, model_folder):
         return validation_error(lambda: _model_error(model_folder))
 
-    def load(self, model_folder, weight_dtype):
+    def load(self, model_folder, weight_dtype, attention="sdpa"):
         patcher = load_native_model(_model_path(model_folder), weight_dtype)
-        return (patcher, patcher.model.info.summary())
+        net = patcher.model.diffusion_model
+        net.attention, net.attention_name = attention_backend(attention)
+        return (patcher, f"{patcher.model.info.summary()}; attention {net.attention_name}")
 
 
 def _text_encoder_version(root: Path) -> str:

@@ -24,6 +24,7 @@ import comfy.supported_models_base
 import folder_paths
 import torch
 
+from easyanimate_core.attention import sdpa_attention, using_attention
 from easyanimate_core.context import reference_at_first_frame, riflex_frequency
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
 from easyanimate_core.pipeline import model_inputs, model_version, v4_clip_active
@@ -34,7 +35,7 @@ from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
 from easyanimate_core.vae import VAE_V4, VAE_V51
 
 from .common import NATIVE_VERSIONS, VAE_CONFIGS
-from .model_patches import RIFLEX_OPTION
+from .model_patches import RIFLEX_OPTION, STEP_CACHE_OPTION
 
 WEIGHT_DTYPES = {
     "default": None,
@@ -181,6 +182,8 @@ class EasyAnimateNet(torch.nn.Module):
         self.version = model_version(transformer)
         self.latent_format = LATENT_FORMATS[self.version]
         self.inpaint_channels, self.control_channels = model_inputs(transformer, self.latent_format.latent_channels)
+        self.attention, self.attention_name = sdpa_attention, "sdpa"  # the Model Loader's attention input
+        self.folder: Path | None = None  # where the weights came from (a step_cache.json beside them)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,24 +223,38 @@ class EasyAnimateNet(torch.nn.Module):
         for name, channels in (("inpaint_latents", self.inpaint_channels), ("control_latents", self.control_channels)):
             if channels and name not in extra:
                 extra[name] = x.new_zeros(x.shape[0], channels, *x.shape[2:])
-        trained = (transformer_options or {}).get(RIFLEX_OPTION)
+        options = transformer_options or {}
+        cache = options.get(STEP_CACHE_OPTION)
+        if cache is not None:
+            i, steps = self.step_index(options)
+            branch = (tuple(options.get("cond_or_uncond", ())), tuple(window.index_list) if window else None)
+            extra["step_cache"] = cache.for_call(branch, i, steps)
+        trained = options.get(RIFLEX_OPTION)
         if trained is not None and x.shape[2] > VAE_CONFIGS[self.version].latent_frames(trained):
             head_dim = self.transformer.config.attention_head_dim
             latent = VAE_CONFIGS[self.version].latent_frames(trained)
             extra["rope_temporal_frequency"] = riflex_frequency(head_dim, latent, x.shape[2])
-        out = self.transformer(x, timesteps, context, **extra)
+        with using_attention(self.attention):
+            out = self.transformer(x, timesteps, context, **extra)
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
 
     @staticmethod
-    def clip_step(transformer_options: dict | None) -> bool:
-        """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
+    def step_index(transformer_options: dict | None) -> tuple[int, int]:
+        """(step, steps) of this model call in ComfyUI's sampling loop (from its sigmas); (0, 1) outside one."""
         options = transformer_options or {}
         sample_sigmas, sigmas = options.get("sample_sigmas"), options.get("sigmas")
         if sample_sigmas is None or sigmas is None or len(sample_sigmas) < 2:
-            return True  # called outside a ComfyUI sampling loop
+            return 0, 1
         steps = sample_sigmas[:-1].to(sigmas)
-        i = int((steps - sigmas.flatten()[0]).abs().argmin())
-        return v4_clip_active(i, len(steps))
+        return int((steps - sigmas.flatten()[0]).abs().argmin()), len(steps)
+
+    @classmethod
+    def clip_step(cls, transformer_options: dict | None) -> bool:
+        """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
+        options = transformer_options or {}
+        if options.get("sample_sigmas") is None or options.get("sigmas") is None:
+            return True  # called outside a ComfyUI sampling loop
+        return v4_clip_active(*cls.step_index(options))
 
 
 # Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured
@@ -384,6 +401,7 @@ def load_native_model(path, weight_dtype: str = "default") -> comfy.model_patche
     if model_version(transformer) != info.version:
         raise ValueError(f"{path}: detected {info.version} but the loaded transformer is {model_version(transformer)}")
     model = EasyAnimateModel(config, transformer, device=offload_device)
+    model.diffusion_model.folder = Path(path)
     model.latent_format.attach_vae_near(path)  # this folder's VAE: latent scaling, live previews
     return EasyAnimatePatcher(model, load_device=load_device, offload_device=offload_device)
 

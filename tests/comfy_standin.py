@@ -199,6 +199,7 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
         "comfy.latent_formats": _module("comfy.latent_formats", LatentFormat=LatentFormat),
         "comfy.supported_models_base": _module("comfy.supported_models_base", BASE=BASE),
         "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar, PROGRESS_BAR_ENABLED=True),
+        "comfy.patcher_extension": patcher_extension_standin(),
         **sampling.modules,
     }
     folder_paths = _module(
@@ -229,6 +230,25 @@ def standin_comfy(models_dir: Path) -> dict[str, types.ModuleType]:
     comfy_modules = {name: m for name, m in modules.items() if name.startswith("comfy.")}
     comfy = _module("comfy", __path__=[], **{name.split(".")[1]: m for name, m in comfy_modules.items()})
     return {"comfy": comfy, "folder_paths": folder_paths, "server": server, **top_level, **comfy_modules}
+
+
+def patcher_extension_standin() -> types.ModuleType:
+    """comfy.patcher_extension's wrapper registry (WrappersMP, add_wrapper_with_key) as ComfyUI 0.3.64 / 0.8 have it."""
+
+    class WrappersMP:
+        OUTER_SAMPLE = "outer_sample"
+        SAMPLER_SAMPLE = "sampler_sample"
+        CALC_COND_BATCH = "calc_cond_batch"
+        APPLY_MODEL = "apply_model"
+        DIFFUSION_MODEL = "diffusion_model"
+
+    def add_wrapper_with_key(wrapper_type, key, wrapper, transformer_options, is_model_options=False):
+        if is_model_options:
+            transformer_options = transformer_options.setdefault("transformer_options", {})
+        wrappers = transformer_options.setdefault("wrappers", {})
+        wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    return _module("comfy.patcher_extension", WrappersMP=WrappersMP, add_wrapper_with_key=add_wrapper_with_key)
 
 
 def vae_standins(mm: types.ModuleType) -> dict[str, types.ModuleType]:

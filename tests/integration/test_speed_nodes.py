@@ -1,0 +1,84 @@
+"""EasyAnimate Speed and the Model Loader's attention input in a real ComfyUI server, with the stock KSampler.
+
+The bundled micro model (it ships its own step-cache polynomial): step caching and CFG skipping change the
+latents a little and never break the run; compiled blocks give the eager latents; a missing attention package
+runs sdpa and says so in the log.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from workflow_specs import MICRO
+
+pytestmark = pytest.mark.integration
+
+
+def graph(prefix: str, speed: dict | None, attention: str = "sdpa") -> dict:
+    loader = {"model_folder": MICRO, "weight_dtype": "default", "attention": attention}
+    nodes = {
+        "1": {"class_type": "EasyAnimateModelLoader", "inputs": loader},
+        "2": {"class_type": "EasyAnimateTextEncoderLoader", "inputs": {"model_folder": MICRO}},
+        "3": {
+            "class_type": "EasyAnimateTextEncode",
+            "inputs": {"text_encoder": ["2", 0], "text": "a red circle moving right slowly on a navy background"},
+        },
+        "4": {"class_type": "EasyAnimateTextEncode", "inputs": {"text_encoder": ["2", 0], "text": ""}},
+        "5": {
+            "class_type": "EasyAnimateEmptyLatentVideo",
+            "inputs": {"version": "V5.1", "width": 64, "height": 64, "frames": 17, "batch_size": 1},
+        },
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["7", 0] if speed else ["1", 0],
+                "seed": 3,
+                "steps": 12,
+                "cfg": 6.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    if speed:
+        settings = {"step_cache": 0.0, "cfg_skip": 0.0, "cfg_skip_at": "end", "compile": False, **speed}
+        nodes["7"] = {"class_type": "EasyAnimateSpeed", "inputs": {"model": ["1", 0], **settings}}
+    return nodes
+
+
+def latent(server, speed: dict | None, attention: str = "sdpa") -> torch.Tensor:
+    prefix = uuid.uuid4().hex[:8]
+    files = server.output_files(server.run_prompt(graph(prefix, speed, attention), timeout=900))
+    [file] = [f for f in files if f.name.startswith(prefix)]
+    return load_file(file)["latent_tensor"]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_speed_node_with_the_stock_ksampler(comfy_server):
+    plain = latent(comfy_server, None)
+    cached = latent(comfy_server, {"step_cache": 0.1})
+    skipped = latent(comfy_server, {"cfg_skip": 0.25})
+    assert plain.shape == (1, 16, 5, 8, 8) and plain.abs().max() > 0.1
+    for name, other in (("step cache", cached), ("CFG skip", skipped)):
+        assert not torch.equal(other, plain), f"{name} changed nothing: it did not run"
+        assert relative(other, plain) < 0.5, f"{name}: {relative(other, plain):.3f} from the full run"
+    compiled = latent(comfy_server, {"compile": True})
+    torch.testing.assert_close(compiled, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_a_missing_attention_package_runs_sdpa_and_says_so(comfy_server):
+    since = len(comfy_server.log_text())
+    plain = latent(comfy_server, None)
+    assert torch.equal(latent(comfy_server, None, attention="sage"), plain)
+    assert "attention: sage is not installed" in comfy_server.log_text()[since:]
