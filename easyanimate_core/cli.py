@@ -600,6 +600,31 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def quantize(args) -> int:
+    """Write the transformer at ``args.model`` as a GGUF file in ``args.type``; checks before any weight is read."""
+    from dataclasses import asdict
+
+    from .atomic import atomic_path
+    from .loading import load_transformer
+    from .quant.gguf_file import write_gguf
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: the output of quantize is a .gguf file; name it <something>.gguf")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it, or choose another name")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent}: no such folder for the output")
+    info = inspect_checkpoint(args.model, "transformer")
+    transformer = load_transformer(args.model, dtype=torch.float32)
+    metadata = {"config": asdict(info.config), "version": info.version, "variant": info.variant, "type": args.type}
+    with atomic_path(out) as tmp:
+        counts = write_gguf(Path(tmp), transformer.state_dict(), args.type, metadata)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB): " + ", ".join(f"{n} tensors {k}" for k, n in sorted(counts.items())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``--help`` of each shows all defaults)."""
     parser = argparse.ArgumentParser(prog="easyanimate", description="EasyAnimate video models on plain PyTorch.")
@@ -608,6 +633,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_arguments(commands.add_parser("generate", help="generate a video", **formatter))
     p_info = commands.add_parser("info", help="describe a checkpoint (folder or .safetensors file)", **formatter)
     p_info.add_argument("path", help="a model folder, a part of one (transformer/, vae/) or a .safetensors file")
+    p_quant = commands.add_parser(
+        "quantize",
+        help="write a transformer as a GGUF file (Q8_0, Q5_K, Q4_K or F16; needs: pip install gguf)",
+        **formatter,
+    )
+    p_quant.add_argument("model", help="a model folder, its transformer/ or a transformer .safetensors file")
+    p_quant.add_argument("out", help="the .gguf file to write")
+    p_quant.add_argument(
+        "--type",
+        default="Q8_0",
+        choices=("Q8_0", "Q5_K", "Q4_K", "F16"),
+        help="block format of the Linear weights (the rest stays F32): Q8_0 ~ half of bf16, Q4_K ~ a quarter",
+    )
+    p_quant.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     from .train import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
@@ -625,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train_main
 
             return train_main(args)
+        if args.command == "quantize":
+            return quantize(args)
         return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

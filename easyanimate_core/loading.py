@@ -168,6 +168,9 @@ def _weight_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index[0].read_text())["weight_map"]
         return sorted({folder / name for name in weight_map.values()})
     files = sorted(folder.glob("*.safetensors"))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not files and len(ggufs) == 1:  # a GGUF transformer in a model folder's transformer/
+        return ggufs
     if not files:
         pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -184,8 +187,10 @@ def resolve_files(path: str | Path, subfolder: str) -> tuple[list[Path], dict]:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: expected a .safetensors file")
+        if path.suffix == ".gguf" and subfolder != "transformer":
+            raise ValueError(f"{path}: a .gguf file holds a transformer here; give the VAE as .safetensors")
+        if path.suffix not in (".safetensors", ".gguf"):
+            raise ValueError(f"{path}: expected a .safetensors file (or a transformer .gguf)")
         config = {}
         for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
             if candidate.is_file():
@@ -406,7 +411,13 @@ def _numel(shape: Iterable[int]) -> int:
 def _read_header(path, subfolder: str) -> tuple[_Header, dict, dict[str, str], str]:
     """Header, config and the map official key -> file key, plus the file layout."""
     files, config = resolve_files(path, subfolder)
-    header = _Header(files)
+    if files[0].suffix == ".gguf":
+        from .quant.gguf_file import GGUFHeader
+
+        header = GGUFHeader(files[0])
+        config = {**header.config, **config}
+    else:
+        header = _Header(files)
     prefix = strip_wrapper_prefix(header.shapes)
     file_keys = [k for k in header.shapes]
     layout = "diffusers" if is_diffusers_layout(file_keys) else "official"
@@ -487,6 +498,16 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
+def _assign_quantized(model: nn.Module, key: str, raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> None:
+    """A GGUF weight kept in its block format: the bytes as the parameter, the format on the layer."""
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    if name != "weight" or not hasattr(module, "quant_kind"):
+        raise ValueError(f"{key} is stored as {kind}, but only Linear weights can stay quantized; store it as F32")
+    module._parameters[name] = nn.Parameter(raw, requires_grad=False)
+    module.quant_kind, module.quant_shape = kind, tuple(shape)
+
+
 def _load_weights(
     build: Callable[[], nn.Module],
     header: _Header,
@@ -511,7 +532,10 @@ def _load_weights(
         with open(f, "rb") as fh:
             for k in file_keys:
                 t = header.read(fh, to_file[k])
-                _assign(model, k, t.to(device=device, dtype=dtype or t.dtype))
+                if getattr(header, "quantized", None) and header.quantized(to_file[k]):
+                    _assign_quantized(model, k, t.to(device), header.dtypes[to_file[k]], shapes[k])
+                else:
+                    _assign(model, k, t.to(device=device, dtype=dtype or t.dtype))
                 del t
                 done += 1
                 if progress:
@@ -543,6 +567,11 @@ def load_transformer(
     ``rope_in_first_block`` (V4 only): RoPE in block 0's self-attention, on in the V4-era code the weights were
     trained with (the default), off in the official code since V5.
     """
+
+    if resolve_files(path, "transformer")[0][0].suffix == ".gguf":  # Linear weights stay in their blocks
+        from .quant.layers import gguf_operations
+
+        operations = gguf_operations(operations or nn)
 
     def build(info: CheckpointInfo, model_dtype: torch.dtype):
         if info.version == "V4":

@@ -43,6 +43,15 @@ def _safetensors_in(folder_name: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(folder_name) if f.endswith(".safetensors")]
 
 
+def _gguf_in(folder_name: str) -> list[str]:
+    """The .gguf files in one of ComfyUI's model folders (its own listing takes only its known extensions)."""
+    names = set()
+    for root in folder_paths.get_folder_paths(folder_name):
+        if os.path.isdir(root):
+            names.update(p.relative_to(root).as_posix() for p in Path(root).rglob("*.gguf") if p.is_file())
+    return sorted(names)
+
+
 def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a safetensors file, from its header only."""
     with safe_open(path, framework="pt", device="cpu") as f:
@@ -112,10 +121,11 @@ class EasyAnimateModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = model_folders("transformer") + _safetensors_in(DIFFUSION_MODELS)
+        choices = model_folders("transformer") + _safetensors_in(DIFFUSION_MODELS) + _gguf_in(DIFFUSION_MODELS)
         tooltip = (
             "An EasyAnimate checkpoint: a folder under models/EasyAnimate/ with a transformer/ subfolder, or a "
-            "transformer .safetensors file in models/diffusion_models/. " + BUNDLED_TOOLTIP
+            "transformer .safetensors or .gguf file (easyanimate quantize; needs pip install gguf) in "
+            "models/diffusion_models/. " + BUNDLED_TOOLTIP
         )
         return {
             "required": {
@@ -404,6 +414,13 @@ class EasyAnimateLoraLoader:
         if strength == 0:
             return (model,)
         lora = read_lora(model_file("loras", lora_name), net.transformer)
+        quantized = [path for path in lora if getattr(net.transformer.get_submodule(path), "quant_kind", None)]
+        if quantized:
+            raise ValueError(
+                f"this MODEL keeps {len(quantized)} of the LoRA's layers in GGUF blocks (e.g. {quantized[0]}), which "
+                "weight patches cannot change: load the .safetensors model for LoRAs, or quantize a model with the "
+                "LoRA merged into it"
+            )
         patched = model.clone()
         patched.add_patches(lora_patches(lora), strength)
         return (patched,)

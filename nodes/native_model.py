@@ -187,7 +187,8 @@ class EasyAnimateNet(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        # The first floating weight: a GGUF model's Linear weights are bytes (uint8) until their layer runs.
+        return next(p.dtype for p in self.transformer.parameters() if p.is_floating_point())
 
     def text_widths(self) -> tuple[int, int | None]:
         """Widths of the first text stream (Qwen2-VL or BERT) and of the second (mT5; None for V5.1)."""

@@ -82,3 +82,34 @@ def test_a_missing_attention_package_runs_sdpa_and_says_so(comfy_server):
     plain = latent(comfy_server, None)
     assert torch.equal(latent(comfy_server, None, attention="sage"), plain)
     assert "attention: sage is not installed" in comfy_server.log_text()[since:]
+
+
+def test_a_quantized_gguf_transformer_runs_with_the_stock_ksampler(comfy_server):
+    """The micro transformer written as Q8_0 by easyanimate quantize: as a model folder's transformer/model.gguf
+    (beside the micro VAE and text encoder) it is sampled by KSampler close to the float model's latents; as a
+    single file in models/diffusion_models/ the Model Loader lists it."""
+    pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install gguf)")
+    from easyanimate_core.cli import main
+    from easyanimate_core.micro import shipped_micro_model
+
+    micro, models = shipped_micro_model(), comfy_server.base_dir / "models"
+    folder = models / "EasyAnimate" / "micro-q8"
+    single = models / "diffusion_models" / "easyanimate-micro-q8.gguf"
+    if not folder.exists():
+        (folder / "transformer").mkdir(parents=True)
+        for part in ("vae", "text_encoder", "tokenizer"):
+            (folder / part).symlink_to(micro / part, target_is_directory=True)
+        assert main(["quantize", str(micro), str(folder / "transformer" / "model.gguf"), "--type", "Q8_0"]) == 0
+        single.parent.mkdir(parents=True, exist_ok=True)
+        single.symlink_to(folder / "transformer" / "model.gguf")
+    listed = comfy_server.get_json("/object_info/EasyAnimateModelLoader")["EasyAnimateModelLoader"]
+    choices = listed["input"]["required"]["model_folder"][0]
+    assert "micro-q8" in choices and single.name in choices
+    plain = latent(comfy_server, None)
+    prefix = uuid.uuid4().hex[:8]
+    quantized_graph = graph(prefix, None)
+    quantized_graph["1"]["inputs"]["model_folder"] = "micro-q8"
+    files = comfy_server.output_files(comfy_server.run_prompt(quantized_graph, timeout=900))
+    [file] = [f for f in files if f.name.startswith(prefix)]
+    quantized = load_file(file)["latent_tensor"]
+    assert not torch.equal(quantized, plain) and relative(quantized, plain) < 0.1, relative(quantized, plain)
