@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--type",
         default="Q8_0",
         choices=("Q8_0", "Q5_K", "Q4_K", "F16"),
-        help="block format of the Linear weights (the rest stays F32): Q8_0 ~ half of bf16, Q4_K ~ a quarter",
+        help="block format of the Linear weights (the rest stays F32)",
     )
     p_quant.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     from .train import add_train_arguments
