@@ -157,3 +157,21 @@ def test_using_attention_installs_a_backend_for_the_block_only():
     assert calls and len(calls) == 3 * 2  # 3 steps x 2 blocks (batched CFG: one call each)
     run(transformer, vae)
     assert len(calls) == 6
+
+
+def test_v4_blocks_are_cached_too():
+    """V4 (long skips inside the block stack): the cache skips the whole stack and equals it at threshold 0."""
+    from tests.test_transformer_v4 import tiny_inputs, tiny_model
+
+    model = tiny_model()
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        plain = model(**inputs)
+        never = StepCache([1.0, 0.0], threshold=0.0)
+        assert torch.equal(model(**inputs, step_cache=never.for_call("cond", 1, 3)), plain)
+        cache = StepCache([1.0, 0.0], threshold=1e9)
+        first = model(**inputs, step_cache=cache.for_call("cond", 0, 3))
+        reused = model(**inputs, step_cache=cache.for_call("cond", 1, 3))
+    assert (cache.passes, cache.skips) == (1, 1)
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(reused, plain, rtol=1e-5, atol=1e-5)  # same input: the residual gives it back
