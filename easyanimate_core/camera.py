@@ -45,6 +45,7 @@ PRESETS = {  # name: (Euler angles x, y, z; translation)
 INTRINSICS = (0.474812461, 0.844111024, 0.5, 0.5)  # fx, fy, cx, cy as fractions of the frame (official node)
 POSE_SIZE = (1280, 720)  # the width and height the official poses were made for
 CAMERA_LATENT_SCALE = 6.0  # the official pipeline's factor on the resized rays
+CAMERA_CHANNELS = 6  # a Plücker ray: o x d, d
 
 
 def preset_name(name: str) -> str:

@@ -262,7 +262,14 @@ def _generation_inputs(args) -> dict:
     strength = args.strength if args.video else 1.0
     sampler = sampling.make_sampler(sampler_name, info.version, steps, strength=strength, shift=args.shift)
 
-    is_control = info.variant == "Control"
+    is_control = info.variant in ("Control", "Camera")
+    camera_wanted = bool(args.camera or args.camera_file)
+    if camera_wanted and info.variant != "Camera":
+        raise ValueError(f"--camera / --camera-file need a V5.1 Control-Camera model; {root} is a {info.variant} model")
+    if info.variant == "Camera" and args.control:
+        raise ValueError("a Control-Camera model takes --camera or --camera-file, not --control")
+    if args.camera and args.camera_file:
+        raise ValueError("give --camera or --camera-file, not both")
     if (args.control or args.ref_image) and not is_control:
         raise ValueError(f"--control / --ref-image need a Control model; {root} is a {info.variant} model")
     if is_control and (args.image or args.end_image):
@@ -280,7 +287,21 @@ def _generation_inputs(args) -> dict:
     # The frame rule first: the input videos below are read up to --frames.
     valid = vae_info.config.pixel_multiple
     check_video_size(frames, valid, valid, vae_info.config, size_flags)
+    camera = None
+    if args.camera:
+        from .camera import camera_motion, pose_entries
+
+        check_number("--camera-speed", args.camera_speed, fix="e.g. 1.0 (the official default)")
+        camera = pose_entries(camera_motion(args.camera.split("+"), args.camera_speed, frames))
+    elif args.camera_file:
+        from .camera import read_pose_file
+
+        check_input("--camera-file", args.camera_file, "file")
+        camera = read_pose_file(args.camera_file)
+        if len(camera) < frames:
+            raise ValueError(f"--camera-file has {len(camera)} poses; --frames {frames} needs at least {frames}")
     inputs = {
+        "camera": camera,
         "start_image": read_image(args.image) if args.image else None,
         "end_image": read_image(args.end_image) if args.end_image else None,
         "ref_image": read_image(args.ref_image) if args.ref_image else None,
@@ -473,7 +494,7 @@ def generate(args) -> int:
         metadata["cfg_skip"] = f"{args.cfg_skip} at the {args.cfg_skip_at}"
     if args.compile:
         metadata["compile"] = "blocks"
-    for name in ("image", "end_image", "video", "strength", "control", "ref_image"):
+    for name in ("image", "end_image", "video", "strength", "control", "ref_image", "camera", "camera_file"):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
     if args.lora:
@@ -494,7 +515,14 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="input video for video-to-video")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: share of the steps to run")
     p.add_argument("--control", help="control video (canny, depth, pose, ...) for Control models")
-    p.add_argument("--ref-image", help="reference image for V5.1 Control models")
+    p.add_argument("--ref-image", help="reference image for V5.1 Control (and Control-Camera) models")
+    p.add_argument(
+        "--camera",
+        help="camera motion for V5.1 Control-Camera models: presets joined with + that move together, e.g. "
+        "pan_left+zoom_in (static, pan_up, pan_down, pan_left, pan_right, zoom_in, zoom_out, acw, cw)",
+    )
+    p.add_argument("--camera-speed", type=float, default=1.0, help="how far --camera moves over the clip")
+    p.add_argument("--camera-file", help="camera poses in the official (CameraCtrl) text format, one row a frame")
     p.add_argument("--frames", type=int, help="default: the version's (49 for V5 / V5.1, 144 for V4; V4 takes 8k)")
     p.add_argument("--width", type=int, help="default: the model folder's, else 672")
     p.add_argument("--height", type=int, help="default: the model folder's, else 384")

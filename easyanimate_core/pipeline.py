@@ -32,9 +32,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .camera import CAMERA_CHANNELS, CAMERA_LATENT_SCALE, plucker_rays
 from .context import ContextWindows, cut_in_time, predict_in_windows, reference_at_first_frame, riflex_frequency
 from .dataset import ASPECT_RATIO_512
 from .sampling import Sampler
@@ -92,12 +94,17 @@ def model_inputs(transformer: Transformer, latent_channels: int) -> tuple[int, i
         return 0, 0
     if extra == 1 + latent_channels:
         return extra, 0
-    if extra in (latent_channels, 2 * latent_channels):
+    if extra in (latent_channels, 2 * latent_channels, CAMERA_CHANNELS + latent_channels):
         return 0, extra
     raise ValueError(
-        f"a transformer with {transformer.config.in_channels} input channels is not a T2V, InP or Control model "
-        f"for {latent_channels}-channel latents (camera control is not supported yet)"
+        f"a transformer with {transformer.config.in_channels} input channels is not a T2V, InP, Control or "
+        f"Control-Camera model for {latent_channels}-channel latents"
     )
+
+
+def is_camera_model(control_channels: int, latent_channels: int) -> bool:
+    """Whether a model's control input is [camera rays (6) ; reference (L)] (V5.1 Control-Camera)."""
+    return control_channels == CAMERA_CHANNELS + latent_channels
 
 
 def snap_size(frames: int, height: int, width: int, vae: MagvitVAE) -> VideoSize:
@@ -276,11 +283,21 @@ def control_latents(
     channels: int,
     size: VideoSize,
     device,
+    camera: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """[control latents (L) ; reference latents at frame 0 (L, V5.1 only)] for a Control model."""
+    """[control latents (L) ; reference latents at frame 0 (L, V5.1 only)] for a Control model; for a
+    Control-Camera model [camera rays (6) ; reference (L)]: the Plücker rays of the pose rows ``camera``
+    (camera.py) resized to the latent grid like the inpaint mask, times CAMERA_LATENT_SCALE (zeros without)."""
     b, lat = latent_shape[0], latent_shape[1]
     zeros = torch.zeros(b, lat, *latent_shape[2:], device=device)
-    control = zeros if control_video is None else encode_mean(vae, to_model_pixels(control_video, size), device)
+    if is_camera_model(channels, lat):
+        control = torch.zeros(b, CAMERA_CHANNELS, *latent_shape[2:], device=device)
+        if camera is not None:
+            rays = plucker_rays(camera[: size.frames], size.width, size.height)  # [F, H, W, 6]
+            rays = resize_mask(rays.permute(3, 0, 1, 2)[None], latent_shape, first_frame_alone=True)
+            control = (rays * CAMERA_LATENT_SCALE).expand(b, -1, -1, -1, -1).to(device)
+    else:
+        control = zeros if control_video is None else encode_mean(vae, to_model_pixels(control_video, size), device)
     if channels == lat:
         if ref_image is not None:
             raise ValueError("this Control model (V5) takes no reference image; pass ref_image=None")
@@ -349,8 +366,9 @@ def denoise(
     rope = {} if rope_temporal_frequency is None else {"rope_temporal_frequency": rope_temporal_frequency}
 
     def window_inputs(name: str, value: torch.Tensor, span: range) -> torch.Tensor:
-        if name == "control_latents" and value.shape[1] == 2 * latent_channels:  # V5.1 Control: + reference slot
-            control, reference = value.chunk(2, dim=1)
+        # V5.1 Control and Control-Camera models: the last latent_channels are the reference slot.
+        if name == "control_latents" and value.shape[1] in (2 * latent_channels, CAMERA_CHANNELS + latent_channels):
+            control, reference = value[:, :-latent_channels], value[:, -latent_channels:]
             return torch.cat([cut_in_time(name, control, span), reference_at_first_frame(reference, len(span))], 1)
         return cut_in_time(name, value, span)
 
@@ -406,6 +424,7 @@ def generate(
     video: torch.Tensor | None = None,
     control_video: torch.Tensor | None = None,
     ref_image: torch.Tensor | None = None,
+    camera: np.ndarray | None = None,
     image_encoder=None,
     clip_apply_ratio: float = V4_CLIP_APPLY_RATIO,
     noise_aug_strength: float = NOISE_AUG_STRENGTH,
@@ -437,6 +456,13 @@ def generate(
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     is_v4 = model_version(transformer) == "V4"
+    camera_model = is_camera_model(control_ch, vae.config.latent_channels)
+    if camera is not None and not camera_model:
+        raise ValueError("camera poses need a V5.1 Control-Camera model; this transformer is not one")
+    if camera_model and control_video is not None:
+        raise ValueError("a Control-Camera model takes camera poses (camera=...), not a control video")
+    if camera is not None and len(camera) < frames:
+        raise ValueError(f"the camera has {len(camera)} poses; {frames} frames need at least {frames}")
     if control_ch and (start_image is not None or end_image is not None):
         raise ValueError("a Control model takes no start/end image; use ref_image for a V5.1 Control model")
     if (control_video is not None or ref_image is not None) and not control_ch:
@@ -499,7 +525,7 @@ def generate(
             extra["inpaint_latents"] = inpaint.to(dtype)
         if control_ch:
             extra["control_latents"] = control_latents(
-                vae, control_video, ref_image, shape, control_ch, size, device
+                vae, control_video, ref_image, shape, control_ch, size, device, camera
             ).to(dtype)
     latents = sampler.initial_latents(noise, x0).to(device, dtype)
     rope_frequency = None

@@ -52,3 +52,36 @@ def test_pose_files_and_names_are_read_with_clear_errors(tmp_path):
     assert preset_name("pan_left") == preset_name("Pan Left") == "Pan Left"
     with pytest.raises(ValueError, match="unknown camera motion 'spin'; choose from Static, Pan Up"):
         preset_name("spin")
+
+
+def test_a_control_camera_model_reads_the_rays_at_the_latent_grid_and_the_reference():
+    from easyanimate_core.pipeline import resize_mask
+    from tests.test_context import FRAMES, HEIGHT, LATENT, WIDTH, CallRecorder, run, tiny_parts
+
+    transformer, vae = tiny_parts(LATENT + 6 + LATENT)  # noise, camera rays, reference
+    rows = pose_entries(camera_motion(["Pan Left", "Zoom In"], 1.0, FRAMES))
+    recorder = CallRecorder(transformer)
+    ref = torch.rand(HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(2))
+    run(transformer, vae, camera=rows, ref_image=ref)
+    control = recorder.calls[0][1]["control_latents"][:1]  # [1, 6 + L, T, h, w]
+    rays = plucker_rays(rows, WIDTH, HEIGHT).permute(3, 0, 1, 2)[None]
+    expected = resize_mask(rays, control.shape, first_frame_alone=True) * 6
+    torch.testing.assert_close(control[:, :6], expected, rtol=0, atol=1e-6)
+    assert control[:, 6:, :1].abs().sum() > 0 and not control[:, 6:, 1:].any()  # the reference at frame 0
+    before = len(recorder.calls)
+    run(transformer, vae)  # no camera: zero rays, as the official pipeline without poses
+    assert not recorder.calls[before][1]["control_latents"][:, :6].any()
+
+
+def test_camera_poses_are_refused_where_they_cannot_work():
+    from tests.test_context import FRAMES, LATENT, run, tiny_parts
+
+    rows = pose_entries(camera_motion(["CW"], 1.0, FRAMES))
+    transformer, vae = tiny_parts(LATENT + 2 * LATENT)  # a V5.1 Control model: no camera input
+    with pytest.raises(ValueError, match="camera poses need a V5.1 Control-Camera model"):
+        run(transformer, vae, camera=rows)
+    camera_model, vae = tiny_parts(LATENT + 6 + LATENT)
+    with pytest.raises(ValueError, match=f"the camera has 3 poses; {FRAMES} frames need at least {FRAMES}"):
+        run(camera_model, vae, camera=rows[:3])
+    with pytest.raises(ValueError, match="takes camera poses .*not a control video"):
+        run(camera_model, vae, control_video=torch.rand(FRAMES, 16, 16, 3))

@@ -212,3 +212,40 @@ def test_bad_speed_flags_fail_before_loading(models, tmp_path, capsys, extra, me
     assert run(models["InP"], out, *extra) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def camera_model(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("camera") / "m", "Camera")
+
+
+def test_a_control_camera_model_follows_a_preset_motion_or_a_pose_file(camera_model, media, tmp_path):
+    from easyanimate_core.camera import camera_motion, pose_entries
+
+    out = tmp_path / "camera.mp4"
+    ref = f"{media}/start/00000.png"
+    assert run(camera_model, out, "--camera", "pan_left+zoom_in", "--camera-speed", "0.8", "--ref-image", ref) == 0
+    assert read_video(out).shape[0] == FRAMES
+    poses = tmp_path / "poses.txt"
+    rows = pose_entries(camera_motion(["CW"], 1.0, FRAMES))
+    poses.write_text("header\n" + "\n".join(" ".join(repr(float(v)) for v in r) for r in rows) + "\n")
+    assert run(camera_model, tmp_path / "file.mp4", "--camera-file", str(poses)) == 0
+
+
+@pytest.mark.parametrize(
+    "use_camera_model, extra, message",
+    [
+        (False, ["--camera", "pan_left"], "--camera / --camera-file need a V5.1 Control-Camera model"),
+        (True, ["--camera", "spin"], "unknown camera motion 'spin'"),
+        (True, ["--camera-file", "{tmp}/missing.txt"], "--camera-file .*missing.txt: no such file"),
+        (True, ["--control", "{media}/clip.mp4"], "a Control-Camera model takes --camera or --camera-file"),
+    ],
+)
+def test_bad_camera_inputs_fail_before_loading(
+    models, camera_model, media, tmp_path, capsys, use_camera_model, extra, message
+):
+    out = tmp_path / "x.mp4"
+    model = camera_model if use_camera_model else models["InP"]
+    assert run(model, out, *[e.format(media=media, tmp=tmp_path) for e in extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
