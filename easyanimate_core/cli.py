@@ -11,6 +11,7 @@ input exits with code 2 and a message naming the flag, the value, the problem an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -321,6 +322,16 @@ def _generation_inputs(args) -> dict:
         height, width = size_bucket(*aspect, args.resolution)
         size_flags |= {"height": "--resolution", "width": "--resolution"}
     check_video_size(frames, height, width, vae_info.config, size_flags)
+    if args.trajectory:  # drawn at the final size: its points are pixels of the output video
+        from .trajectory import parse_tracks, trajectory_video
+
+        if info.variant != "Control" or args.control:
+            raise ValueError("--trajectory draws the control video of a Control model: use it instead of --control")
+        check_input("--trajectory", args.trajectory, "file")
+        tracks = parse_tracks(json.loads(Path(args.trajectory).read_text(encoding="utf-8")))
+        if len(tracks[0]) < frames:
+            raise ValueError(f"--trajectory has {len(tracks[0])} points a track; --frames {frames} needs {frames}")
+        inputs["control_video"] = trajectory_video(tracks, height, width)[:frames].float()
     context = _context_windows(args, info.version, frames, vae_info.config)
     long_method = _long_video_method(args, info.variant)
     # RIFLEx needs the length the model was trained on: its folder's default clip, else the version's.
@@ -494,7 +505,17 @@ def generate(args) -> int:
         metadata["cfg_skip"] = f"{args.cfg_skip} at the {args.cfg_skip_at}"
     if args.compile:
         metadata["compile"] = "blocks"
-    for name in ("image", "end_image", "video", "strength", "control", "ref_image", "camera", "camera_file"):
+    for name in (
+        "image",
+        "end_image",
+        "video",
+        "strength",
+        "control",
+        "ref_image",
+        "camera",
+        "camera_file",
+        "trajectory",
+    ):
         if getattr(args, name, None) and (name != "strength" or args.video):
             metadata[name] = str(getattr(args, name))
     if args.lora:
@@ -522,6 +543,11 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "pan_left+zoom_in (static, pan_up, pan_down, pan_left, pan_right, zoom_in, zoom_out, acw, cw)",
     )
     p.add_argument("--camera-speed", type=float, default=1.0, help="how far --camera moves over the clip")
+    p.add_argument(
+        "--trajectory",
+        help='V5.1 Control models: a JSON file of points to follow, one {"x": .., "y": ..} (output pixels) a '
+        "frame, or a list of such tracks; drawn as the control video (EasyAnimate's trajectory control)",
+    )
     p.add_argument("--camera-file", help="camera poses in the official (CameraCtrl) text format, one row a frame")
     p.add_argument("--frames", type=int, help="default: the version's (49 for V5 / V5.1, 144 for V4; V4 takes 8k)")
     p.add_argument("--width", type=int, help="default: the model folder's, else 672")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -249,3 +250,16 @@ def test_bad_camera_inputs_fail_before_loading(
     assert run(model, out, *[e.format(media=media, tmp=tmp_path) for e in extra]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_a_trajectory_drives_a_control_model(models, tmp_path):
+    track = [{"x": 5 + 6 * i, "y": 10 + 2 * i} for i in range(FRAMES)]
+    path = tmp_path / "points.json"
+    path.write_text(json.dumps(track))
+    out = tmp_path / "trajectory.mp4"
+    assert run(models["Control"], out, "--trajectory", str(path)) == 0
+    assert read_video(out).shape[0] == FRAMES and read_metadata(out)["trajectory"] == str(path)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(track[:2]))
+    assert run(models["Control"], tmp_path / "x.mp4", "--trajectory", str(short)) == 2
+    assert run(models["InP"], tmp_path / "y.mp4", "--trajectory", str(path)) == 2
