@@ -25,6 +25,7 @@ import folder_paths
 import torch
 
 from easyanimate_core.attention import sdpa_attention, using_attention
+from easyanimate_core.camera import CAMERA_CHANNELS
 from easyanimate_core.context import reference_at_first_frame, riflex_frequency
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
 from easyanimate_core.pipeline import model_inputs, model_version, v4_clip_active
@@ -199,7 +200,9 @@ class EasyAnimateNet(torch.nn.Module):
 
     @property
     def variant(self) -> str:
-        """ "InP", "Control" or "T2V": what the extra input channels say."""
+        """ "InP", "Control", "Camera" or "T2V": what the extra input channels say."""
+        if self.control_channels == CAMERA_CHANNELS + self.latent_format.latent_channels:
+            return "Camera"
         return "InP" if self.inpaint_channels else "Control" if self.control_channels else "T2V"
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
@@ -297,11 +300,11 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
                 if key == "easyanimate_control_latents":
                     value = fit_control_latents(value, self.diffusion_model.control_channels)
                     latent = self.diffusion_model.latent_format.latent_channels
-                    if value.shape[1] == 2 * latent:
+                    if value.shape[1] in (2 * latent, CAMERA_CHANNELS + latent):  # V5.1 Control / Control-Camera
                         # V5.1: the reference slot holds one image at latent frame 0. Kept apart, one frame long, so
                         # that context windows cut only the control video and every window gets the reference.
-                        out["reference_latents"] = comfy.conds.CONDRegular(value[:, latent:, :1])
-                        value = value[:, :latent]
+                        out["reference_latents"] = comfy.conds.CONDRegular(value[:, -latent:, :1])
+                        value = value[:, :-latent]
                 out[kwarg] = comfy.conds.CONDRegular(value)
         return out
 
@@ -360,6 +363,17 @@ def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | N
         return f"inpaint latents have {inpaint.shape[1]} channels; this model takes {net.inpaint_channels}"
     if control is not None:
         channels, latent = control.shape[1], net.latent_format.latent_channels
+        camera_model = net.control_channels == CAMERA_CHANNELS + latent
+        if camera_model and channels != net.control_channels:
+            return (
+                "this is a V5.1 Control-Camera model: it follows camera poses, not a control video. Use EasyAnimate "
+                "Camera Control (with EasyAnimate Camera Motion or Camera From File)"
+            )
+        if channels == CAMERA_CHANNELS + latent and not camera_model:
+            return (
+                f"camera conditioning (from EasyAnimate Camera Control) needs a V5.1 Control-Camera model, but this is "
+                f"a {net.variant} model: load a -Control-Camera checkpoint, or use EasyAnimate Control Video"
+            )
         if channels == 2 * latent and net.control_channels == latent:
             return (
                 "this V5 Control model takes no reference image (V5.1 Control models do): disconnect ref_image "
