@@ -7,6 +7,7 @@ the frontend and runs them. Model names are the released folders' names; the tes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from easyanimate_core.micro import shipped_micro_model
@@ -16,6 +17,7 @@ from easyanimate_core.micro.model import GENERATION_DEFAULTS
 V51_INP = "EasyAnimateV5.1-12b-zh-InP"
 V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
 V4_INP = "EasyAnimateV4-XL-2-InP"
+V51_CAMERA = "EasyAnimateV5.1-12b-zh-Control-Camera"
 # nodes.common.BUNDLED_MICRO: the micro model shipped in the pack; its workflows run as saved, on its weights.
 MICRO = "EasyAnimate-Micro (bundled)"
 # Titles (= file names, which the template browser shows) of the micro model's workflows start with this.
@@ -25,6 +27,7 @@ MICRO_PREFIX = "EasyAnimate Micro · "
 TINY_STAND_INS = {
     V51_INP: ("tiny-v51-inp", "InP", "V5.1"),
     V51_CONTROL: ("tiny-v51-control", "Control", "V5.1"),
+    V51_CAMERA: ("tiny-v51-camera", "Camera", "V5.1"),
     V4_INP: ("tiny-v4-inp", "InP", "V4"),
 }
 NEGATIVE = (
@@ -220,6 +223,35 @@ def lora() -> Workflow:
     return released("EasyAnimate V5.1 · Text to Video with a LoRA", nodes, links)
 
 
+def camera() -> Workflow:
+    """A camera motion (two presets moving together) on a Control-Camera model, with a reference image."""
+    motion = Node(
+        "motion",
+        "EasyAnimateCameraMotion",
+        {"motion": "Pan Left", "motion_2": "Zoom In", "speed": 1.0, "frames": 49},
+        1,
+    )
+    conditioning = Node("camera", "EasyAnimateCameraControl", SIZE, 2)
+    inputs = [motion, Node("reference", "LoadImage", {"image": "easyanimate_reference.png"}, 1, "Reference image")]
+    prompt = "A quiet harbour town at sunrise, boats on calm water"
+    nodes, links = conditioned_nodes(V51_CAMERA, prompt, conditioning, inputs)
+    links += [("motion", "camera", "camera", "camera"), ("reference", "IMAGE", "camera", "ref_image")]
+    return released("EasyAnimate V5.1 · Camera Control", nodes, links)
+
+
+def trajectory() -> Workflow:
+    """A drawn trajectory (points a frame, as KJNodes' spline editor writes them) as the control video of a Control
+    model, with a reference image."""
+    points = [{"x": 120 + 9 * i, "y": 260 - 3 * i} for i in range(49)]
+    track = Node("track", "EasyAnimateTrajectory", {"coordinates": json.dumps(points), "width": 672, "height": 384}, 1)
+    conditioning = Node("control", "EasyAnimateControlVideo", SIZE, 2)
+    inputs = [track, Node("reference", "LoadImage", {"image": "easyanimate_reference.png"}, 1, "Reference image")]
+    prompt = "A red kite flying over a green hill, blue sky"
+    nodes, links = conditioned_nodes(V51_CONTROL, prompt, conditioning, inputs)
+    links += [("track", "video", "control", "video"), ("reference", "IMAGE", "control", "ref_image")]
+    return released("EasyAnimate V5.1 · Trajectory Control", nodes, links)
+
+
 def long_video() -> Workflow:
     """145 frames from 49-frame windows: ComfyUI's own "WAN Context Windows (Manual)" node (frames in video frames,
     4 per latent frame, like EasyAnimate's VAE) between the loader and the stock KSampler."""
@@ -339,6 +371,6 @@ def _micro_settings(workflow: Workflow) -> Workflow:
 MICRO_WORKFLOWS = [micro_t2v, micro_i2v, micro_lora]
 # The micro model's workflows exist (and are built) once its weights are in the repository: before that no
 # loader lists the bundled model, and a workflow naming it could not run.
-WORKFLOWS = [t2v, i2v, v2v, control, lora, long_video, v4_t2v, v4_i2v, v4_v2v]
+WORKFLOWS = [t2v, i2v, v2v, control, camera, trajectory, lora, long_video, v4_t2v, v4_i2v, v4_v2v]
 if shipped_micro_model() is not None:
     WORKFLOWS += MICRO_WORKFLOWS
