@@ -1,7 +1,9 @@
-"""The released models' tensor names and shapes, from tests/data/easyanimate_keys.tsv.gz.
+"""The released models' tensor names and shapes, from tests/data/easyanimate_keys.tsv.gz and
+tests/data/official_extra_keys.tsv.gz.
 
-The file is a gzip copy of the spec's easyanimate_keys.tsv (one line per tensor: model id, key, shape,
-note), kept in the repository so that a clone anywhere runs the manifest tests with no file outside it.
+The first is a gzip copy of the spec's easyanimate_keys.tsv (one line per tensor: model id, key, shape,
+note), kept in the repository so that a clone anywhere runs the manifest tests with no file outside it; the
+second adds models the spec lacks, built from the official classes (bench/official_manifest.py).
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from functools import cache
 from pathlib import Path
 
 MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "easyanimate_keys.tsv.gz"
+EXTRA_PATH = MANIFEST_PATH.with_name("official_extra_keys.tsv.gz")
 
 
 @cache
 def _all() -> dict[str, dict[str, tuple[int, ...]]]:
     models: dict[str, dict[str, tuple[int, ...]]] = {}
-    with gzip.open(MANIFEST_PATH, "rt", encoding="utf-8") as f:
-        for line in f.read().splitlines():
-            if not line or line.startswith("#") or line.startswith("model\t"):
-                continue
-            model, key, shape = line.split("\t")[:3]
-            models.setdefault(model, {})[key] = tuple(ast.literal_eval(shape))
+    for path in (MANIFEST_PATH, EXTRA_PATH):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f.read().splitlines():
+                if not line or line.startswith("#") or line.startswith("model\t"):
+                    continue
+                model, key, shape = line.split("\t")[:3]
+                models.setdefault(model, {})[key] = tuple(ast.literal_eval(shape))
     return models
 
 

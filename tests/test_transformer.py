@@ -166,6 +166,7 @@ def test_single_stream_text_goes_through_to_out_in_official_mode():
 MANIFEST_MODELS = {
     "v51_12b_inp": (V51_12B, 33, "V5.1", "InP", "12B"),
     "v51_7b_control": (V51_7B, 48, "V5.1", "Control", "7B"),
+    "v51_7b_camera": (V51_7B, 38, "V5.1", "Camera", "7B"),
     "v5_12b_inp": (V5_12B, 33, "V5", "InP", "12B"),
 }
 
