@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_transformer import build, config  # noqa: E402
+from bench_transformer import add_geometry_arguments, build, config  # noqa: E402
 
 from easyanimate_core.pipeline import denoise  # noqa: E402
 from easyanimate_core.regional_compile import compile_blocks  # noqa: E402
@@ -69,12 +69,7 @@ def diffusers_loop(model, args) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--mmdit", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=5, help="latent frames")
-    ap.add_argument("--size", type=int, default=256, help="pixel height and width")
-    ap.add_argument("--text", type=int, default=64, help="text tokens")
+    add_geometry_arguments(ap)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -94,14 +94,19 @@ def config(args) -> dict:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_geometry_arguments(ap: argparse.ArgumentParser) -> None:
+    """The bench transformer's geometry and input size (shared with bench_speed.py)."""
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mmdit", type=int, default=4)
     ap.add_argument("--frames", type=int, default=5, help="latent frames")
     ap.add_argument("--size", type=int, default=256, help="pixel height and width")
     ap.add_argument("--text", type=int, default=64, help="text tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_geometry_arguments(ap)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -568,20 +568,20 @@ def load_transformer(
     trained with (the default), off in the official code since V5.
     """
 
-    if resolve_files(path, "transformer")[0][0].suffix == ".gguf":  # Linear weights stay in their blocks
-        from .quant.layers import gguf_operations
-
-        operations = gguf_operations(operations or nn)
-
     def build(info: CheckpointInfo, model_dtype: torch.dtype):
+        ops = operations
+        if info.files[0].suffix == ".gguf":  # Linear weights stay in their blocks, dequantized per use
+            from .quant.layers import gguf_operations
+
+            ops = gguf_operations(operations or nn)
         if info.version == "V4":
             cfg = info.config.replace(compat=compat)
             if rope_in_first_block is not None:
                 cfg = cfg.replace(rope_in_first_block=rope_in_first_block)
-            return EasyAnimateV4Transformer3D(cfg, dtype=model_dtype, operations=operations)
+            return EasyAnimateV4Transformer3D(cfg, dtype=model_dtype, operations=ops)
         if rope_in_first_block is not None:
             raise ValueError(f"rope_in_first_block applies to V4 transformers; {path} is {info.version}")
-        return EasyAnimateTransformer3D(info.config.replace(compat=compat), dtype=model_dtype, operations=operations)
+        return EasyAnimateTransformer3D(info.config.replace(compat=compat), dtype=model_dtype, operations=ops)
 
     return _load(path, "transformer", build, dtype, device, progress)
 

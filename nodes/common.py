@@ -24,6 +24,15 @@ BUNDLED_MICRO = "EasyAnimate-Micro (bundled)"
 BUNDLED_TOOLTIP = f"{BUNDLED_MICRO}: the pack's own small model (64 x 64, 17 frames, seconds on a CPU)."
 
 
+def sampling_step(sample_sigmas, sigma) -> tuple[int, int] | None:
+    """(step, steps) of a model call at ``sigma`` in ComfyUI's sampling loop over ``sample_sigmas`` (the
+    transformer option ComfyUI sets); None outside one."""
+    if sample_sigmas is None or sigma is None or len(sample_sigmas) < 2:
+        return None
+    steps = sample_sigmas[:-1].to(sigma)
+    return int((steps - sigma.flatten()[0]).abs().argmin()), len(steps)
+
+
 def frame_rule(vae: VAEConfig) -> tuple[int, int]:
     """Valid frame counts as (step, offset): frames = step * k + offset >= 1 (and 1 itself: a still image)."""
     # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;

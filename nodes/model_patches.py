@@ -13,6 +13,8 @@ from easyanimate_core.pipeline import cfg_skip_steps
 from easyanimate_core.regional_compile import compiled_blocks
 from easyanimate_core.step_cache import DEFAULT_THRESHOLD, StepCache, model_coefficients
 
+from .common import CATEGORY, sampling_step
+
 # Transformer options EasyAnimateNet reads (nodes/native_model.py).
 RIFLEX_OPTION = "easyanimate_riflex_trained_frames"  # the frames the model was trained on
 STEP_CACHE_OPTION = "easyanimate_step_cache"  # a StepCache (its state per branch and context window)
@@ -30,17 +32,23 @@ def _easyanimate_net(model, versions: tuple[str, ...], node: str):
     return net
 
 
+def _with_transformer_option(patched, key: str, value):
+    """``patched`` (a fresh clone) with transformer option ``key`` set to ``value`` (removed for None); the
+    options dict is copied, so the MODEL it was cloned from keeps its own."""
+    options = {k: v for k, v in patched.model_options.get("transformer_options", {}).items() if k != key}
+    if value is not None:
+        options[key] = value
+    patched.model_options["transformer_options"] = options
+    return patched
+
+
 def cfg_skip_wrapper(share: float, at: str):
     """A CALC_COND_BATCH wrapper: at the skipped steps only the conditional branch runs, and its prediction stands
     for the unconditional one too (so the guidance formula returns it unchanged)."""
 
     def wrapper(executor, model, conds, x_in, timestep, model_options):
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if len(conds) < 2 or conds[1] is None or sample_sigmas is None or len(sample_sigmas) < 2:
-            return executor(model, conds, x_in, timestep, model_options)
-        steps = sample_sigmas[:-1].to(timestep)
-        i = int((steps - timestep.flatten()[0]).abs().argmin())
-        if i not in cfg_skip_steps(len(steps), share, at):
+        step = sampling_step(model_options.get("transformer_options", {}).get("sample_sigmas"), timestep)
+        if len(conds) < 2 or conds[1] is None or step is None or step[0] not in cfg_skip_steps(step[1], share, at):
             return executor(model, conds, x_in, timestep, model_options)
         out = executor(model, [conds[0], *([None] * (len(conds) - 1))], x_in, timestep, model_options)
         return [out[0]] * len(conds)
@@ -52,7 +60,7 @@ class EasyAnimateRIFLEx:
     """RIFLEx on an EasyAnimate V5 / V5.1 MODEL: the temporal RoPE frequency whose period is nearest the trained length
     is lowered so a clip (or a context window) longer than ``trained_frames`` stays within one period."""
 
-    CATEGORY = "EasyAnimate"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = __doc__
@@ -83,18 +91,14 @@ class EasyAnimateRIFLEx:
         _easyanimate_net(model, ("V5.1", "V5"), "EasyAnimate RIFLEx")
         if (trained_frames - 1) % 4:
             raise ValueError(f"trained_frames {trained_frames} must be 4k + 1 (49 for the released models)")
-        patched = model.clone()
-        options = dict(patched.model_options.get("transformer_options", {}))
-        options[RIFLEX_OPTION] = trained_frames
-        patched.model_options["transformer_options"] = options
-        return (patched,)
+        return (_with_transformer_option(model.clone(), RIFLEX_OPTION, trained_frames),)
 
 
 class EasyAnimateSpeed:
     """Faster sampling with any ComfyUI sampler: skip the transformer blocks at steps whose input changed little
     (step caching), run some steps without the unconditional branch (CFG skipping), compile the blocks."""
 
-    CATEGORY = "EasyAnimate"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = __doc__
@@ -138,16 +142,12 @@ class EasyAnimateSpeed:
     def patch(self, model, step_cache: float, cfg_skip: float, cfg_skip_at: str, compile: bool):
         net = _easyanimate_net(model, ("V5.1", "V5", "V4"), "EasyAnimate Speed")
         cfg_skip_steps(1, cfg_skip, cfg_skip_at)  # a bad share fails here, not at the first step
-        patched = model.clone()
-        options = dict(patched.model_options.get("transformer_options", {}))
+        cache = None
         if step_cache > 0:
             config = net.transformer.config
             inner = config.num_attention_heads * config.attention_head_dim
-            coefficients = model_coefficients(net.folder, net.version, config.num_layers, inner)
-            options[STEP_CACHE_OPTION] = StepCache(coefficients, step_cache)
-        else:
-            options.pop(STEP_CACHE_OPTION, None)
-        patched.model_options["transformer_options"] = options
+            cache = StepCache(model_coefficients(net.folder, net.version, config.num_layers, inner), step_cache)
+        patched = _with_transformer_option(model.clone(), STEP_CACHE_OPTION, cache)
         if cfg_skip > 0:
             wrapper = cfg_skip_wrapper(cfg_skip, cfg_skip_at)
             comfy.patcher_extension.add_wrapper_with_key(

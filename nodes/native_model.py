@@ -35,7 +35,7 @@ from easyanimate_core.transformer import EasyAnimateTransformer3D
 from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
 from easyanimate_core.vae import VAE_V4, VAE_V51
 
-from .common import NATIVE_VERSIONS, VAE_CONFIGS
+from .common import NATIVE_VERSIONS, VAE_CONFIGS, sampling_step
 from .model_patches import RIFLEX_OPTION, STEP_CACHE_OPTION
 
 WEIGHT_DTYPES = {
@@ -230,7 +230,7 @@ class EasyAnimateNet(torch.nn.Module):
         options = transformer_options or {}
         cache = options.get(STEP_CACHE_OPTION)
         if cache is not None:
-            i, steps = self.step_index(options)
+            i, steps = self.step_index(options) or (0, 1)
             branch = (tuple(options.get("cond_or_uncond", ())), tuple(window.index_list) if window else None)
             extra["step_cache"] = cache.for_call(branch, i, steps)
         trained = options.get(RIFLEX_OPTION)
@@ -243,22 +243,16 @@ class EasyAnimateNet(torch.nn.Module):
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
 
     @staticmethod
-    def step_index(transformer_options: dict | None) -> tuple[int, int]:
-        """(step, steps) of this model call in ComfyUI's sampling loop (from its sigmas); (0, 1) outside one."""
+    def step_index(transformer_options: dict | None) -> tuple[int, int] | None:
+        """(step, steps) of this model call in ComfyUI's sampling loop; None outside one."""
         options = transformer_options or {}
-        sample_sigmas, sigmas = options.get("sample_sigmas"), options.get("sigmas")
-        if sample_sigmas is None or sigmas is None or len(sample_sigmas) < 2:
-            return 0, 1
-        steps = sample_sigmas[:-1].to(sigmas)
-        return int((steps - sigmas.flatten()[0]).abs().argmin()), len(steps)
+        return sampling_step(options.get("sample_sigmas"), options.get("sigmas"))
 
     @classmethod
     def clip_step(cls, transformer_options: dict | None) -> bool:
         """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
-        options = transformer_options or {}
-        if options.get("sample_sigmas") is None or options.get("sigmas") is None:
-            return True  # called outside a ComfyUI sampling loop
-        return v4_clip_active(*cls.step_index(options))
+        step = cls.step_index(transformer_options)
+        return True if step is None else v4_clip_active(*step)  # outside a sampling loop: always
 
 
 # Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured

@@ -131,11 +131,11 @@ def evaluate(
     the direction holds in each half of the clip on its own (``direction_kept``). ``cache_threshold``: step caching
     with the model folder's fitted polynomial (a new cache per video); the summary adds ``block_pass_share``."""
     rows, passes, calls = [], 0, 0
+    coefficients = None if cache_threshold is None else model_coefficients(model.root, "V5.1", 0, 0)
     for i, case in enumerate(cases):
         cache = None
-        if cache_threshold is not None:
-            cache = StepCache(model_coefficients(model.root, "V5.1", 0, 0), cache_threshold)
-            options["step_cache"] = cache
+        if coefficients is not None:
+            cache = options["step_cache"] = StepCache(coefficients, cache_threshold)
         video = generate_case(model, case, steps, guidance, image_to_video, frames, parts, **options)
         if cache is not None:
             passes, calls = passes + cache.passes, calls + cache.passes + cache.skips

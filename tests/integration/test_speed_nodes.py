@@ -12,42 +12,24 @@ import uuid
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_native_model import text_to_video_prompt
 from workflow_specs import MICRO
 
 pytestmark = pytest.mark.integration
 
 
 def graph(prefix: str, speed: dict | None, attention: str = "sdpa") -> dict:
-    loader = {"model_folder": MICRO, "weight_dtype": "default", "attention": attention}
-    nodes = {
-        "1": {"class_type": "EasyAnimateModelLoader", "inputs": loader},
-        "2": {"class_type": "EasyAnimateTextEncoderLoader", "inputs": {"model_folder": MICRO}},
-        "3": {
-            "class_type": "EasyAnimateTextEncode",
-            "inputs": {"text_encoder": ["2", 0], "text": "a red circle moving right slowly on a navy background"},
-        },
-        "4": {"class_type": "EasyAnimateTextEncode", "inputs": {"text_encoder": ["2", 0], "text": ""}},
-        "5": {
-            "class_type": "EasyAnimateEmptyLatentVideo",
-            "inputs": {"version": "V5.1", "width": 64, "height": 64, "frames": 17, "batch_size": 1},
-        },
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["7", 0] if speed else ["1", 0],
-                "seed": 3,
-                "steps": 12,
-                "cfg": 6.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{prefix}"}},
-    }
+    """test_native_model's KSampler graph on the micro model at its own size, saving the latent; through EasyAnimate
+    Speed (node 7) when ``speed`` is given."""
+    nodes = text_to_video_prompt(MICRO, "V5.1", frames=17)
+    nodes["1"]["inputs"]["attention"] = attention
+    nodes["3"]["inputs"]["text"] = "a red circle moving right slowly on a navy background"
+    nodes["4"]["inputs"]["text"] = ""
+    nodes["5"]["inputs"].update(width=64, height=64)
+    nodes["6"]["inputs"].update(seed=3, steps=12, model=["7", 0] if speed else ["1", 0])
+    for key in ("7", "8", "9"):  # the decode and image output
+        del nodes[key]
+    nodes["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{prefix}"}}
     if speed:
         settings = {"step_cache": 0.0, "cfg_skip": 0.0, "cfg_skip_at": "end", "compile": False, **speed}
         nodes["7"] = {"class_type": "EasyAnimateSpeed", "inputs": {"model": ["1", 0], **settings}}
