@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degree", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace the model folder's existing step_cache.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from easyanimate_core.text_encoders import load_text_encoders
 
     root = Path(args.model)
+    if (root / COEFFICIENTS_FILE).exists() and not (args.dry_run or args.overwrite):
+        p.error(f"{root / COEFFICIENTS_FILE} exists; pass --overwrite to replace it (or --dry-run to only print)")
     defaults = read_folder_defaults(root)
     transformer = load_transformer(root, dtype=torch.float32)
     version = model_version(transformer)
