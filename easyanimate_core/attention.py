@@ -35,6 +35,11 @@ def set_attention_backend(fn: AttentionFn | None) -> AttentionFn:
     return previous
 
 
+def current_attention_backend() -> AttentionFn:
+    """The attention implementation installed now."""
+    return _backend
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full attention over [B, heads, L, head_dim] tensors through the installed backend."""
     return _backend(q, k, v)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .camera import CAMERA_CHANNELS, CAMERA_LATENT_SCALE, plucker_rays
 from .context import ContextWindows, cut_in_time, predict_in_windows, reference_at_first_frame, riflex_frequency
 from .dataset import ASPECT_RATIO_512
+from .parallel import ParallelGroups, SequenceParallel, gather_branches
 from .sampling import Sampler
 from .step_cache import StepCache
 from .text_encoders import PromptEmbeds, PromptPair
@@ -321,6 +322,29 @@ def text_inputs(embeds: PromptEmbeds, device, dtype, masks: bool = False) -> dic
     return kw
 
 
+def check_parallel(
+    transformer: Transformer,
+    vae: MagvitVAE,
+    parallel: ParallelGroups,
+    size: VideoSize,
+    guidance: float,
+    context: ContextWindows | None = None,
+) -> None:
+    """Raise before any work when ``parallel``'s degrees cannot run this model on this video."""
+    layout = parallel.layout
+    if layout.cfg == 2 and guidance <= 1.0:
+        raise ValueError(f"CFG-parallel runs the two guidance branches side by side; guidance {guidance} has one")
+    if layout.sequence == 1:
+        return
+    if model_version(transformer) == "V4":
+        raise ValueError("sequence parallelism (Ulysses / ring degrees) runs V5 / V5.1 models; V4 takes CFG-parallel")
+    frames = vae.latent_frames(size.frames) if context is None else min(context.length, vae.latent_frames(size.frames))
+    grid = transformer.config.patch_size * vae.config.spatial_compression
+    tokens = frames * (size.height // grid) * (size.width // grid)
+    where = "" if context is None else " of a context window"
+    layout.check_model(transformer.config.num_attention_heads, tokens, where)
+
+
 def cfg_skip_steps(steps: int, share: float, at: str = "end") -> set[int]:
     """The steps that skip the unconditional branch: the first or last ``share`` of ``steps`` (rounded down)."""
     if not 0.0 <= share < 1.0:
@@ -347,6 +371,7 @@ def denoise(
     step_cache: StepCache | None = None,
     cfg_skip: float = 0.0,
     cfg_skip_at: str = "end",
+    parallel: ParallelGroups | None = None,
 ) -> torch.Tensor:
     """The sampling loop with classifier-free guidance (uncond and cond in one batch, or one after the other).
 
@@ -355,8 +380,14 @@ def denoise(
     (``context.predict_in_windows``). ``rope_temporal_frequency``: RIFLEx (V5 / V5.1). ``step_cache``: TeaCache
     (step_cache.py), its state per branch and window. ``cfg_skip``: the share of the steps at the ``cfg_skip_at``
     ("end" or "start") of the schedule that run the conditional branch alone (guidance off: half the work).
+    ``parallel`` (this process's ``parallel.ParallelGroups``): the video tokens are sharded over its sequence group,
+    and with a CFG degree of 2 each branch runs on its own ranks; every rank returns the same latents.
     """
     device, dtype = latents.device, latents.dtype
+    sequence = {}
+    if parallel is not None and parallel.layout.sequence > 1:
+        sequence = {"sequence_parallel": SequenceParallel(parallel)}
+    cfg_parallel = parallel is not None and parallel.layout.cfg == 2
     use_cfg = guidance > 1.0
     masks = model_version(transformer) == "V4"
     cond = text_inputs(prompts.positive, device, dtype, masks)
@@ -379,7 +410,7 @@ def denoise(
         def window(x: torch.Tensor, window_extra: dict, span: range) -> torch.Tensor:
             repeated = {k: v.repeat(n, 1, 1, 1, 1) for k, v in window_extra.items()}
             cache = {} if step_cache is None else {"step_cache": step_cache.for_call((branch, span), i, steps)}
-            out = transformer(x, t.expand(x.shape[0]), **inputs, **repeated, **rope, **cache)
+            out = transformer(x, t.expand(x.shape[0]), **inputs, **repeated, **rope, **cache, **sequence)
             return out[:, :latent_channels]  # a learned-sigma output carries extra channels
 
         if context is None:
@@ -392,6 +423,10 @@ def denoise(
         step_uncond, step_cond = step_inputs(i) if step_inputs else ({}, {})
         if not use_cfg or i in skip_steps:
             pred = predict(x, t, {**cond, **step_cond}, 1, "cond", i)
+        elif cfg_parallel:  # this rank's branch; the other rank of its CFG group runs the other one
+            name, inputs = (("uncond", {**uncond, **step_uncond}), ("cond", {**cond, **step_cond}))[parallel.cfg_index]
+            pred_uncond, pred_cond = gather_branches(parallel, predict(x, t, inputs, 1, name, i)).chunk(2)
+            pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         elif cfg_batched:
             branch_uncond, branch_cond = {**uncond, **step_uncond}, {**cond, **step_cond}
             both = {k: torch.cat([branch_uncond[k], branch_cond[k]]) for k in branch_cond}
@@ -440,6 +475,7 @@ def generate(
     step_cache: StepCache | None = None,
     cfg_skip: float = 0.0,
     cfg_skip_at: str = "end",
+    parallel: ParallelGroups | None = None,
 ) -> torch.Tensor:
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
     DiT-space latents [1, C, T, h, w] (see the module docstring).
@@ -453,6 +489,7 @@ def generate(
     the model was trained on. ``riflex_trained_frames`` (V5 / V5.1): the video frames the model was trained on; a
     longer clip gets RIFLEx's temporal RoPE change (``context.riflex_frequency``), for one pass a little longer.
     ``step_cache`` (TeaCache, step_cache.py), ``cfg_skip`` / ``cfg_skip_at``: faster sampling (``denoise``).
+    ``parallel``: this process's place among several generating the same video (``denoise``); every rank calls this.
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
     is_v4 = model_version(transformer) == "V4"
@@ -485,6 +522,8 @@ def generate(
     if riflex_trained_frames is not None and is_v4:
         raise ValueError("RIFLEx changes the temporal RoPE of V5 / V5.1; V4 has none (its RoPE is 2-D): drop it")
     size = snap_size(frames, height, width, vae)
+    if parallel is not None:
+        check_parallel(transformer, vae, parallel, size, guidance, context)
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = transformer.dtype
     stage = stage or _no_stage
@@ -551,6 +590,7 @@ def generate(
             step_cache=step_cache,
             cfg_skip=cfg_skip,
             cfg_skip_at=cfg_skip_at,
+            parallel=parallel,
         )
     if not decode:
         return latents

@@ -9,6 +9,7 @@ N = F*(H/p)*(W/p) video tokens, S text tokens, D = heads*head_dim model width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -560,10 +561,14 @@ class EasyAnimateTransformer3D(nn.Module):
         control_latents: torch.Tensor | None = None,
         rope_temporal_frequency: tuple[int, float] | None = None,
         step_cache=None,
+        sequence_parallel=None,
     ) -> torch.Tensor:
         """Predict v (V5) or the flow velocity (V5.1). ``timestep`` [B] is in [0, 1000].
 
         ``step_cache``: ``StepCache.for_call(...)`` (step_cache.py): may skip the blocks, reusing their last residual.
+
+        ``sequence_parallel``: ``parallel.SequenceParallel``: this process runs the blocks on its shard of the video
+        tokens; every process of its group returns the whole prediction.
 
         ``rope_temporal_frequency`` = (index, frequency): RIFLEx's temporal RoPE change (``context.riflex_frequency``).
         """
@@ -596,6 +601,10 @@ class EasyAnimateTransformer3D(nn.Module):
         context = self.text_proj(encoder_hidden_states)  # [B, S, D]
         if encoder_hidden_states_t5 is not None:
             context = torch.cat([context, self.text_proj_t5(encoder_hidden_states_t5)], dim=1)
+        sp = sequence_parallel
+        if sp is not None:  # this rank's tokens [B, N/P, D] and their rows of the RoPE table
+            sp.layout.check_model(cfg.num_attention_heads, x.shape[1])
+            x, rope = sp.shard(x), tuple(sp.shard(t, dim=0) for t in rope)
 
         def run_blocks(x: torch.Tensor) -> torch.Tensor:
             c = context
@@ -606,13 +615,17 @@ class EasyAnimateTransformer3D(nn.Module):
                     x, c = block(x, c, temb, rope)
             return x  # the text tokens end here: the output reads the video tokens only
 
-        if step_cache is None:
-            x = run_blocks(x)
-        else:  # TeaCache's signal: the first block's timestep-modulated video input
-            x = step_cache(self.transformer_blocks[0].norm1(x, context, temb)[0], x, run_blocks)
+        with contextlib.nullcontext() if sp is None else sp.joint_attention(context.shape[1]):
+            if step_cache is None:
+                x = run_blocks(x)
+            else:  # TeaCache's signal: the first block's timestep-modulated video input (all of it: one decision)
+                signal = self.transformer_blocks[0].norm1(x, context, temb)[0]
+                x = step_cache(signal if sp is None else sp.gather(signal), x, run_blocks)
 
         x = self.norm_out(self.norm_final(x), temb)
         x = self.proj_out(x)  # [B, N, C*p*p], last axis laid out (c, p_h, p_w)
+        if sp is not None:
+            x = sp.gather(x)
         x = x.reshape(b, f, gh, gw, c, p, p)
         return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w)
 

@@ -1,0 +1,127 @@
+"""Parallel generation on several processes (gloo on the CPU): the same latents as one process."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from easyanimate_core.context import ContextWindows
+from easyanimate_core.parallel import ParallelLayout
+from easyanimate_core.pipeline import generate
+from easyanimate_core.sampling import make_sampler
+from easyanimate_core.step_cache import StepCache
+from easyanimate_core.text_encoders import PromptEmbeds, PromptPair
+from easyanimate_core.transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from easyanimate_core.vae import MagvitVAE, VAEConfig
+from tests import parallel_ranks
+
+TEXT_WIDTH = 24
+VAE_CONFIG = dict(latent_channels=16, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
+FRAMES, HEIGHT, WIDTH = 9, 32, 64  # 3 latent frames x 2 x 4 tokens = 24 video tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, world: int, *args) -> list[dict]:
+    """Run ``target(rank, world, port, out, *args)`` on ``world`` processes; each rank's saved tensors."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(target, args=(world, free_port(), out, *args), nprocs=world, join=True)
+        return [load_file(str(Path(out) / f"rank{r}.safetensors")) for r in range(world)]
+
+
+def tiny_parts(variant: str) -> tuple[EasyAnimateTransformer3D, MagvitVAE]:
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=VARIANT_IN_CHANNELS["V5.1"][variant],
+        out_channels=16,
+        num_layers=2,
+        mmdit_layers=1,  # a dual-stream and a single-stream block
+        time_embed_dim=8,
+        text_embed_dim=TEXT_WIDTH,
+    )
+    transformer = EasyAnimateTransformer3D(config)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return transformer.eval(), MagvitVAE(VAEConfig.from_dict(VAE_CONFIG)).eval()
+
+
+def run_generation(variant: str, parallel=None, cache: bool = False, context: int | None = None) -> torch.Tensor:
+    """Final latents of a 3-step Flow run of the tiny V5.1 ``variant`` (InP: from a start image)."""
+    transformer, vae = tiny_parts(variant)
+    g = torch.Generator().manual_seed(3)
+    embeds = [PromptEmbeds(torch.randn(1, 5, TEXT_WIDTH, generator=g), torch.ones(1, 5)) for _ in range(2)]
+    image = torch.rand(HEIGHT, WIDTH, 3, generator=g) if variant == "InP" else None
+    return generate(
+        transformer,
+        vae,
+        PromptPair(*embeds),
+        make_sampler("Flow", "V5.1", 3),
+        frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        guidance=5.0,
+        seed=4,
+        start_image=image,
+        decode=False,
+        parallel=parallel,
+        step_cache=StepCache([0.0, 0.0, 0.0, 1.0, 0.0], threshold=0.5) if cache else None,
+        context=ContextWindows(context, 1) if context else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{"ulysses": 2}, {"ring": 2}, {"ulysses": 2, "ring": 2}],
+    ids=["ulysses2", "ring2", "ulysses2-ring2"],
+)
+def test_sequence_parallel_attention_equals_one_process(layout):
+    q, k, v = parallel_ranks.random_qkv(0, heads=4, tokens=24)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    world = ParallelLayout(**layout).world_size
+    for result in run_ranks(parallel_ranks.attention_rank, world, layout):
+        torch.testing.assert_close(result["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["T2V", "InP"])
+@pytest.mark.parametrize("layout", [{"ulysses": 2}, {"cfg": 2}], ids=["ulysses2", "cfg-parallel2"])
+def test_two_processes_give_the_latents_of_one(variant, layout):
+    expected = run_generation(variant)
+    results = run_ranks(parallel_ranks.generate_rank, 2, layout, variant, {})
+    for result in results:  # every rank holds the whole result
+        torch.testing.assert_close(result["latents"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_ulysses_and_cfg_together_with_step_cache_and_windows():
+    """8 ranks would not fit 2 cores' test time: ring 2 x cfg 2 (4 processes), with TeaCache and context windows
+    (each window's tokens sharded; the cache decides on the whole signal, so every rank skips the same steps)."""
+    kwargs = {"cache": True, "context": 2}
+    expected = run_generation("T2V", **kwargs)
+    results = run_ranks(parallel_ranks.generate_rank, 4, {"ring": 2, "cfg": 2}, "T2V", kwargs)
+    for result in results:
+        torch.testing.assert_close(result["latents"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_degrees_that_do_not_divide_are_refused_before_work():
+    layout = ParallelLayout(ulysses=3)
+    with pytest.raises(ValueError, match="Ulysses degree 3 does not divide the model's 4 attention heads"):
+        layout.check_model(heads=4, tokens=24)
+    with pytest.raises(ValueError, match="25 video tokens do not split evenly over ulysses x ring = 2"):
+        ParallelLayout(ring=2).check_model(heads=4, tokens=25)
+    with pytest.raises(ValueError, match="3 processes were started but .* = ulysses 2 x ring 1 x cfg 1 = 2"):
+        ParallelLayout(ulysses=2).check_world(3)
+    with pytest.raises(ValueError, match="CFG degree is 1 or 2"):
+        ParallelLayout(cfg=3)
