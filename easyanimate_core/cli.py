@@ -225,6 +225,37 @@ def _context_windows(args, version: str, frames: int, vae_config):
     return windows
 
 
+def _parallel_layout(args, info, vae_config, frames: int, height: int, width: int, guidance: float):
+    """The checked --ulysses-degree / --ring-degree / --cfg-parallel layout, or None for one process."""
+    import os
+
+    from .parallel import ParallelLayout, launched_by_torchrun
+
+    for flag, value in (("--ulysses-degree", args.ulysses_degree), ("--ring-degree", args.ring_degree)):
+        check_number(flag, value, low=1, fix="1 (off) or the number of processes to share the tokens")
+    layout = ParallelLayout(args.ulysses_degree, args.ring_degree, 2 if args.cfg_parallel else 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if layout.world_size == 1 and world == 1:
+        return None
+    if not launched_by_torchrun():
+        raise ValueError(
+            f"--ulysses-degree / --ring-degree / --cfg-parallel run on {layout.world_size} processes: start them "
+            f"with torchrun --nproc_per_node {layout.world_size} -m easyanimate_core.cli generate ..."
+        )
+    layout.check_world(world)
+    if args.cfg_parallel and guidance <= 1.0:
+        raise ValueError(f"--cfg-parallel runs the two guidance branches side by side; --guidance {guidance} has one")
+    if layout.sequence > 1:
+        if info.version == "V4":
+            raise ValueError("--ulysses-degree / --ring-degree run V5 / V5.1 models; V4 takes --cfg-parallel only")
+        one_call = args.context_frames or frames  # a context window or a part, else the whole clip
+        grid = info.config.patch_size * vae_config.spatial_compression
+        tokens = vae_config.latent_frames(one_call) * (height // grid) * (width // grid)
+        where = f" of {'a --context-frames piece' if args.context_frames else 'the clip'} ({one_call} frames)"
+        layout.check_model(info.config.num_attention_heads, tokens, where)
+    return layout
+
+
 def _generation_inputs(args) -> dict:
     """Read and check every input of ``generate``; raises ValueError before any weight is loaded."""
     from . import sampling
@@ -362,6 +393,7 @@ def _generation_inputs(args) -> dict:
     )
     _check_output(args, frames, height, width)
     guidance = args.guidance if args.guidance is not None else guidance
+    layout = _parallel_layout(args, info, vae_info.config, frames, height, width, guidance)
     size = {"frames": frames, "height": height, "width": width}
     return {
         "root": root,
@@ -377,6 +409,7 @@ def _generation_inputs(args) -> dict:
         "parts": (args.context_frames, args.context_overlap) if long_method == "parts" else None,
         "riflex_trained_frames": trained_frames,
         "cache_coefficients": cache_coefficients,
+        "parallel": layout,
     }
 
 
@@ -392,7 +425,13 @@ def generate(args) -> int:
     from .video_io import write_video
 
     job = _generation_inputs(args)
-    device = job["device"]
+    device, groups = job["device"], None
+    if job["parallel"] is not None:  # every weight is loaded on every rank: sequence parallelism splits tokens
+        from .parallel import init_distributed, make_groups
+
+        device = init_distributed(None if device.type == "cuda" else device)
+        groups = make_groups(job["parallel"])
+    first = groups is None or groups.is_first  # the rank that reports and writes
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     placement = ModelPlacement(args.memory_mode, device, dtype)
     root, info = job["root"], job["info"]
@@ -435,10 +474,11 @@ def generate(args) -> int:
         "device": placement.device,
         "stage": placement.using,
         "riflex_trained_frames": job["riflex_trained_frames"],
+        "parallel": groups,
     }
     parts = len(part_spans(job["size"]["frames"], *job["parts"])) if job["parts"] else 1
     with (
-        tqdm(total=job["sampler"].num_steps * parts, desc="sampling", unit="step") as bar,
+        tqdm(total=job["sampler"].num_steps * parts, desc="sampling", unit="step", disable=not first) as bar,
         using_attention(attention_fn),
     ):
         progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
@@ -469,8 +509,12 @@ def generate(args) -> int:
                 **settings,
                 progress=progress,
                 context=job["context"],
+                decode=first,  # the other ranks stop at the latents
                 **job["inputs"],
             )
+    if not first:
+        torch.distributed.destroy_process_group()
+        return 0
     if args.verbose:
         print(placement.describe())
     metadata = {
@@ -520,8 +564,12 @@ def generate(args) -> int:
             metadata[name] = str(getattr(args, name))
     if args.lora:
         metadata["lora"] = ", ".join(f"{Path(lora).name}:{args.lora_strength}" for lora in args.lora)
+    if groups is not None:
+        metadata["parallel"] = groups.layout.describe()
     out = write_video(args.out, frames, fps=job["fps"], metadata=metadata)
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    if groups is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -623,6 +671,26 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         default="sdpa",
         help="attention kernel: PyTorch's sdpa, SageAttention or flash-attn (CUDA; when not installed: sdpa, with a "
         "warning)",
+    )
+    p.add_argument(
+        "--ulysses-degree",
+        type=int,
+        default=1,
+        help="sequence parallel under torchrun: processes sharing each attention's heads (all-to-all); must divide "
+        "the heads (48 for V5 / V5.1) and, times --ring-degree, the video tokens",
+    )
+    p.add_argument(
+        "--ring-degree",
+        type=int,
+        default=1,
+        help="sequence parallel under torchrun: processes passing keys and values round a ring (when the heads "
+        "do not divide further)",
+    )
+    p.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="under torchrun: the two guidance branches on their own processes (doubles the process count: "
+        "torchrun --nproc_per_node = 2 x ulysses x ring)",
     )
     p.add_argument("--verbose", action="store_true", help="print which models were on the device at each stage")
     p.add_argument("--sequential-cfg", action="store_true", help="run the unconditional pass separately")

@@ -125,3 +125,76 @@ def test_degrees_that_do_not_divide_are_refused_before_work():
         ParallelLayout(ulysses=2).check_world(3)
     with pytest.raises(ValueError, match="CFG degree is 1 or 2"):
         ParallelLayout(cfg=3)
+
+
+# -- the CLI under torchrun --------------------------------------------------------------------------------------
+
+CLI_SIZE = ["--frames", "9", "--height", "32", "--width", "64", "--steps", "2", "--seed", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("parallel") / "model", "InP")
+
+
+def cli_generate(model, out, *extra, processes: int = 1):
+    """``easyanimate generate`` as a user runs it: plain, or under torchrun with ``processes``."""
+    import os
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "easyanimate_core.cli"]
+    if processes > 1:
+        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port"]
+        launch = [sys.executable, *torchrun, str(free_port()), "-m", "easyanimate_core.cli"]
+    command = [*launch, "generate", "--model", str(model), "--prompt", "a red circle", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *CLI_SIZE, *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("flags", [["--ulysses-degree", "2"], ["--cfg-parallel"]], ids=["ulysses2", "cfg-parallel"])
+def test_torchrun_writes_the_video_of_one_process(tiny_model, tmp_path, flags):
+    from easyanimate_core.video_io import read_metadata, read_video
+
+    one = cli_generate(tiny_model, tmp_path / "one", "--image", str(_start_image(tmp_path)))
+    assert one.returncode == 0, one.stderr
+    two = cli_generate(tiny_model, tmp_path / "two", "--image", str(_start_image(tmp_path)), *flags, processes=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes
+    expected, frames = read_video(tmp_path / "one"), read_video(tmp_path / "two")  # PNG frames: lossless
+    assert (frames - expected).abs().max() <= 1 / 255 + 1e-6
+    assert "2 processes" in read_metadata(tmp_path / "two")["parallel"]
+
+
+def _start_image(folder: Path) -> Path:
+    from easyanimate_core.video_io import write_video
+
+    path = folder / "start"
+    if not path.exists():
+        write_video(path, torch.rand(1, 32, 64, 3, generator=torch.Generator().manual_seed(0)))
+    return path / "00000.png"
+
+
+def test_cli_refuses_bad_degrees_before_loading(tiny_model, tmp_path, monkeypatch, capsys):
+    from easyanimate_core.cli import main
+
+    args = ["generate", "--model", str(tiny_model), "--prompt", "p", "--out", str(tmp_path / "x.mp4"), *CLI_SIZE]
+    assert main([*args, "--ulysses-degree", "2"]) == 2
+    assert "start them with torchrun --nproc_per_node 2" in capsys.readouterr().err
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert main([*args, "--ulysses-degree", "4"]) == 2  # the tiny model has 2 heads
+    assert "Ulysses degree 4 does not divide the model's 2 attention heads" in capsys.readouterr().err
+    assert main([*args, "--ring-degree", "4", "--width", "48"]) == 2  # 3 latent frames x 2 x 3 tokens
+    assert (
+        "18 video tokens of the clip (9 frames) do not split evenly over ulysses x ring = 4" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main([*args, "--ulysses-degree", "2"]) == 2
+    assert "3 processes were started but" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*args, "--cfg-parallel", "--guidance", "1"]) == 2
+    assert "--guidance 1.0 has one" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
