@@ -198,3 +198,64 @@ def test_cli_refuses_bad_degrees_before_loading(tiny_model, tmp_path, monkeypatc
     assert main([*args, "--cfg-parallel", "--guidance", "1"]) == 2
     assert "--guidance 1.0 has one" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+# -- the worker pool a host drives (ComfyUI) ---------------------------------------------------------------------
+
+
+def call_inputs(batch: int, frames: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {
+        "hidden_states": torch.randn(batch, 16, frames, 4, 8, generator=g),
+        "timestep": torch.tensor([700.0] * batch),
+        "encoder_hidden_states": torch.randn(batch, 5, TEXT_WIDTH, generator=g),
+        "inpaint_latents": torch.randn(batch, 17, frames, 4, 8, generator=g),
+    }
+
+
+@pytest.mark.parametrize("layout", [{"ulysses": 2}, {"cfg": 2}], ids=["ulysses2", "cfg-parallel2"])
+def test_worker_pool_predicts_what_the_model_does(layout):
+    from easyanimate_core.parallel.workers import WorkerPool
+
+    transformer, _ = tiny_parts("InP")
+    inputs = call_inputs(batch=2)  # ComfyUI's batched [uncond ; cond]
+    with torch.no_grad():
+        expected = transformer(**inputs, rope_temporal_frequency=(0, 0.1))
+    pool = WorkerPool(ParallelLayout(**layout), ["cpu", "cpu"], threads=1)
+    try:
+        pool.load(transformer.config, transformer.state_dict())
+        out = pool.forward(inputs, {"rope_temporal_frequency": [0, 0.1], "attention": "sdpa"})
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # new weights (a LoRA patched in): loaded again, and used
+            for p in transformer.parameters():
+                p.mul_(0.5)
+            expected = transformer(**inputs)
+        pool.load(transformer.config, transformer.state_dict())
+        torch.testing.assert_close(pool.forward(inputs), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        pool.close()
+
+
+def test_worker_pool_reports_a_worker_error_and_shuts_down():
+    from easyanimate_core.parallel.workers import WorkerError, WorkerPool
+
+    transformer, _ = tiny_parts("InP")
+    pool = WorkerPool(ParallelLayout(ulysses=2), ["cpu", "cpu"], threads=1)
+    try:
+        pool.load(transformer.config, transformer.state_dict())
+        inputs = call_inputs(batch=1)
+        inputs = {k: v[:, :, :1] if v.ndim == 5 else v for k, v in inputs.items()}  # 1 latent frame: 8 tokens
+        inputs["hidden_states"] = inputs["hidden_states"][..., :3]  # 2 x 3 latent grid, patch 2: refused
+        inputs["inpaint_latents"] = inputs["inpaint_latents"][..., :3]
+        with pytest.raises(WorkerError, match="latent width 3 is not divisible by the patch size 2"):
+            pool.forward(inputs)
+        assert not pool.alive
+    finally:
+        pool.close()
+
+
+def test_worker_pool_start_failure_is_reported():
+    from easyanimate_core.parallel.workers import WorkerError, WorkerPool
+
+    with pytest.raises(WorkerError, match="could not start on nodevice:0: Expected one of cpu"):
+        WorkerPool(ParallelLayout(ulysses=2), ["cpu", "nodevice:0"], threads=1)
