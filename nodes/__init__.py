@@ -7,12 +7,22 @@ below declares its own mappings; they are merged here, and a name defined twice 
 
 from __future__ import annotations
 
-from . import conditioning, latents, loaders, model_patches, motion_control, sampler, vae_nodes, web_routes
+from . import (
+    conditioning,
+    latents,
+    loaders,
+    model_patches,
+    motion_control,
+    multi_gpu,
+    sampler,
+    vae_nodes,
+    web_routes,
+)
 from .common import install_example_inputs
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _module in (loaders, latents, vae_nodes, conditioning, sampler, model_patches, motion_control):
+for _module in (loaders, latents, vae_nodes, conditioning, sampler, model_patches, motion_control, multi_gpu):
     _clash = set(NODE_CLASS_MAPPINGS) & set(_module.NODE_CLASS_MAPPINGS)
     if _clash:
         raise RuntimeError(f"node names defined twice: {sorted(_clash)}")

@@ -37,6 +37,7 @@ from easyanimate_core.vae import VAE_V4, VAE_V51
 
 from .common import NATIVE_VERSIONS, VAE_CONFIGS, sampling_step
 from .model_patches import RIFLEX_OPTION, STEP_CACHE_OPTION
+from .multi_gpu import PARALLEL_OPTION
 
 WEIGHT_DTYPES = {
     "default": None,
@@ -238,8 +239,12 @@ class EasyAnimateNet(torch.nn.Module):
             head_dim = self.transformer.config.attention_head_dim
             latent = VAE_CONFIGS[self.version].latent_frames(trained)
             extra["rope_temporal_frequency"] = riflex_frequency(head_dim, latent, x.shape[2])
-        with using_attention(self.attention):
-            out = self.transformer(x, timesteps, context, **extra)
+        runner = options.get(PARALLEL_OPTION)
+        if runner is not None:  # EasyAnimate Multi-GPU: the call runs on its worker processes
+            out = runner(self, x, timesteps, context, extra)
+        else:
+            with using_attention(self.attention):
+                out = self.transformer(x, timesteps, context, **extra)
         return out[:, : x.shape[1]]  # a learned-sigma output carries extra channels
 
     @staticmethod

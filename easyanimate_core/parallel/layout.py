@@ -62,12 +62,20 @@ class ParallelLayout:
 
     def check_model(self, heads: int, tokens: int, where: str = "") -> None:
         """Raise when the degrees do not divide the attention heads or the video tokens of one model call."""
+        self.check_heads(heads)
+        self.check_tokens(tokens, where)
+
+    def check_heads(self, heads: int) -> None:
+        """Raise when the Ulysses degree does not divide the attention heads."""
         if heads % self.ulysses:
             fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 16]
             raise ValueError(
                 f"the Ulysses degree {self.ulysses} does not divide the model's {heads} attention heads: use one of "
                 f"{fits}, and a ring degree for the rest"
             )
+
+    def check_tokens(self, tokens: int, where: str = "") -> None:
+        """Raise when ulysses x ring does not divide the video tokens of one model call."""
         if tokens % self.sequence:
             raise ValueError(
                 f"{tokens} video tokens{where} do not split evenly over ulysses x ring = {self.sequence} processes: "
