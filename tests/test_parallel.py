@@ -259,3 +259,32 @@ def test_worker_pool_start_failure_is_reported():
 
     with pytest.raises(WorkerError, match="could not start on nodevice:0: Expected one of cpu"):
         WorkerPool(ParallelLayout(ulysses=2), ["cpu", "nodevice:0"], threads=1)
+
+
+def test_attention_with_log_sum_exp_matches_its_definition():
+    from easyanimate_core.parallel.sequence import attention_with_lse, attention_with_lse_explicit, merge_attention
+
+    q, k, v = parallel_ranks.random_qkv(1, heads=2, tokens=40)
+    out, lse = attention_with_lse(q, k, v)
+    scores = q @ k.transpose(-1, -2) / 4.0  # head_dim 16
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    explicit = attention_with_lse_explicit(q, k, v)
+    torch.testing.assert_close(explicit[0], out, atol=1e-5, rtol=1e-5)
+    halves = [attention_with_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 20), slice(20, None))]
+    torch.testing.assert_close(merge_attention(*halves[0], *halves[1])[0], out, atol=1e-5, rtol=1e-5)
+
+
+def test_v4_runs_cfg_parallel_and_refuses_sequence_parallel(tmp_path):
+    from easyanimate_core.video_io import read_video
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "v4", "InP", version="V4")
+    size = ["--frames", "16", "--width", "48"]  # V4: frames 8k
+    one = cli_generate(model, tmp_path / "one", *size)
+    assert one.returncode == 0, one.stderr
+    two = cli_generate(model, tmp_path / "two", *size, "--cfg-parallel", processes=2)
+    assert two.returncode == 0, two.stderr
+    assert (read_video(tmp_path / "two") - read_video(tmp_path / "one")).abs().max() <= 1 / 255 + 1e-6
+    refused = cli_generate(model, tmp_path / "three", *size, "--ulysses-degree", "2", processes=2)
+    assert refused.returncode != 0 and "V4 takes --cfg-parallel only" in refused.stderr

@@ -29,7 +29,27 @@ RING_QUERY_CHUNK = 2048
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention [B, h, Lq, d] in float32 and the log-sum-exp of each query's scores [B, h, Lq]."""
+    """Softmax attention [B, h, Lq, d] in float32 and the natural log-sum-exp of each query's scores [B, h, Lq].
+
+    PyTorch's fused flash kernels return both (CPU: tested equal to the explicit computation within 1e-6; CUDA
+    half precision: not run here, no GPU); anything they refuse takes the explicit, query-chunked computation."""
+    fused = None
+    if q.device.type == "cpu":
+        fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fused = torch.ops.aten._scaled_dot_product_flash_attention
+    if fused is not None:
+        try:
+            out, lse = fused(q, k, v)[:2]
+            if lse.shape == q.shape[:3]:
+                return out.float(), lse.float()
+        except RuntimeError:
+            pass
+    return attention_with_lse_explicit(q, k, v)
+
+
+def attention_with_lse_explicit(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_lse`` computed step by step in float32, ``RING_QUERY_CHUNK`` queries at a time."""
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     k32, v32 = k.float(), v.float()
