@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from easyanimate_core.context import ContextWindows
 from easyanimate_core.parallel import ParallelLayout
+from easyanimate_core.parallel.workers import free_port
 from easyanimate_core.pipeline import generate
 from easyanimate_core.sampling import make_sampler
 from easyanimate_core.step_cache import StepCache
@@ -23,12 +23,6 @@ from tests import parallel_ranks
 TEXT_WIDTH = 24
 VAE_CONFIG = dict(latent_channels=16, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 FRAMES, HEIGHT, WIDTH = 9, 32, 64  # 3 latent frames x 2 x 4 tokens = 24 video tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(target, world: int, *args) -> list[dict]:
