@@ -769,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="block format of the Linear weights (the rest stays F32)",
     )
     p_quant.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    from .train import add_train_arguments
+    from .training.trainer import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
     return parser
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             return info(args.path)
         if args.command == "train":
-            from .train import train_main
+            from .training.trainer import train_main
 
             return train_main(args)
         if args.command == "quantize":

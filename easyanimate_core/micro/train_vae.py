@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_dir
 from ..loading import load_vae
-from ..train_io import join_optimizer_state, save_tensors, split_optimizer_state, write_json
+from ..training.files import join_optimizer_state, save_tensors, split_optimizer_state, write_json
 from ..vae import CAUSAL_NEXT, MAG_FIRST, MagvitVAE
 from .data import ALL_COLOURS, all_attributes, render, sample_clip
 
