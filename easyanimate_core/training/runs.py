@@ -3,8 +3,10 @@ stop it at a step boundary, and what it says when stopped (the command that resu
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from .files import checkpoint_dir
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -149,3 +153,49 @@ class TrainingStopped(Exception):
             f"  {resume}"
         )
         self.step, self.signal_name = step, signal_name
+
+
+def check_fingerprint(saved: dict, current: dict, strict: tuple[str, ...], log: Callable[[str], None]) -> None:
+    """A resumed run's settings against its checkpoint's: ValueError when a ``strict`` one differs (it decides what
+    is trained on), a warning for the others (the run then does not repeat the original exactly)."""
+    differ = [k for k in current if saved.get(k) != current[k]]
+    refused = [k for k in differ if k in strict]
+    if refused:
+        raise ValueError(
+            f"cannot resume: this run differs from the checkpoint in {', '.join(refused)}; "
+            "use the same model, data and settings, or start a new output folder"
+        )
+    if differ:
+        log(f"warning: resuming with other {', '.join(differ)}: the run will not repeat the original exactly")
+
+
+def exit_code(run: Callable, args) -> int:
+    """``run(args)`` as a command: its exit code, with errors printed instead of raised (2: a bad option or input;
+    1: a failed read or write; as a shell reports a signal for a stop by SIGTERM / SIGINT)."""
+    from ..checks import io_error_message
+
+    try:
+        run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        return 128 + getattr(signal, e.signal_name, signal.SIGTERM)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {io_error_message(e, 'then continue with ' + resume_command(args))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step ``step`` of ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)

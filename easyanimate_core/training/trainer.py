@@ -31,8 +31,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +50,6 @@ from ..checks import (
     check_output_folder,
     check_video_size,
     generation_memory_bytes,
-    io_error_message,
     training_memory_bytes,
 )
 from ..lora import LoraNetwork, lora_targets, save_lora
@@ -90,17 +87,20 @@ from .files import (
     write_transformer_folder,
 )
 from .runs import (
+    LR_SCHEDULES,
     Processes,
     StopSignals,
     TrainingInterrupted,
     TrainingStopped,
+    check_fingerprint,
+    exit_code,
+    lr_factor,
     resume_command,
     start_processes,
     unlaunched_processes,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
 PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
@@ -198,16 +198,6 @@ def train_step(run: Run, step: int, examples: list[Example]) -> float:
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         total += float(losses.detach().sum())
     return total
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate for 0-based optimizer step ``step`` of ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,18 +421,6 @@ def _fingerprint(run: Run) -> dict:
         "lr": args.lr,
         "lr_schedule": [args.lr_scheduler, args.warmup_steps, args.max_steps if args.lr_scheduler != "constant" else 0],
     }
-
-
-def _check_fingerprint(saved: dict, current: dict, log) -> None:
-    differ = [k for k in current if saved.get(k) != current[k]]
-    strict = [k for k in differ if k in STRICT_KEYS]
-    if strict:
-        raise ValueError(
-            f"cannot resume: this run differs from the checkpoint in {', '.join(strict)}; "
-            "use the same model, data and settings, or start a new output folder"
-        )
-    if differ:
-        log(f"warning: resuming with other {', '.join(differ)}: the run will not repeat the original exactly")
 
 
 def _load_models(run: Run, resume: Path | None) -> None:
@@ -705,7 +683,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     start_step, saved = 0, None
     if resume:
         saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
-        _check_fingerprint(saved["fingerprint"], fingerprint, log)
+        check_fingerprint(saved["fingerprint"], fingerprint, STRICT_KEYS, log)
         start_step = saved["step"]
         log(f"resuming from {resume} (step {start_step})")
     if start_step >= args.max_steps:
@@ -880,18 +858,4 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_main(args) -> int:
     """Run ``easyanimate train``; returns the exit code (errors are printed, not raised)."""
-    try:
-        run_training(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(str(e), file=sys.stderr)
-        return 128 + getattr(signal, e.signal_name, signal.SIGTERM)  # as a shell reports a signal's exit
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"error: {io_error_message(e, 'then continue with ' + resume_command(args))}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(run_training, args)
