@@ -57,7 +57,7 @@ from torch import nn
 from ..atomic import atomic_dir, remove_partials
 from ..checks import check_input, check_number, check_output_folder, check_video_size
 from ..vae import ChunkMode, MagvitVAE, VAEConfig, _CausalTime
-from .dataset import Bucket, batch_plan, clip_indices, load_dataset, resize_crop
+from .dataset import Bucket, ProbeCache, batch_plan, clip_indices, load_dataset, resize_crop
 from .examples import as_is, digest, seeded
 from .files import (
     LossLog,
@@ -105,6 +105,7 @@ from .vae_losses import (
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAE_FOLDER = "vae"
+PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 WHOLE_FILE = 2**62  # write_transformer_folder's shard limit: a VAE is one file
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on and how).
@@ -610,6 +611,7 @@ def _fingerprint(run: VaeRun) -> dict:
         "disc_layers": args.disc_layers if args.disc_weight else None,
         "dtype": args.dtype,
         "lr": [args.lr, args.disc_lr, args.lr_scheduler, args.warmup_steps],
+        "lr_schedule_steps": args.max_steps if args.lr_scheduler != "constant" else 0,
         "loss": [args.l1_weight, args.l2_weight, args.kl_weight, args.outlier_penalty_weight, args.perceptual_weight],
         "adversarial": [args.disc_start, args.disc_weight],
     }
@@ -802,7 +804,10 @@ def _train(args, procs: Processes, on_step) -> VaeTrainResult:
     )
     if unlaunched_processes():
         log("warning: accelerate launch started this process alone (on the CPU it needs --multi_cpu); 1 process")
-    samples = load_dataset(args.data, args.data_root, 1, args.skip_bad_samples, log)
+    probes = ProbeCache(output / PROBE_CACHE)  # a restarted run re-probes only new or changed files
+    samples = load_dataset(args.data, args.data_root, 1, args.skip_bad_samples, log, probes=probes)
+    if procs.main and probes.probed:
+        probes.save()
     buckets = [Bucket(args.frames if s.kind == "video" else 1, args.size, args.size) for s in samples]
     videos = sum(s.kind == "video" for s in samples)
     log(f"{len(samples)} samples ({videos} videos as {args.frames}-frame clips, {len(samples) - videos} images)")
@@ -826,7 +831,8 @@ def _train(args, procs: Processes, on_step) -> VaeTrainResult:
     if resume:
         _load_optimizer_state(run, optimizer_state)
     params = sum(p.numel() for p in run.vae.parameters())
-    log(f"VAE: {params:,} parameters ({'fine-tuning ' + str(source) if source else 'from scratch'})")
+    origin = f"resumed from {resume}" if resume else f"fine-tuning {source}" if source else "from scratch"
+    log(f"VAE: {params:,} parameters ({origin})")
 
     plan_iter = batch_plan(buckets, args.batch_size, args.seed)
     plan, epochs = [], []
