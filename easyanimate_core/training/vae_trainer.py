@@ -525,6 +525,7 @@ def config_json(config: VAEConfig) -> dict:
         "up_block_types": list(config.up_block_types),
         "layers_per_block": config.layers_per_block,
         "norm_num_groups": config.norm_num_groups,
+        "norm_eps": config.norm_eps,
         "act_fn": config.act_fn,
         "scaling_factor": config.scaling_factor,
         "spatial_group_norm": config.spatial_group_norm,
