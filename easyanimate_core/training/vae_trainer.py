@@ -1,5 +1,4 @@
-"""`easyanimate train-vae`: train the mag VAE (V5 / V5.1, any width) from scratch or fine-tune it; resumable,
-distributed.
+"""`easyanimate train-vae`: train the mag VAE (V5 / V5.1, any width) anew or fine-tune it; resumable, distributed.
 
     add_train_vae_arguments(parser)        the command's options
     train_vae_main(args) -> exit code      the command (errors printed, Ctrl-C reported with the resume hint)
