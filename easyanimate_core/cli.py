@@ -1,7 +1,9 @@
 """The `easyanimate` command line.
 
 easyanimate generate ...   a video from a model folder (text, image, video or control to video, LoRAs)
-easyanimate train ...      a LoRA or a full fine-tune (train.py)
+easyanimate train ...      a LoRA or a full fine-tune of the transformer (training/trainer.py)
+easyanimate train-vae ...  train or fine-tune the mag VAE (training/vae_trainer.py)
+easyanimate prepare ...    raw videos -> a training dataset: split, filter, caption (training/prepare/)
 easyanimate info PATH      what a checkpoint is (version, variant, size, dtype, missing parts)
 
 Every command checks all of its input before it loads a weight or touches an output (checks.py): a bad
@@ -772,6 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.trainer import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
+    from .training.prepare.command import add_prepare_arguments
+    from .training.vae_trainer import add_train_vae_arguments
+
+    add_train_vae_arguments(commands.add_parser("train-vae", help="train or fine-tune the mag video VAE", **formatter))
+    add_prepare_arguments(
+        commands.add_parser("prepare", help="split, filter and caption raw videos into a training dataset", **formatter)
+    )
     return parser
 
 
@@ -788,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
             return train_main(args)
         if args.command == "quantize":
             return quantize(args)
+        if args.command == "train-vae":
+            from .training.vae_trainer import train_vae_main
+
+            return train_vae_main(args)
+        if args.command == "prepare":
+            from .training.prepare.command import prepare_main
+
+            return prepare_main(args)
         return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
