@@ -32,16 +32,10 @@ from .checks import (
     lora_header,
     transformer_skeleton,
 )
-from .loading import inspect_checkpoint
+from .loading import PIPELINE_PARTS, inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
 from .pipeline import RESOLUTIONS
 
-# Parts a full model folder carries beside the transformer and the VAE, per version.
-PIPELINE_PARTS = {
-    "V5.1": ["text_encoder", "tokenizer"],
-    "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
-    "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
-}
 # Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps).
 VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0)}
 

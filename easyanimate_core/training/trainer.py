@@ -610,7 +610,7 @@ def _final_outputs(run: Run, step: int) -> Path:
 def _link_base_parts(run: Run) -> None:
     """Make a full fine-tuning output a model folder ``generate --model`` loads: link the base model's other parts
     (VAE, text encoders, tokenizers, settings) beside the trained transformer/, never copying gigabytes."""
-    from ..cli import PIPELINE_PARTS
+    from ..loading import PIPELINE_PARTS
     from ..micro import DEFAULTS_FILE
 
     for part in ["vae", *PIPELINE_PARTS.get(run.version, []), DEFAULTS_FILE]:
