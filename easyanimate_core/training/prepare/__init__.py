@@ -16,8 +16,8 @@ by OCR, optical-flow motion, and with a local image model scene-transition simil
     ray_runner.py    the same stages as Ray Data pipelines (optional: pip install "ray[data]")
     command.py       the options, the checks made before any work, the exit codes
 
-Imports go one way: command -> pipeline / ray_runner -> stages -> split / filters / image_models / captions
--> video; records and pipeline are used by command; nothing imports command.
+Imports go one way: command -> pipeline, ray_runner -> stages -> split, filters, image_models, captions -> video;
+pipeline also uses records and captions, captions uses image_models; nothing imports command but this file.
 """
 
 from .command import add_prepare_arguments, prepare_main
