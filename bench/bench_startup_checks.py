@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from easyanimate_core.dataset import ProbeCache, load_dataset  # noqa: E402
+from easyanimate_core.training.dataset import ProbeCache, load_dataset  # noqa: E402
 from easyanimate_core.video_io import write_video  # noqa: E402
 
 

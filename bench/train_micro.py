@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import constructed_vae, data, model, train_vae  # noqa: E402
-from easyanimate_core.train_io import STATE_FILE, list_checkpoints  # noqa: E402
+from easyanimate_core.training.files import STATE_FILE, list_checkpoints  # noqa: E402
 
 STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos

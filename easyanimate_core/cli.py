@@ -1,7 +1,9 @@
 """The `easyanimate` command line.
 
 easyanimate generate ...   a video from a model folder (text, image, video or control to video, LoRAs)
-easyanimate train ...      a LoRA or a full fine-tune (train.py)
+easyanimate train ...      a LoRA or a full fine-tune of the transformer (training/trainer.py)
+easyanimate train-vae ...  train or fine-tune the mag VAE (training/vae_trainer.py)
+easyanimate prepare ...    raw videos -> a training dataset: split, filter, caption (training/prepare/)
 easyanimate info PATH      what a checkpoint is (version, variant, size, dtype, missing parts)
 
 Every command checks all of its input before it loads a weight or touches an output (checks.py): a bad
@@ -30,16 +32,10 @@ from .checks import (
     lora_header,
     transformer_skeleton,
 )
-from .loading import inspect_checkpoint
+from .loading import PIPELINE_PARTS, inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
 from .pipeline import RESOLUTIONS
 
-# Parts a full model folder carries beside the transformer and the VAE, per version.
-PIPELINE_PARTS = {
-    "V5.1": ["text_encoder", "tokenizer"],
-    "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
-    "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
-}
 # Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps).
 VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0)}
 
@@ -769,9 +765,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="block format of the Linear weights (the rest stays F32)",
     )
     p_quant.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    from .train import add_train_arguments
+    from .training.trainer import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
+    from .training.prepare.command import add_prepare_arguments
+    from .training.vae_trainer import add_train_vae_arguments
+
+    add_train_vae_arguments(commands.add_parser("train-vae", help="train or fine-tune the mag video VAE", **formatter))
+    add_prepare_arguments(
+        commands.add_parser("prepare", help="split, filter and caption raw videos into a training dataset", **formatter)
+    )
     return parser
 
 
@@ -783,11 +786,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             return info(args.path)
         if args.command == "train":
-            from .train import train_main
+            from .training.trainer import train_main
 
             return train_main(args)
         if args.command == "quantize":
             return quantize(args)
+        if args.command == "train-vae":
+            from .training.vae_trainer import train_vae_main
+
+            return train_vae_main(args)
+        if args.command == "prepare":
+            from .training.prepare.command import prepare_main
+
+            return prepare_main(args)
         return generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,6 +48,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# Parts a full model folder carries beside the transformer and the VAE, per version.
+PIPELINE_PARTS = {
+    "V5.1": ["text_encoder", "tokenizer"],
+    "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
+    "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
+}
+
+
 @dataclass
 class CheckpointInfo:
     """What a checkpoint is, read from its tensors: enough to pick the model class and config."""

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from .camera import CAMERA_CHANNELS, CAMERA_LATENT_SCALE, plucker_rays
 from .context import ContextWindows, cut_in_time, predict_in_windows, reference_at_first_frame, riflex_frequency
-from .dataset import ASPECT_RATIO_512
 from .parallel import ParallelGroups, SequenceParallel, gather_branches
 from .sampling import Sampler
 from .step_cache import StepCache
@@ -63,6 +62,21 @@ RESOLUTIONS = (512, 768, 960, 1024, 1280)
 def _no_stage(name: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """The default stage: models stay where they are."""
     return contextlib.nullcontext()
+
+
+# The official 512-base aspect-ratio table (height / width -> [height, width]), easyanimate/data/bucket_sampler.py.
+ASPECT_RATIO_512 = {
+    "0.25": [256.0, 1024.0], "0.26": [256.0, 992.0], "0.27": [256.0, 960.0], "0.28": [256.0, 928.0],
+    "0.32": [288.0, 896.0], "0.33": [288.0, 864.0], "0.35": [288.0, 832.0], "0.4": [320.0, 800.0],
+    "0.42": [320.0, 768.0], "0.48": [352.0, 736.0], "0.5": [352.0, 704.0], "0.52": [352.0, 672.0],
+    "0.57": [384.0, 672.0], "0.6": [384.0, 640.0], "0.68": [416.0, 608.0], "0.72": [416.0, 576.0],
+    "0.78": [448.0, 576.0], "0.82": [448.0, 544.0], "0.88": [480.0, 544.0], "0.94": [480.0, 512.0],
+    "1.0": [512.0, 512.0], "1.07": [512.0, 480.0], "1.13": [544.0, 480.0], "1.21": [544.0, 448.0],
+    "1.29": [576.0, 448.0], "1.38": [576.0, 416.0], "1.46": [608.0, 416.0], "1.67": [640.0, 384.0],
+    "1.75": [672.0, 384.0], "2.0": [704.0, 352.0], "2.09": [736.0, 352.0], "2.4": [768.0, 320.0],
+    "2.5": [800.0, 320.0], "2.89": [832.0, 288.0], "3.0": [864.0, 288.0], "3.11": [896.0, 288.0],
+    "3.62": [928.0, 256.0], "3.75": [960.0, 256.0], "3.88": [992.0, 256.0], "4.0": [1024.0, 256.0],
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import easyanimate_core.dataset as dataset_module
 import easyanimate_core.loading as loading_module
 import easyanimate_core.text_encoders as text_encoders_module
-from easyanimate_core import train as train_module
+import easyanimate_core.training.dataset as dataset_module
 from easyanimate_core.atomic import atomic_dir, atomic_path, current_umask
 from easyanimate_core.cli import build_parser, main
-from easyanimate_core.dataset import ProbeCache, load_dataset
 from easyanimate_core.lora import LoraLayer, save_lora
+from easyanimate_core.training import trainer as train_module
+from easyanimate_core.training.dataset import ProbeCache, load_dataset
 from easyanimate_core.video_io import read_video, write_video
 from tests.test_train import write_dataset
 from tests.tiny_checkpoint import write_tiny_checkpoint

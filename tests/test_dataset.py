@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from easyanimate_core.cli import main
-from easyanimate_core.dataset import (
+from easyanimate_core.training.dataset import (
     Bucket,
     BucketRule,
     Sample,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from easyanimate_core.dataset import load_dataset
 from easyanimate_core.micro import data, scoring
+from easyanimate_core.training.dataset import load_dataset
 from easyanimate_core.video_io import read_video
 
 

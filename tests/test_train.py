@@ -20,20 +20,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import easyanimate_core.lora as lora_module
-from easyanimate_core import train as train_module
 from easyanimate_core.cli import main
 from easyanimate_core.loading import load_transformer, load_vae
 from easyanimate_core.lora import UnmergedLora, merge_lora, read_lora
 from easyanimate_core.pipeline import generate
 from easyanimate_core.sampling import make_sampler
 from easyanimate_core.text_encoders import PromptPair, load_text_encoders
-from easyanimate_core.train import (
+from easyanimate_core.training import trainer as train_module
+from easyanimate_core.training.examples import random_inpaint_mask
+from easyanimate_core.training.trainer import (
     TrainingInterrupted,
     add_train_arguments,
     lr_factor,
     run_training,
 )
-from easyanimate_core.train_data import random_inpaint_mask
 from easyanimate_core.transformer import EasyAnimateTransformer3D, TransformerConfig
 from easyanimate_core.video_io import read_video, write_video
 from tests.tiny_checkpoint import TEXT_HIDDEN, write_tiny_checkpoint

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from easyanimate_core import train as train_module
 from easyanimate_core.pipeline import encode_mean, inpaint_from_masked
-from easyanimate_core.train import run_training
-from easyanimate_core.train_data import draw_inpaint_input, fixed_clip_generator, seeded
+from easyanimate_core.training import trainer as train_module
+from easyanimate_core.training.examples import draw_inpaint_input, fixed_clip_generator, seeded
+from easyanimate_core.training.trainer import run_training
 from easyanimate_core.vae import MagvitVAE
 
 from .test_train import cli_args, parse, write_dataset, write_training_checkpoint
@@ -83,7 +83,7 @@ def test_training_steps_encode_nothing_and_see_cached_masks(cached_run):
 def test_cached_inpaint_inputs_equal_the_masks_encoded_directly(cached_run, workspace):
     """Each sample's cached rows are pipeline.inpaint_from_masked of the VAE's encoding of its seeded mask draws."""
     from easyanimate_core import load_vae
-    from easyanimate_core.dataset import load_clip
+    from easyanimate_core.training.dataset import load_clip
 
     run = cached_run["run"]
     rows = [load_file(f) for f in sorted((cached_run["cache"] / "inpaint").glob("*.safetensors"))]

@@ -1,4 +1,6 @@
-"""Training the micro VAE on procedural clips (the `easyanimate train` CLI trains transformers only).
+"""Training the micro VAE on procedural clips rendered on the fly (``easyanimate train-vae``, the generic VAE trainer
+in training/vae_trainer.py, trains on a dataset JSON; this one renders each batch from (seed, step) instead and
+weights object pixels, and shares its chunked encode / decode with gradients).
 
     python -m easyanimate_core.micro.train_vae --model <model folder> --output <run folder> --steps 2000
 
@@ -11,8 +13,9 @@ around the shape over 5 frames (cheap: the shapes are small); the last ones see 
 term; latents are sampled from the posterior, so the decoder learns to take imperfect latents.
 
 Encoding and decoding run through the same causal chunk modes as ``MagvitVAE.encode`` / ``decode``
-(frame 0 alone, then the rest with cached context), with gradients. Runs resume exactly: a batch and
-its noise depend only on (seed, step), and ``<output>/state/`` holds weights, optimizer state and step.
+(frame 0 alone, then chunks with cached context), with gradients (``vae_trainer.encode_chunks`` /
+``decode_chunks``). Runs resume exactly: a batch and its noise depend only on (seed, step), and
+``<output>/state/`` holds weights, optimizer state and step.
 ``--minutes`` stops a run early at a checkpoint, to keep single runs short. ``finish`` writes the VAE
 folder with ``scaling_factor`` = 1 / std of the latents of fixed clips.
 """
@@ -32,8 +35,9 @@ from tqdm import tqdm
 
 from ..atomic import atomic_dir
 from ..loading import load_vae
-from ..train_io import join_optimizer_state, save_tensors, split_optimizer_state, write_json
-from ..vae import CAUSAL_NEXT, MAG_FIRST, MagvitVAE
+from ..training.files import join_optimizer_state, save_tensors, split_optimizer_state, write_json
+from ..training.vae_trainer import decode_chunks, encode_chunks
+from ..vae import MagvitVAE
 from .data import ALL_COLOURS, all_attributes, render, sample_clip
 
 FOREGROUND_WEIGHT = 10.0
@@ -63,29 +67,15 @@ def training_batch(seed: int, step: int, batch: int, frames: int, crop: int | No
 
 
 def posterior(vae: MagvitVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, logvar) as ``vae.encode`` computes them (frame 0, then the rest with caches), with gradients."""
-    vae.clear_caches()
-    try:
-        parts = [vae.quant_conv(vae.encoder(video[:, :, :1], MAG_FIRST))]
-        if video.shape[2] > 1:
-            parts.append(vae.quant_conv(vae.encoder(video[:, :, 1:], CAUSAL_NEXT)))
-    finally:
-        vae.clear_caches()
-    mean, logvar = torch.cat(parts, dim=2).chunk(2, dim=1)
-    return mean, logvar.clamp(-30.0, 20.0)
+    """(mean, logvar) as ``vae.encode`` computes them (frame 0, then the rest with caches), with gradients: the
+    generic VAE trainer's chunked path."""
+    return encode_chunks(vae, video)
 
 
 def reconstruct(vae: MagvitVAE, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels as ``vae.decode`` computes them from unscaled latents (latent 0, then the rest), with gradients."""
-    vae.clear_caches()
-    try:
-        z = vae.post_quant_conv(latents)
-        parts = [vae.decoder(z[:, :, :1], MAG_FIRST)]
-        if z.shape[2] > 1:
-            parts.append(vae.decoder(z[:, :, 1:], CAUSAL_NEXT))
-    finally:
-        vae.clear_caches()
-    return torch.cat(parts, dim=2)
+    """Pixels as ``vae.decode`` computes them from unscaled latents (latent 0, then the rest), with gradients: the
+    generic VAE trainer's chunked path."""
+    return decode_chunks(vae, latents)
 
 
 def vae_loss(vae: MagvitVAE, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:

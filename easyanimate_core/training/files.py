@@ -21,7 +21,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .atomic import atomic_dir, atomic_path
+from ..atomic import atomic_dir, atomic_path
 
 STATE_FILE = "training_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"

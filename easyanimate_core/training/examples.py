@@ -7,21 +7,34 @@ run and a run on any number of processes draw the same numbers for the same glob
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
 
+from ..text_encoders import PromptEmbeds
 from .dataset import load_clip
-from .text_encoders import PromptEmbeds
-from .train_io import save_tensors
+from .files import save_tensors
+from .runs import Processes
 
-if TYPE_CHECKING:
-    from .train import Processes, Run
+
+class Run(Protocol):
+    """What the caches and step examples read of a transformer training run (``trainer.Run``)."""
+
+    args: argparse.Namespace  # stride, seed, cache_dir, cache_inpaint, batch_size
+    procs: Processes
+    root: Path
+    samples: list
+    buckets: list
+    inpaint: bool
+    vae: torch.nn.Module | None
+
+    def progress(self, items, desc: str): ...
 
 
 def seeded(seed: int, *keys: int) -> torch.Generator:
@@ -52,7 +65,7 @@ class TextEmbeddings:
         if self.folder:
             todo = todo[procs.rank :: procs.world]  # each process encodes a share into the shared cache
         if todo:
-            from .text_encoders import load_text_encoders
+            from ..text_encoders import load_text_encoders
 
             log(f"encoding {len(todo)} prompts")
             encoders = load_text_encoders(root, version.lower(), dtype=dtype, device=procs.device, cache_size=0)
@@ -117,7 +130,7 @@ def build_inpaint_cache(run: Run) -> dict[int, Path]:
     ``pipeline.inpaint_from_masked``), each from a mask and noise drawn once for the sample's fixed clip, in
     ``cache_dir/inpaint``; {sample position: file}. A step then picks one of them, so inpaint training on cached
     latents encodes nothing (otherwise every masked clip goes through the VAE at every step)."""
-    from .pipeline import encode_mean, inpaint_from_masked
+    from ..pipeline import encode_mean, inpaint_from_masked
 
     args, procs = run.args, run.procs
     count = args.cache_inpaint
@@ -214,7 +227,7 @@ NOISE_AUG_LOG_MEAN, NOISE_AUG_LOG_STD = -3.0, 0.5  # official add_noise_to_refer
 
 def draw_inpaint_input(pixels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A random mask for ``pixels`` [1, 3, F, H, W] and the masked, noise-augmented clip (None: nothing kept)."""
-    from .pipeline import masked_video
+    from ..pipeline import masked_video
 
     mask = random_inpaint_mask(*pixels.shape[2:], g)
     sigma = math.exp(NOISE_AUG_LOG_MEAN + NOISE_AUG_LOG_STD * float(torch.randn((), generator=g)))

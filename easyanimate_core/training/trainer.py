@@ -31,9 +31,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,18 +41,19 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from . import sampling
-from .atomic import atomic_dir, remove_partials
-from .checks import (
+from .. import sampling
+from ..atomic import atomic_dir, remove_partials
+from ..checks import (
     check_input,
     check_memory,
     check_number,
     check_output_folder,
     check_video_size,
     generation_memory_bytes,
-    io_error_message,
     training_memory_bytes,
 )
+from ..lora import LoraNetwork, lora_targets, save_lora
+from ..text_encoders import PromptPair
 from .dataset import (
     BucketRule,
     ProbeCache,
@@ -63,9 +61,7 @@ from .dataset import (
     describe_buckets,
     load_dataset,
 )
-from .lora import LoraNetwork, lora_targets, save_lora
-from .text_encoders import PromptPair
-from .train_data import (
+from .examples import (
     Example,
     StepExamples,
     TextEmbeddings,
@@ -76,7 +72,7 @@ from .train_data import (
     draw_inpaint_input,
     seeded,
 )
-from .train_io import (
+from .files import (
     LossLog,
     checkpoint_dir,
     list_checkpoints,
@@ -90,9 +86,21 @@ from .train_io import (
     write_json,
     write_transformer_folder,
 )
+from .runs import (
+    LR_SCHEDULES,
+    Processes,
+    StopSignals,
+    TrainingInterrupted,
+    TrainingStopped,
+    check_fingerprint,
+    exit_code,
+    lr_factor,
+    resume_command,
+    start_processes,
+    unlaunched_processes,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
 PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
@@ -102,72 +110,6 @@ STRICT_KEYS = ("model", "mode", "rank", "alpha", "lora_targets", "data", "sample
 # --------------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any process (so that all of them act on it at the same step)."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def total(self, value: float) -> float:
-        """``value`` summed over the processes (for the logged loss)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t)
-
-    def gather(self, obj) -> list | None:
-        """Every process's ``obj`` on rank 0 (None elsewhere)."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-
-def start_processes(device: str | None) -> Processes:
-    """Join the process group that torchrun / accelerate describe in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device:
-        dev = torch.device(device)
-    else:
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if dev.type == "cuda":
-        dev = torch.device("cuda", dev.index if dev.index is not None else local_rank)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Processes(rank, world, dev)
-
-
-def unlaunched_processes() -> bool:
-    """Whether ``accelerate launch --num_processes N`` (N > 1) started a single process: its simple launcher,
-    which it uses without --multi_cpu / --multi_gpu, sets MASTER_ADDR for the processes it did not start but no
-    WORLD_SIZE (accelerate 1.x, ``prepare_simple_launcher_cmd_env``)."""
-    env = os.environ
-    launched_by_accelerate = any(key.startswith("ACCELERATE_") for key in env)
-    return launched_by_accelerate and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +159,7 @@ def model_inputs(run: Run, ex: Example, step: int) -> dict[str, torch.Tensor | s
 def inpaint_batch(run: Run, items: list[dict], latent_shape: tuple[int, ...]) -> torch.Tensor:
     """[B, 1 + L, ...] inpaint latents of a micro-batch: every masked clip through the VAE in one batch (one
     call instead of one per sample: on a GPU the per-sample calls, not the transformer, bounded the step)."""
-    from .pipeline import encode_mean, inpaint_from_masked
+    from ..pipeline import encode_mean, inpaint_from_masked
 
     device = run.procs.device
     inpaint = torch.zeros(len(items), run.inpaint_channels, *latent_shape[2:], device=device)
@@ -256,16 +198,6 @@ def train_step(run: Run, step: int, examples: list[Example]) -> float:
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         total += float(losses.detach().sum())
     return total
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate for 0-based optimizer step ``step`` of ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,9 +315,9 @@ def _check_numbers(args) -> None:
 
 def _check_inputs(args, procs: Processes) -> tuple[Path, object]:
     """Everything that can be checked before data or weights are read; ValueError naming the flag and the fix."""
-    from .checks import transformer_skeleton
-    from .loading import inspect_checkpoint
-    from .text_encoders import check_text_encoder_files
+    from ..checks import transformer_skeleton
+    from ..loading import inspect_checkpoint
+    from ..text_encoders import check_text_encoder_files
 
     _check_numbers(args)
     root = check_input("--model", args.model, "folder")
@@ -491,22 +423,10 @@ def _fingerprint(run: Run) -> dict:
     }
 
 
-def _check_fingerprint(saved: dict, current: dict, log) -> None:
-    differ = [k for k in current if saved.get(k) != current[k]]
-    strict = [k for k in differ if k in STRICT_KEYS]
-    if strict:
-        raise ValueError(
-            f"cannot resume: this run differs from the checkpoint in {', '.join(strict)}; "
-            "use the same model, data and settings, or start a new output folder"
-        )
-    if differ:
-        log(f"warning: resuming with other {', '.join(differ)}: the run will not repeat the original exactly")
-
-
 def _load_models(run: Run, resume: Path | None) -> None:
     """VAE, transformer (+ LoRA network), wrapped for the process group; weights from ``resume`` if given."""
-    from .loading import load_transformer, load_vae
-    from .pipeline import model_inputs as pipeline_inputs
+    from ..loading import load_transformer, load_vae
+    from ..pipeline import model_inputs as pipeline_inputs
 
     args, procs = run.args, run.procs
     vae_dtype = torch.float32 if run.dtype == torch.float16 else run.dtype  # fp16 overflows in the VAE
@@ -597,7 +517,7 @@ def _full_state_dict(run: Run) -> dict[str, torch.Tensor]:
 
 
 def _transformer_config(run: Run) -> dict:
-    from .loading import resolve_files
+    from ..loading import resolve_files
 
     config = resolve_files(run.root, "transformer")[1]
     return config or {k: v for k, v in dataclasses.asdict(run.transformer.config).items() if k != "compat"}
@@ -636,8 +556,8 @@ def save_checkpoint(run: Run, step: int, epoch: int, fingerprint: dict, loss_log
 
 def validate(run: Run, step: int) -> None:
     """Validation videos of the model as trained so far, through the generation pipeline."""
-    from .pipeline import generate
-    from .video_io import read_image, write_video
+    from ..pipeline import generate
+    from ..video_io import read_image, write_video
 
     args, procs = run.args, run.procs
     fsdp = args.fsdp and procs.world > 1
@@ -690,8 +610,8 @@ def _final_outputs(run: Run, step: int) -> Path:
 def _link_base_parts(run: Run) -> None:
     """Make a full fine-tuning output a model folder ``generate --model`` loads: link the base model's other parts
     (VAE, text encoders, tokenizers, settings) beside the trained transformer/, never copying gigabytes."""
-    from .cli import PIPELINE_PARTS
-    from .micro import DEFAULTS_FILE
+    from ..loading import PIPELINE_PARTS
+    from ..micro import DEFAULTS_FILE
 
     for part in ["vae", *PIPELINE_PARTS.get(run.version, []), DEFAULTS_FILE]:
         source, link = (run.root / part).resolve(), run.output / part
@@ -763,7 +683,7 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     start_step, saved = 0, None
     if resume:
         saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
-        _check_fingerprint(saved["fingerprint"], fingerprint, log)
+        check_fingerprint(saved["fingerprint"], fingerprint, STRICT_KEYS, log)
         start_step = saved["step"]
         log(f"resuming from {resume} (step {start_step})")
     if start_step >= args.max_steps:
@@ -845,75 +765,6 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     result = _final_outputs(run, step)
     log(f"wrote {result} after {step} steps; loss log {output / 'loss.jsonl'}, plot {output / 'loss.png'}")
     return TrainResult(losses, result, step)
-
-
-def resume_command(args) -> str:
-    """The command that continues this run: the same one with ``--resume latest`` (under torchrun / accelerate,
-    the same launcher with these arguments)."""
-    import shlex
-
-    argv = list(getattr(args, "argv", None) or [])
-    if not argv:
-        return "the same command with --resume latest"
-    kept = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            kept.append(arg)
-    return "easyanimate " + shlex.join([*kept, "--resume", "latest"])
-
-
-class StopSignals:
-    """While active, SIGTERM (what schedulers send) and SIGINT (Ctrl-C) ask the run to stop after the current
-    step, with a checkpoint; a second signal stops at once (KeyboardInterrupt, no checkpoint)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
-        self.received: str | None = None
-        self.previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        self.log(f"\n{self.received}: stopping after this step with a checkpoint (send it again to stop at once)")
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class TrainingInterrupted(Exception):
-    """Stopped at once after ``step`` (a second Ctrl-C / SIGTERM, or a callback): no checkpoint of this step."""
-
-    def __init__(self, step: int, output: Path, resume: str = "the same command with --resume latest"):
-        super().__init__(
-            f"interrupted after step {step}; the last checkpoint in {output / 'checkpoints'} continues with:\n"
-            f"  {resume}"
-        )
-        self.step = step
-
-
-class TrainingStopped(Exception):
-    """SIGTERM / SIGINT stopped the run at a step boundary, after writing a checkpoint of ``step``."""
-
-    def __init__(self, step: int, output: Path, signal_name: str, resume: str):
-        super().__init__(
-            f"{signal_name}: stopped after step {step} and wrote {checkpoint_dir(output, step)}; continue with:\n"
-            f"  {resume}"
-        )
-        self.step, self.signal_name = step, signal_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1007,18 +858,4 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_main(args) -> int:
     """Run ``easyanimate train``; returns the exit code (errors are printed, not raised)."""
-    try:
-        run_training(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(str(e), file=sys.stderr)
-        return 128 + getattr(signal, e.signal_name, signal.SIGTERM)  # as a shell reports a signal's exit
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"error: {io_error_message(e, 'then continue with ' + resume_command(args))}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(run_training, args)

@@ -32,24 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..pipeline import ASPECT_RATIO_512
+
 KINDS = ("video", "image")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SIZE_MULTIPLE = 16  # pixel sides of buckets (VAE 8 x patch 2)
 TEMPORAL_COMPRESSION = 4  # mag VAE: 4k+1 frames -> k+1 latent frames
-
-# The official 512-base aspect-ratio table (height / width -> [height, width]), easyanimate/data/bucket_sampler.py.
-ASPECT_RATIO_512 = {
-    "0.25": [256.0, 1024.0], "0.26": [256.0, 992.0], "0.27": [256.0, 960.0], "0.28": [256.0, 928.0],
-    "0.32": [288.0, 896.0], "0.33": [288.0, 864.0], "0.35": [288.0, 832.0], "0.4": [320.0, 800.0],
-    "0.42": [320.0, 768.0], "0.48": [352.0, 736.0], "0.5": [352.0, 704.0], "0.52": [352.0, 672.0],
-    "0.57": [384.0, 672.0], "0.6": [384.0, 640.0], "0.68": [416.0, 608.0], "0.72": [416.0, 576.0],
-    "0.78": [448.0, 576.0], "0.82": [448.0, 544.0], "0.88": [480.0, 544.0], "0.94": [480.0, 512.0],
-    "1.0": [512.0, 512.0], "1.07": [512.0, 480.0], "1.13": [544.0, 480.0], "1.21": [544.0, 448.0],
-    "1.29": [576.0, 448.0], "1.38": [576.0, 416.0], "1.46": [608.0, 416.0], "1.67": [640.0, 384.0],
-    "1.75": [672.0, 384.0], "2.0": [704.0, 352.0], "2.09": [736.0, 352.0], "2.4": [768.0, 320.0],
-    "2.5": [800.0, 320.0], "2.89": [832.0, 288.0], "3.0": [864.0, 288.0], "3.11": [896.0, 288.0],
-    "3.62": [928.0, 256.0], "3.75": [960.0, 256.0], "3.88": [992.0, 256.0], "4.0": [1024.0, 256.0],
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -228,7 +216,7 @@ class ProbeCache:
 
     def save(self) -> None:
         if self.path is not None:
-            from .train_io import write_json
+            from .files import write_json
 
             write_json(self.path, {"version": self.VERSION, "probes": self.entries})
 
@@ -393,7 +381,7 @@ def resize_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def load_clip(sample: Sample, bucket: Bucket, stride: int, generator: torch.Generator) -> torch.Tensor:
     """The sample's training clip [3, F, H, W] in [-1, 1] at the bucket's size."""
-    from .video_io import read_image, read_video
+    from ..video_io import read_image, read_video
 
     if sample.kind == "image":
         return resize_crop(read_image(sample.path)[None], bucket.height, bucket.width)
