@@ -247,7 +247,7 @@ _CHANNELS_LAST = torch.channels_last_3d
 _CHANNELS_LAST_MIN_NUMEL = 1 << 22
 
 
-class _CausalTime:
+class CausalTime:
     """Temporal padding and chunk-to-chunk cache of a kt=3 conv; mixed into each namespace's Conv3d."""
 
     def _setup_time(self, time_stride: int) -> None:
@@ -289,7 +289,7 @@ class _CausalTime:
 def causal_conv3d_class(conv3d: type) -> type:
     """``CausalConv3d`` built on an ``operations.Conv3d`` (so weights stay at ``<name>.weight``)."""
 
-    class CausalConv3d(_CausalTime, conv3d):
+    class CausalConv3d(CausalTime, conv3d):
         """kt x 3 x 3 conv with causal, cached temporal padding (spatial padding is the conv's own)."""
 
         def __init__(self, cin, cout, *, stride=(1, 1, 1), spatial_padding=1, dtype=None, device=None):
@@ -691,7 +691,7 @@ class MagvitVAE(nn.Module):
     def clear_caches(self) -> None:
         """Forget every conv's temporal cache (the start of a new video)."""
         for module in self.modules():
-            if isinstance(module, _CausalTime):
+            if isinstance(module, CausalTime):
                 module.cache = ()
 
     def _dtype(self) -> torch.dtype:
@@ -722,9 +722,9 @@ class MagvitVAE(nn.Module):
         self.check_video_shape(video.shape)
         cfg = self.config
         _check_tiling(tile, overlap)
-        return self._chunk(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
+        return self.chunk_length(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
 
-    def _chunk(self, chunk: int | None, released: int, name: str, multiple: int) -> int:
+    def chunk_length(self, chunk: int | None, released: int, name: str, multiple: int) -> int:
         """Validated chunk size: free (a multiple of ``multiple``) when frame-local, else the released one."""
         if chunk is None:
             return released
@@ -739,7 +739,7 @@ class MagvitVAE(nn.Module):
 
     # ---- encode ----------------------------------------------------------------------------------
 
-    def _encode_plan(self, frames: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
+    def encode_plan(self, frames: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
         """(first frame, end frame, mode) of each encoder call."""
         cfg = self.config
         if cfg.temporal_mode == "mag":
@@ -778,7 +778,7 @@ class MagvitVAE(nn.Module):
         lh, lw = h // s, w // s
         moments = torch.zeros(b, 2 * cfg.latent_channels, self.latent_frames(f), lh, lw, device=video.device)
         tiles = _tiles(lh, lw, 1, tile_latent_size, tile_overlap, video.device)
-        plan = list(self._encode_plan(f, chunk))
+        plan = list(self.encode_plan(f, chunk))
         total, done = len(tiles) * len(plan), 0
         dtype = self._dtype()
         self.clear_caches()
@@ -813,7 +813,7 @@ class MagvitVAE(nn.Module):
 
     # ---- decode ----------------------------------------------------------------------------------
 
-    def _decode_plan(self, latents: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
+    def decode_plan(self, latents: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
         """(first latent, end latent, mode) of each decoder call."""
         if self.config.temporal_mode == "mag":
             yield 0, 1, MAG_FIRST
@@ -884,7 +884,7 @@ class MagvitVAE(nn.Module):
         if t < 1 or lh < 1 or lw < 1:
             raise ValueError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
         _check_tiling(tile_latent_size, tile_overlap)
-        chunk = self._chunk(chunk_latents, cfg.mini_batch_decoder, "chunk_latents", 1)
+        chunk = self.chunk_length(chunk_latents, cfg.mini_batch_decoder, "chunk_latents", 1)
         if frame_by_frame is None:
             frame_by_frame = self.frame_local
         elif frame_by_frame and not self.frame_local:
@@ -897,7 +897,7 @@ class MagvitVAE(nn.Module):
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
 
         tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
-        plan = list(self._decode_plan(t, chunk))
+        plan = list(self.decode_plan(t, chunk))
         total, done = len(tiles) * len(plan), 0
         dtype = self._dtype()
         weight_sum = None

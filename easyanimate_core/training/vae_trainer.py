@@ -55,7 +55,7 @@ from torch import nn
 
 from ..atomic import atomic_dir, remove_partials
 from ..checks import check_input, check_number, check_output_folder, check_video_size
-from ..vae import ChunkMode, MagvitVAE, VAEConfig, _CausalTime
+from ..vae import CausalTime, ChunkMode, MagvitVAE, VAEConfig
 from .dataset import Bucket, ProbeCache, batch_plan, clip_indices, load_dataset, resize_crop
 from .examples import as_is, digest, seeded
 from .files import (
@@ -117,16 +117,16 @@ STRICT_KEYS += ("discriminator", "disc_channels", "disc_layers")
 # --------------------------------------------------------------------------------------------------
 
 
-def cached_convs(module: nn.Module) -> list[_CausalTime]:
+def cached_convs(module: nn.Module) -> list[CausalTime]:
     """The causal convolutions under ``module`` (each carries its last input frames from chunk to chunk)."""
-    return [m for m in module.modules() if isinstance(m, _CausalTime)]
+    return [m for m in module.modules() if isinstance(m, CausalTime)]
 
 
 def run_chunk(
     step: Callable[[torch.Tensor, ChunkMode], torch.Tensor],
     x: torch.Tensor,
     mode: ChunkMode,
-    convs: list[_CausalTime],
+    convs: list[CausalTime],
     checkpointed: bool,
 ) -> torch.Tensor:
     """``step(x, mode)``, which reads and refreshes the caches of ``convs``; ``checkpointed``: keep only its input
@@ -164,7 +164,9 @@ def encode_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) [B, L, T, h, w] of ``video`` [B, 3, F, H, W] as ``MagvitVAE.encode`` computes them (frame 0
     alone, then ``chunk_frames`` at a time, default the model's), with gradients."""
-    chunk = vae._chunk(chunk_frames, vae.config.mini_batch_encoder, "chunk_frames", vae.config.temporal_compression)
+    chunk = vae.chunk_length(
+        chunk_frames, vae.config.mini_batch_encoder, "chunk_frames", vae.config.temporal_compression
+    )
     convs = cached_convs(vae.encoder)
 
     def step(x, mode):
@@ -174,7 +176,7 @@ def encode_chunks(
     try:
         parts = [
             run_chunk(step, video[:, :, start:end], mode, convs, checkpointed)
-            for start, end, mode in vae._encode_plan(video.shape[2], chunk)
+            for start, end, mode in vae.encode_plan(video.shape[2], chunk)
         ]
     finally:
         vae.clear_caches()
@@ -187,7 +189,7 @@ def decode_chunks(
 ) -> torch.Tensor:
     """Pixels [B, 3, F, H, W] of unscaled ``latents`` [B, L, T, h, w] as ``MagvitVAE.decode`` computes them (latent
     0 alone, then ``chunk_latents`` at a time, default the model's), with gradients."""
-    chunk = vae._chunk(chunk_latents, vae.config.mini_batch_decoder, "chunk_latents", 1)
+    chunk = vae.chunk_length(chunk_latents, vae.config.mini_batch_decoder, "chunk_latents", 1)
     convs = cached_convs(vae.decoder)
 
     def step(z, mode):
@@ -197,7 +199,7 @@ def decode_chunks(
     try:
         parts = [
             run_chunk(step, latents[:, :, start:end], mode, convs, checkpointed)
-            for start, end, mode in vae._decode_plan(latents.shape[2], chunk)
+            for start, end, mode in vae.decode_plan(latents.shape[2], chunk)
         ]
     finally:
         vae.clear_caches()
@@ -548,7 +550,7 @@ def _check_geometry(args, config: VAEConfig) -> None:
         ("--chunk-latents", args.chunk_latents, config.mini_batch_decoder, 1),
     ):
         try:
-            skeleton._chunk(value, released, flag, multiple)
+            skeleton.chunk_length(value, released, flag, multiple)
         except ValueError as e:
             raise ValueError(f"{e}; leave {flag} out to use the model's") from e
     if args.disc_weight:
