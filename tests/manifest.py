@@ -15,12 +15,13 @@ from pathlib import Path
 
 MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "easyanimate_keys.tsv.gz"
 EXTRA_PATH = MANIFEST_PATH.with_name("official_extra_keys.tsv.gz")
+V3_PATH = MANIFEST_PATH.with_name("official_v3_keys.tsv.gz")  # V1-V3, bench/official_v3.py
 
 
 @cache
 def _all() -> dict[str, dict[str, tuple[int, ...]]]:
     models: dict[str, dict[str, tuple[int, ...]]] = {}
-    for path in (MANIFEST_PATH, EXTRA_PATH):
+    for path in (MANIFEST_PATH, EXTRA_PATH, V3_PATH):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f.read().splitlines():
                 if not line or line.startswith("#") or line.startswith("model\t"):
