@@ -2,6 +2,7 @@
 
     load_transformer(path, dtype=..., device=..., operations=...) -> EasyAnimateTransformer3D (V5 / V5.1)
                                                                      or EasyAnimateV4Transformer3D (V4)
+                                                                     or EasyAnimateV3Transformer3D (V1-V3)
     load_vae(path, dtype=..., device=..., operations=...)         -> MagvitVAE
     inspect_checkpoint(path)                                      -> CheckpointInfo (no tensors read)
 
@@ -9,7 +10,7 @@
 layout), the ``transformer/`` or ``vae/`` folder itself (single or sharded safetensors), or one
 ``.safetensors`` file, with or without a ``config.json`` (or ``<name>.json``) beside it.
 
-Version (V4 / V5 / V5.1), size and variant are read from tensor names and shapes; a config.json only
+Version (V1 / V2 / V3 / V4 / V5 / V5.1), size and variant are read from tensor names and shapes; a config.json only
 supplies what tensors cannot show (norm eps, flags). Every check runs on the safetensors headers
 before a single weight is read; the model is built on the meta device and each tensor is assigned
 in the target dtype as it is read, so peak RAM stays near one copy of the weights.
@@ -30,6 +31,7 @@ from torch import nn
 
 from .keys import diffusers_to_official, is_diffusers_layout, strip_wrapper_prefix
 from .transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from .transformer_v3 import EasyAnimateV3Transformer3D, TransformerV3Config, config_from_state_dict
 from .transformer_v4 import EasyAnimateV4Transformer3D, TransformerV4Config
 from .vae import VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
 
@@ -53,6 +55,9 @@ PIPELINE_PARTS = {
     "V5.1": ["text_encoder", "tokenizer"],
     "V5": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
     "V4": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder"],
+    "V3": ["text_encoder", "tokenizer", "image_encoder"],  # T5; CLIP vision for the InP image input
+    "V2": ["text_encoder", "tokenizer"],
+    "V1": ["text_encoder", "tokenizer"],
 }
 
 
@@ -61,14 +66,14 @@ class CheckpointInfo:
     """What a checkpoint is, read from its tensors: enough to pick the model class and config."""
 
     kind: str  # "transformer" | "vae"
-    version: str  # "V4" | "V5" | "V5.1"
+    version: str  # "V1" | "V2" | "V3" | "V4" | "V5" | "V5.1"
     variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: "slice" | "mag"
     size: str  # "12B", "7B", or a parameter count for other geometries
     layout: str  # "official" | "diffusers"
     stored_dtype: str
     num_params: int
     files: list[Path]
-    config: TransformerConfig | TransformerV4Config | VAEConfig | None = None
+    config: TransformerConfig | TransformerV4Config | TransformerV3Config | VAEConfig | None = None
     notes: list[str] = field(default_factory=list)
     weight_dtype: torch.dtype | None = None  # dtype of the main weights: what loading with dtype=None keeps
 
@@ -161,11 +166,26 @@ def check_safetensors(path: str | Path) -> None:
     _parse_safetensors_header(Path(path))
 
 
-def _refuse_pickle(path: Path) -> None:
+def _refuse_pickle(path: Path, hint: str = "") -> None:
     raise ValueError(
         f"{path}: refusing to load a pickle-based checkpoint ({path.suffix}): unpickling can run arbitrary "
         "code. Use the .safetensors release of this model, or convert it once in a trusted environment "
-        "with safetensors.torch.save_file."
+        f"with safetensors.torch.save_file.{hint}"
+    )
+
+
+def _pickle_hint(folder: Path) -> str:
+    """The conversion command for a V1-V3 transformer folder (its releases' loader also read a .bin)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("norm_type") != "ada_norm_single":
+        return ""
+    return (
+        " This is an EasyAnimate V1-V3 (PixArt-motion) transformer folder, whose official loader "
+        "(Transformer3DModel.from_pretrained_2d) falls back to diffusion_pytorch_model.bin; convert it once with "
+        'python -c "import torch; from safetensors.torch import save_file; '
+        "sd = torch.load('diffusion_pytorch_model.bin', map_location='cpu', weights_only=True); "
+        "save_file({k: v.contiguous() for k, v in sd.items()}, 'diffusion_pytorch_model.safetensors')\" "
+        f"run in {folder}."
     )
 
 
@@ -182,7 +202,7 @@ def _weight_files(folder: Path) -> list[Path]:
     if not files:
         pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
-            _refuse_pickle(pickles[0])
+            _refuse_pickle(pickles[0], _pickle_hint(folder))
         raise ValueError(f"{folder}: no .safetensors weights found in this folder")
     return files
 
@@ -240,8 +260,38 @@ def _block_indices(shapes: dict, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
 
 
+V3_FAMILY = ("V1", "V2", "V3")  # the PixArt-motion releases: one model class, three configurations
+
+# Top-level tensor names only one transformer family has (shared ones, e.g. proj_out, clip_projection, say nothing).
+_FAMILY_MARKERS = {
+    "V1-V3": ("adaln_single.", "caption_projection.", "long_connect_fc.", "transformer_blocks.*.attn_temporal."),
+    "V4": ("text_embedding_padding", "blocks.", "time_extra_emb.", "text_embedder."),
+    "V5 / V5.1": ("proj.weight", "proj.bias", "text_proj", "time_embedding.", "norm_final."),
+}
+
+
+def _family_evidence(shapes: dict[str, tuple]) -> dict[str, str]:
+    """{family: one tensor name only that family has} for every transformer family the tensors show."""
+    found = {}
+    for key in shapes:
+        generic = re.sub(r"^transformer_blocks\.\d+\.", "transformer_blocks.*.", key)
+        for family, markers in _FAMILY_MARKERS.items():
+            if family not in found and generic.startswith(markers):
+                found[family] = key
+    return found
+
+
 def detect_transformer(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
     """Version, variant, size and config of a transformer from its (official-layout) tensor shapes."""
+    evidence = _family_evidence(shapes)
+    if len(evidence) > 1:
+        raise ValueError(
+            f"{', '.join(map(str, files))}: mixes tensors of different EasyAnimate transformers ("
+            + "; ".join(f"{family}: e.g. {key}" for family, key in evidence.items())
+            + "). Keep one model's files in a folder (a stray file from another version?)"
+        )
+    if "V1-V3" in evidence:
+        return detect_transformer_v3(shapes, files, config)
     if "text_embedding_padding" in shapes or any(k.startswith("blocks.") for k in shapes):
         return detect_transformer_v4(shapes, files, config)
     needed = (
@@ -368,6 +418,92 @@ def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: d
     return CheckpointInfo("transformer", "V4", variant, size, "official", "", num_params, files, cfg, notes)
 
 
+# What tensors cannot show of a V1-V3 model, which a config.json may add (the motion layout needs the yaml keys).
+_V3_MOTION_KEYS = ("basic_block_type", "motion_module_type", "motion_module_kwargs", "motion_module_kwargs_even")
+_V3_FROM_CONFIG = ("norm_eps",)
+_V3_RESOLUTION_KEY = "adaln_single.emb.resolution_embedder.linear_1.weight"
+
+
+def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
+    """Version (V1 / V2 / V3), variant and config of a PixArt-motion transformer from its tensor shapes.
+
+    The release table decides what shapes cannot show (12 input channels: V3 InP; 4 with U-ViT long skips: V2;
+    4 without: V1); a config.json carrying the release yaml's motion keys overrides it.
+    """
+    where = ", ".join(map(str, files))
+    has_motion = any(".attn_temporal." in k for k in shapes)
+    has_base = "pos_embed.proj.weight" in shapes and "adaln_single.linear.weight" in shapes
+    if has_motion and not has_base:
+        raise ValueError(
+            f"{where}: holds only motion-module weights (like easyanimate_v1_mm.safetensors), which go on top of "
+            "the PixArt-XL-2 base transformer; loading a separate motion module is not supported: load a full "
+            "EasyAnimate V2 / V3 transformer, or one V1 file with the base and the motion module merged"
+        )
+    if not has_motion:
+        raise ValueError(
+            f"{where}: a PixArt-alpha image transformer without motion modules (no transformer_blocks.N."
+            "attn_temporal tensors), not an EasyAnimate video transformer"
+        )
+    needed = (
+        "scale_shift_table",
+        "proj_out.weight",
+        "caption_projection.linear_1.weight",
+        "adaln_single.linear.weight",
+    )
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise ValueError(
+            f"{where}: looks like an EasyAnimate V1-V3 transformer but lacks {absent[:3]}; "
+            "the file may be incomplete (a shard missing?)"
+        )
+    blocks = _block_indices(shapes, r"transformer_blocks\.(\d+)\.")
+    if blocks != list(range(len(blocks))):
+        raise ValueError(f"{where}: V1-V3 transformer blocks are not numbered 0..N-1 (a shard missing?)")
+    motion_config = config if any(k in config for k in _V3_MOTION_KEYS) else None
+    try:
+        cfg = config_from_state_dict(shapes, motion_config)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    notes = []
+    for k in ("in_channels", "out_channels", "num_layers", "patch_size", "caption_channels"):
+        if config.get(k) is not None and config[k] != getattr(cfg, k):
+            notes.append(
+                f"config.json says {k}={config[k]!r} but the tensors say {getattr(cfg, k)!r}; using the tensors"
+            )
+    changes = {k: config[k] for k in _V3_FROM_CONFIG if config.get(k) is not None}
+    width, head_dim = shapes["pos_embed.proj.weight"][0], config.get("attention_head_dim")
+    if motion_config is None and head_dim and width % head_dim == 0:
+        changes.update(attention_head_dim=head_dim, num_attention_heads=width // head_dim)
+    if config.get("sample_size") is not None:
+        # sample_size 128 adds the resolution embeddings: only a value the tensors agree with is taken.
+        if (config["sample_size"] == 128) == (_V3_RESOLUTION_KEY in shapes):
+            changes["sample_size"] = config["sample_size"]
+        else:
+            notes.append(f"config.json says sample_size={config['sample_size']!r}, which the tensors contradict")
+    cfg = cfg.replace(**changes)
+    if cfg.inner_dim != width:  # heads are invisible in shapes: only the release head size (72) is assumed
+        raise ValueError(
+            f"{where}: width {width} is not a whole number of {cfg.attention_head_dim}-wide heads; put the model's "
+            "config.json (with attention_head_dim) beside the file"
+        )
+    global_motion = (motion_config or {}).get("basic_block_type") == "global_motionmodule"
+    version = "V3" if cfg.in_channels == 12 or global_motion else "V2" if cfg.enable_uvit else "V1"
+    if motion_config is None:
+        notes.append(
+            f"motion-module heads and attention kinds are not in the tensors: using the {version} release's "
+            "(config.json with the release yaml's transformer_additional_kwargs overrides them)"
+        )
+    if not any(k.endswith(".pos_encoder.pe") for k in shapes):
+        # The releases store them (a persistent buffer): a file without them was trained without them.
+        notes.append("no frame-position tables (pos_encoder.pe) stored: motion modules without temporal positions")
+    notes.append("generation with V1-V3 models is not available yet: this transformer can be inspected and loaded")
+    latent = cfg.latent_channels
+    variant = {latent: "T2V", 3 * latent: "InP"}.get(cfg.in_channels, "custom")
+    num_params = sum(_numel(s) for k, s in shapes.items() if not k.endswith(".pos_encoder.pe"))
+    size = "XL" if (cfg.inner_dim, cfg.num_layers) == (1152, 28) else f"{num_params / 1e9:.2f}B"
+    return CheckpointInfo("transformer", version, variant, size, "official", "", num_params, files, cfg, notes)
+
+
 def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
     """Version and config of a MagViT VAE from its tensor shapes (a config.json adds norm groups, scaling)."""
     if not all(k in shapes for k in ("post_quant_conv.weight", "quant_conv.weight", "encoder.conv_in.weight")):
@@ -447,7 +583,7 @@ def _inspect(path, kind: str) -> tuple[_Header, dict[str, str], CheckpointInfo]:
     info.layout = layout
     info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
     probe_key = {
-        "transformer": "pos_embed.proj.weight" if info.version == "V4" else "proj.weight",
+        "transformer": "pos_embed.proj.weight" if info.version in ("V4", *V3_FAMILY) else "proj.weight",
         "vae": "post_quant_conv.weight",
     }
     probe = to_file[probe_key[kind]]
@@ -569,8 +705,8 @@ def load_transformer(
     compat: str = "official",
     rope_in_first_block: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> EasyAnimateTransformer3D | EasyAnimateV4Transformer3D:
-    """Load a V4, V5 or V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is.
+) -> EasyAnimateTransformer3D | EasyAnimateV4Transformer3D | EasyAnimateV3Transformer3D:
+    """Load a V1-V5.1 transformer; ``dtype`` None keeps the stored dtype. ``model.info`` says what it is.
 
     ``rope_in_first_block`` (V4 only): RoPE in block 0's self-attention, on in the V4-era code the weights were
     trained with (the default), off in the official code since V5.
@@ -589,6 +725,8 @@ def load_transformer(
             return EasyAnimateV4Transformer3D(cfg, dtype=model_dtype, operations=ops)
         if rope_in_first_block is not None:
             raise ValueError(f"rope_in_first_block applies to V4 transformers; {path} is {info.version}")
+        if info.version in V3_FAMILY:  # one official code path, no compat switch
+            return EasyAnimateV3Transformer3D(info.config, dtype=model_dtype, operations=ops)
         return EasyAnimateTransformer3D(info.config.replace(compat=compat), dtype=model_dtype, operations=ops)
 
     return _load(path, "transformer", build, dtype, device, progress)
