@@ -347,6 +347,20 @@ def detect_transformer(shapes: dict[str, tuple], files: list[Path], config: dict
 _V4_YAML_OVERRIDES = {"basic_block_type": "basic", "after_norm": False, "time_position_encoding": True}
 
 
+def _check_complete(where, family: str, shapes: dict[str, tuple], needed: tuple[str, ...], block_pattern: str) -> int:
+    """The number of blocks of a ``family`` transformer; raise when it lacks a ``needed`` tensor or a block."""
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise ValueError(
+            f"{where}: looks like an EasyAnimate {family} transformer but lacks {absent[:3]}; "
+            "the file may be incomplete (a shard missing?)"
+        )
+    blocks = _block_indices(shapes, block_pattern)
+    if blocks != list(range(len(blocks))):
+        raise ValueError(f"{where}: {family} transformer blocks are not numbered 0..N-1 (a shard missing?)")
+    return len(blocks)
+
+
 def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
     """Config of a V4 (HunyuanDiT-based) transformer from its tensor shapes; config.json adds learn_sigma."""
     needed = (
@@ -360,15 +374,7 @@ def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: d
         "blocks.0.attn2.to_k.weight",
         "blocks.0.ff.net.0.proj.weight",
     )
-    absent = [k for k in needed if k not in shapes]
-    if absent:
-        raise ValueError(
-            f"{files[0]}: looks like an EasyAnimate V4 (HunyuanDiT-based) transformer but lacks {absent[:3]}; "
-            "the file may be incomplete (a shard missing?)"
-        )
-    blocks = _block_indices(shapes, r"blocks\.(\d+)\.")
-    if blocks != list(range(len(blocks))):
-        raise ValueError(f"{files[0]}: V4 transformer blocks are not numbered 0..N-1")
+    num_blocks = _check_complete(files[0], "V4 (HunyuanDiT-based)", shapes, needed, r"blocks\.(\d+)\.")
     inner, in_channels, p, _ = shapes["pos_embed.proj.weight"]
     head_dim = shapes["blocks.0.attn1.norm_q.weight"][0]
     text_len_t5 = shapes["time_extra_emb.pooler.positional_embedding"][0] - 1
@@ -379,7 +385,7 @@ def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: d
         "in_channels": in_channels,
         "out_channels": shapes["proj_out.weight"][0] // (p * p),
         "patch_size": p,
-        "num_layers": len(blocks),
+        "num_layers": num_blocks,
         "ff_inner_dim": shapes["blocks.0.ff.net.0.proj.weight"][0],
         "cross_attention_dim": shapes["blocks.0.attn2.to_k.weight"][1],
         "cross_attention_dim_t5": shapes["text_embedder.linear_1.weight"][1],
@@ -414,7 +420,7 @@ def detect_transformer_v4(shapes: dict[str, tuple], files: list[Path], config: d
     latent = cfg.latent_channels
     variant = {latent: "T2V", 3 * latent: "InP"}.get(in_channels, "custom")
     num_params = sum(_numel(s) for k, s in shapes.items() if not k.endswith(".t_embed.pe"))
-    size = "XL" if (inner, len(blocks)) == (1408, 40) else f"{num_params / 1e9:.2f}B"
+    size = "XL" if (inner, num_blocks) == (1408, 40) else f"{num_params / 1e9:.2f}B"
     return CheckpointInfo("transformer", "V4", variant, size, "official", "", num_params, files, cfg, notes)
 
 
@@ -450,15 +456,7 @@ def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: d
         "caption_projection.linear_1.weight",
         "adaln_single.linear.weight",
     )
-    absent = [k for k in needed if k not in shapes]
-    if absent:
-        raise ValueError(
-            f"{where}: looks like an EasyAnimate V1-V3 transformer but lacks {absent[:3]}; "
-            "the file may be incomplete (a shard missing?)"
-        )
-    blocks = _block_indices(shapes, r"transformer_blocks\.(\d+)\.")
-    if blocks != list(range(len(blocks))):
-        raise ValueError(f"{where}: V1-V3 transformer blocks are not numbered 0..N-1 (a shard missing?)")
+    _check_complete(where, "V1-V3", shapes, needed, r"transformer_blocks\.(\d+)\.")
     motion_config = config if any(k in config for k in _V3_MOTION_KEYS) else None
     try:
         cfg = config_from_state_dict(shapes, motion_config)

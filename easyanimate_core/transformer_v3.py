@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import attention
 from .ops import cast_param, default_operations, layer_norm_fp32
 from .transformer import FeedForward, TimestepEmbedding, fp16_safe, timestep_sinusoid
-from .transformer_v4 import merge_heads, split_heads, temporal_table
+from .transformer_v4 import TemporalPositionEncoding, merge_heads, split_heads, temporal_table
 
 UVIT_PUSHES = 13  # blocks 0..12 push their output (hard-coded in the official forward)
 UVIT_FIRST_POP = 15  # blocks 15.. pop one (so blocks 13 and 14 neither push nor pop)
@@ -237,19 +237,16 @@ def sincos_2d_pixart(dim: int, grid_h: int, grid_w: int, base_size: int, scale: 
     return torch.cat([sincos(col_pos), sincos(row_pos)], dim=1).float()
 
 
-class FrameTable(nn.Module):
-    """Fixed sinusoidal frame-position table (buffer ``pe`` [1, 4096, dim], stored in official checkpoints)."""
+class FrameTable(TemporalPositionEncoding):
+    """V4's fixed sinusoidal frame-position table at the motion modules' 4096 rows (buffer ``pe``, stored in official
+    checkpoints), added to sequences laid out frame-major per spatial position."""
 
     def __init__(self, dim: int, dtype=None, device=None):
-        super().__init__()
-        self.register_buffer("pe", torch.empty(1, TIME_TABLE_LENGTH, dim, dtype=dtype, device=device))
-        if self.pe.device.type != "meta":
-            self.pe.copy_(temporal_table(dim, TIME_TABLE_LENGTH))
+        super().__init__(dim, dtype, device, length=TIME_TABLE_LENGTH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, F, dim] -> x + pe[:F]."""
-        if x.shape[1] > TIME_TABLE_LENGTH:
-            raise ValueError(f"{x.shape[1]} latent frames exceed the {TIME_TABLE_LENGTH}-frame temporal table")
+        self.check_frames(x.shape[1])
         return x + cast_param(self.pe[:, : x.shape[1]], x)
 
 

@@ -183,16 +183,20 @@ def temporal_table(dim: int, length: int = TIME_TABLE_LENGTH) -> torch.Tensor:
 class TemporalPositionEncoding(nn.Module):
     """Adds the fixed sinusoidal table along the frame axis (buffer ``pe``, stored in official checkpoints)."""
 
-    def __init__(self, dim: int, dtype=None, device=None):
+    def __init__(self, dim: int, dtype=None, device=None, length: int = TIME_TABLE_LENGTH):
         super().__init__()
-        self.register_buffer("pe", torch.empty(1, TIME_TABLE_LENGTH, dim, dtype=dtype, device=device))
+        self.register_buffer("pe", torch.empty(1, length, dim, dtype=dtype, device=device))
         if self.pe.device.type != "meta":
-            self.pe.copy_(temporal_table(dim))
+            self.pe.copy_(temporal_table(dim, length))
+
+    def check_frames(self, frames: int) -> None:
+        """Raise when ``frames`` latent frames are more than the table holds."""
+        if frames > self.pe.shape[1]:
+            raise ValueError(f"{frames} latent frames exceed the {self.pe.shape[1]}-frame temporal table")
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """x [B, F*hw, D] -> x + pe[frame] for every token of each frame."""
-        if frames > TIME_TABLE_LENGTH:
-            raise ValueError(f"{frames} latent frames exceed the {TIME_TABLE_LENGTH}-frame temporal table")
+        self.check_frames(frames)
         b, n, d = x.shape
         pe = cast_param(self.pe[0, :frames], x)  # [F, D]
         return (x.view(b, frames, n // frames, d) + pe[None, :, None, :]).view(b, n, d)

@@ -44,6 +44,7 @@ def serve(address: str, rank: int, device: str, dist_port: int, layout: Parallel
     send_message(conn, {"done": True})
     sequence = {"sequence_parallel": SequenceParallel(groups)} if layout.sequence > 1 else {}
     model = None
+    backends = {}  # attention backends by name, looked up once (a missing package is reported once, not per call)
     while True:
         try:
             header, tensors = receive_message(conn)
@@ -69,7 +70,10 @@ def serve(address: str, rank: int, device: str, dist_port: int, layout: Parallel
             extra = {}
             if options.get("rope_temporal_frequency"):
                 extra["rope_temporal_frequency"] = tuple(options["rope_temporal_frequency"])
-            attention, _ = attention_backend(options.get("attention", "sdpa"))
+            name = options.get("attention", "sdpa")
+            if name not in backends:
+                backends[name] = attention_backend(name)[0]
+            attention = backends[name]
             with torch.no_grad(), using_attention(attention):
                 out = model(x, **inputs, **extra, **sequence)
             if split:

@@ -37,6 +37,7 @@ from ..pipeline import ASPECT_RATIO_512
 KINDS = ("video", "image")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SIZE_MULTIPLE = 16  # pixel sides of buckets (VAE 8 x patch 2)
+PROBE_CACHE = "dataset_probes.json"  # in a run's output folder: probe results by file size and mtime
 TEMPORAL_COMPRESSION = 4  # mag VAE: 4k+1 frames -> k+1 latent frames
 
 
@@ -340,6 +341,17 @@ def batch_plan(buckets: list[Bucket], batch_size: int, seed: int) -> Iterator[tu
                 yield epoch, group[:]
                 group.clear()
         epoch += 1
+
+
+def step_plan(buckets: list[Bucket], batch_size: int, seed: int, steps: int) -> tuple[list[list[int]], list[int]]:
+    """The first ``steps`` batches of ``batch_plan`` and the epoch of each."""
+    plan_iter = batch_plan(buckets, batch_size, seed)
+    plan, epochs = [], []
+    for _ in range(steps):
+        epoch, batch = next(plan_iter)
+        plan.append(batch)
+        epochs.append(epoch)
+    return plan, epochs
 
 
 def describe_buckets(buckets: list[Bucket]) -> str:

@@ -1,5 +1,6 @@
-"""What every training run shares (the transformer trainer, the VAE trainer): its processes, the signals that
-stop it at a step boundary, and what it says when stopped (the command that resumes it)."""
+"""What every training run shares (the transformer trainer, the VAE trainer): its processes, how it starts (a
+fresh output folder or a checkpoint to resume), the signals that stop it at a step boundary, and what it says
+when stopped (the command that resumes it)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .files import checkpoint_dir
+from ..atomic import remove_partials
+from .files import checkpoint_dir, read_checkpoint, write_json
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -75,6 +77,16 @@ def start_processes(device: str | None) -> Processes:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Processes(rank, world, dev)
+
+
+def run_in_processes(device: str | None, train: Callable[[Processes], object]):
+    """``train(procs)`` in the process group torchrun / accelerate describe; the group is left afterwards."""
+    procs = start_processes(device)
+    try:
+        return train(procs)
+    finally:
+        if procs.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def unlaunched_processes() -> bool:
@@ -153,6 +165,48 @@ class TrainingStopped(Exception):
             f"  {resume}"
         )
         self.step, self.signal_name = step, signal_name
+
+
+def refuse_earlier_outputs(args, output: Path, earlier: list[Path]) -> None:
+    """A fresh run never replaces what an earlier run in ``--output`` trained (``earlier``: its weights and
+    checkpoints); ValueError naming --resume."""
+    found = [p for p in earlier if p.exists()]
+    if found:
+        raise ValueError(
+            f"--output {args.output} holds the outputs of an earlier run ({found[0].name}): add --resume latest "
+            "to continue it (with a higher --max-steps), or choose another --output"
+        )
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: step 0, or a checkpoint's step with its saved state, optimizer state and RNG states."""
+
+    step: int = 0
+    saved: dict | None = None
+    optimizer_state: dict | None = None
+    rng: tuple | None = None
+
+
+def start_run(
+    args, procs: Processes, output: Path, resume: Path | None, fingerprint: dict, strict: tuple[str, ...], log
+) -> RunStart:
+    """Read the checkpoint to resume (its fingerprint checked), refuse one at or past --max-steps, and ready the
+    output folder (partial files of a killed run removed, the run's arguments written)."""
+    start = RunStart()
+    if resume:
+        start.saved, start.optimizer_state, start.rng = read_checkpoint(resume, procs.rank)
+        check_fingerprint(start.saved["fingerprint"], fingerprint, strict, log)
+        start.step = start.saved["step"]
+        log(f"resuming from {resume} (step {start.step})")
+    if start.step >= args.max_steps:
+        raise ValueError(f"the checkpoint is at step {start.step}; raise --max-steps above it to train further")
+    if procs.main:
+        remove_partials(output)
+        remove_partials(output / "checkpoints")
+        write_json(output / "training_args.json", {k: v for k, v in vars(args).items() if k != "func"})
+    procs.barrier()
+    return start
 
 
 def check_fingerprint(saved: dict, current: dict, strict: tuple[str, ...], log: Callable[[str], None]) -> None:

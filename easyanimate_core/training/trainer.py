@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
 from .. import sampling
-from ..atomic import atomic_dir, remove_partials
+from ..atomic import atomic_dir
 from ..checks import (
     check_input,
     check_memory,
@@ -55,11 +54,12 @@ from ..checks import (
 from ..lora import LoraNetwork, lora_targets, save_lora
 from ..text_encoders import PromptPair
 from .dataset import (
+    PROBE_CACHE,
     BucketRule,
     ProbeCache,
-    batch_plan,
     describe_buckets,
     load_dataset,
+    step_plan,
 )
 from .examples import (
     Example,
@@ -78,12 +78,10 @@ from .files import (
     list_checkpoints,
     plot_losses,
     prune_checkpoints,
-    read_checkpoint,
     resolve_resume,
     rng_state,
     set_rng_state,
     write_checkpoint,
-    write_json,
     write_transformer_folder,
 )
 from .runs import (
@@ -92,18 +90,18 @@ from .runs import (
     StopSignals,
     TrainingInterrupted,
     TrainingStopped,
-    check_fingerprint,
     exit_code,
     lr_factor,
+    refuse_earlier_outputs,
     resume_command,
-    start_processes,
+    run_in_processes,
+    start_run,
     unlaunched_processes,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOSS_THRESHOLD = 50.0  # official custom_mse_loss ignores elements off by more
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on).
-PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
 STRICT_KEYS = ("model", "mode", "rank", "alpha", "lora_targets", "data", "samples", "batch_size", "seed", "buckets")
 
 
@@ -394,12 +392,7 @@ def _check_output_folder(args, needed_bytes: int) -> None:
         return
     # Trained weights only: the logs and settings a run that failed before its first checkpoint left are replaced.
     earlier = [output / f"{args.name}.safetensors", output / "transformer", *list_checkpoints(output)]
-    found = [p for p in earlier if p.exists()]
-    if found:
-        raise ValueError(
-            f"--output {args.output} holds the outputs of an earlier run ({found[0].name}): add --resume latest "
-            "to continue it (with a higher --max-steps), or choose another --output"
-        )
+    refuse_earlier_outputs(args, output, earlier)
 
 
 def _fingerprint(run: Run) -> dict:
@@ -632,12 +625,7 @@ class TrainResult:
 
 def run_training(args, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train as ``args`` say (see ``add_train_arguments``); resumes from ``args.resume`` if set."""
-    procs = start_processes(args.device)
-    try:
-        return _train(args, procs, on_step)
-    finally:
-        if procs.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_in_processes(args.device, lambda procs: _train(args, procs, on_step))
 
 
 def _train(args, procs: Processes, on_step) -> TrainResult:
@@ -680,37 +668,21 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
     run = Run(args, procs, root, output, info.version, info.variant, samples, buckets, dtype, log=log)
     fingerprint = _fingerprint(run)
 
-    start_step, saved = 0, None
-    if resume:
-        saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
-        check_fingerprint(saved["fingerprint"], fingerprint, STRICT_KEYS, log)
-        start_step = saved["step"]
-        log(f"resuming from {resume} (step {start_step})")
-    if start_step >= args.max_steps:
-        raise ValueError(f"the checkpoint is at step {start_step}; raise --max-steps above it to train further")
-    if procs.main:
-        remove_partials(output)
-        remove_partials(output / "checkpoints")
-        write_json(output / "training_args.json", {k: v for k, v in vars(args).items() if k != "func"})
-    procs.barrier()
+    start = start_run(args, procs, output, resume, fingerprint, STRICT_KEYS, log)
+    start_step, saved = start.step, start.saved
 
     prompts = [s.text for s in samples] + list(args.validation_prompt)
     cache = Path(args.cache_dir) if args.cache_dir else None
     run.text = TextEmbeddings(root, info.version, prompts, dtype, procs, cache, log)
     _load_models(run, resume)
     if resume:
-        _load_optimizer_state(run, optimizer_state)
+        _load_optimizer_state(run, start.optimizer_state)
         if run.scaler and "scaler" in saved:
             run.scaler.load_state_dict(saved["scaler"])
     latent_files = build_latent_cache(run) if args.cache_latents else None
     inpaint_files = build_inpaint_cache(run) if args.cache_inpaint and run.inpaint else None
 
-    plan_iter = batch_plan(buckets, args.batch_size, args.seed)
-    plan, epochs = [], []
-    for _ in range(args.max_steps):
-        epoch, batch = next(plan_iter)
-        plan.append(batch)
-        epochs.append(epoch)
+    plan, epochs = step_plan(buckets, args.batch_size, args.seed, args.max_steps)
     loader = torch.utils.data.DataLoader(
         StepExamples(run, plan, latent_files, inpaint_files),
         batch_size=None,
@@ -718,8 +690,8 @@ def _train(args, procs: Processes, on_step) -> TrainResult:
         num_workers=args.workers,
         collate_fn=as_is,
     )
-    if resume and rng is not None and saved["world_size"] == procs.world:
-        set_rng_state(*rng)
+    if resume and start.rng is not None and saved["world_size"] == procs.world:
+        set_rng_state(*start.rng)
     loss_log = LossLog(output / "loss.jsonl", start_step if resume else None) if procs.main else None
     losses: dict[int, float] = {}
     bar = tqdm(total=args.max_steps, initial=start_step, desc="training", unit="step", disable=not procs.main)

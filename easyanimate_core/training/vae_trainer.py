@@ -53,10 +53,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..atomic import atomic_dir, remove_partials
+from ..atomic import atomic_dir
 from ..checks import check_input, check_number, check_output_folder, check_video_size
 from ..vae import CausalTime, ChunkMode, MagvitVAE, VAEConfig
-from .dataset import Bucket, ProbeCache, batch_plan, clip_indices, load_dataset, resize_crop
+from .dataset import PROBE_CACHE, Bucket, ProbeCache, clip_indices, load_dataset, resize_crop, step_plan
 from .examples import as_is, digest, seeded
 from .files import (
     LossLog,
@@ -64,13 +64,11 @@ from .files import (
     list_checkpoints,
     plot_losses,
     prune_checkpoints,
-    read_checkpoint,
     resolve_resume,
     rng_state,
     save_tensors,
     set_rng_state,
     write_checkpoint,
-    write_json,
     write_transformer_folder,
 )
 from .runs import (
@@ -79,11 +77,12 @@ from .runs import (
     StopSignals,
     TrainingInterrupted,
     TrainingStopped,
-    check_fingerprint,
     exit_code,
     lr_factor,
+    refuse_earlier_outputs,
     resume_command,
-    start_processes,
+    run_in_processes,
+    start_run,
     unlaunched_processes,
 )
 from .vae_losses import (
@@ -104,7 +103,6 @@ from .vae_losses import (
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAE_FOLDER = "vae"
-PROBE_CACHE = "dataset_probes.json"  # in --output: the dataset's probe results, by file size and mtime
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 WHOLE_FILE = 2**62  # write_transformer_folder's shard limit: a VAE is one file
 # Fingerprint entries a resumed run must share with its checkpoint (they decide what is trained on and how).
@@ -586,12 +584,7 @@ def _check_inputs(args, procs: Processes) -> tuple[VAEConfig, dict, Path | None]
         resolve_resume(output, args.resume)
         return config, stored, source
     earlier = [output / VAE_FOLDER, *list_checkpoints(output)]
-    found = [p for p in earlier if p.exists()]
-    if found:
-        raise ValueError(
-            f"--output {args.output} holds the outputs of an earlier run ({found[0].name}): add --resume latest "
-            "to continue it (with a higher --max-steps), or choose another --output"
-        )
+    refuse_earlier_outputs(args, output, earlier)
     return config, stored, source
 
 
@@ -785,12 +778,7 @@ class VaeTrainResult:
 
 def run_vae_training(args, on_step: Callable[[int, float], None] | None = None) -> VaeTrainResult:
     """Train as ``args`` say (see ``add_train_vae_arguments``); resumes from ``args.resume`` if set."""
-    procs = start_processes(args.device)
-    try:
-        return _train(args, procs, on_step)
-    finally:
-        if procs.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_in_processes(args.device, lambda procs: _train(args, procs, on_step))
 
 
 def _train(args, procs: Processes, on_step) -> VaeTrainResult:
@@ -816,32 +804,16 @@ def _train(args, procs: Processes, on_step) -> VaeTrainResult:
     run = VaeRun(args, procs, output, config, stored, source, samples, buckets, DTYPES[args.dtype], log=log)
     fingerprint = _fingerprint(run)
 
-    start_step, saved = 0, None
-    if resume:
-        saved, optimizer_state, rng = read_checkpoint(resume, procs.rank)
-        check_fingerprint(saved["fingerprint"], fingerprint, STRICT_KEYS, log)
-        start_step = saved["step"]
-        log(f"resuming from {resume} (step {start_step})")
-    if start_step >= args.max_steps:
-        raise ValueError(f"the checkpoint is at step {start_step}; raise --max-steps above it to train further")
-    if procs.main:
-        remove_partials(output)
-        remove_partials(output / "checkpoints")
-        write_json(output / "training_args.json", {k: v for k, v in vars(args).items() if k != "func"})
-    procs.barrier()
+    start = start_run(args, procs, output, resume, fingerprint, STRICT_KEYS, log)
+    start_step, saved = start.step, start.saved
     _load_models(run, resume)
     if resume:
-        _load_optimizer_state(run, optimizer_state)
+        _load_optimizer_state(run, start.optimizer_state)
     params = sum(p.numel() for p in run.vae.parameters())
     origin = f"resumed from {resume}" if resume else f"fine-tuning {source}" if source else "from scratch"
     log(f"VAE: {params:,} parameters ({origin})")
 
-    plan_iter = batch_plan(buckets, args.batch_size, args.seed)
-    plan, epochs = [], []
-    for _ in range(args.max_steps):
-        epoch, batch = next(plan_iter)
-        plan.append(batch)
-        epochs.append(epoch)
+    plan, epochs = step_plan(buckets, args.batch_size, args.seed, args.max_steps)
     loader = torch.utils.data.DataLoader(
         StepClips(run, plan),
         batch_size=None,
@@ -852,8 +824,8 @@ def _train(args, procs: Processes, on_step) -> VaeTrainResult:
     validation_clips = []
     if args.validation_every and procs.main:
         validation_clips = [validation_clip(run, i) for i in range(min(args.validation_samples, len(samples)))]
-    if resume and rng is not None and saved["world_size"] == procs.world:
-        set_rng_state(*rng)
+    if resume and start.rng is not None and saved["world_size"] == procs.world:
+        set_rng_state(*start.rng)
     loss_log = LossLog(output / "loss.jsonl", start_step if resume else None) if procs.main else None
     result = VaeTrainResult({}, output / VAE_FOLDER, start_step, 0.0)
     bar = tqdm(total=args.max_steps, initial=start_step, desc="training the VAE", unit="step", disable=not procs.main)
