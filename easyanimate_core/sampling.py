@@ -1,7 +1,7 @@
-"""Noise schedules and samplers for EasyAnimate V4, V5 and V5.1, matching the released scheduler configs.
+"""Noise schedules and samplers for EasyAnimate V1-V3, V4, V5 and V5.1, matching the released scheduler configs.
 
 Public API
-    VERSIONS                      ("V4", "V5", "V5.1")
+    VERSIONS                      ("V1", "V2", "V3", "V4", "V5", "V5.1")
     SAMPLERS[version]             sampler names offered for a version (the official tools' choices)
     DEFAULTS[version]             (sampler, steps, guidance) of the official tools
     make_sampler(name, version, steps, *, strength=1.0, shift=None) -> Sampler
@@ -23,7 +23,10 @@ Public API
     training_target(version, x0, noise, t) -> TrainingExample(noisy, target, model_timestep)
 
 Samplers: "Euler", "Euler A", "DPM++" (2M), "PNDM", "DDIM" for V4 and V5 (v-prediction, each built from that
-version's released config); "Flow" for V5.1 (rectified flow, Euler on the mu = 1 exponentially shifted sigmas).
+version's released config) and for V1-V3 (epsilon prediction on linear betas; the official predict scripts build
+each scheduler class from the yaml's four ``noise_scheduler_kwargs``, so everything else is that class's default:
+"linspace" spacing for Euler / Euler A / DPM++, "leading" with steps_offset 1 for DDIM / PNDM, and DDIM clips its
+clean-sample estimate to [-1, 1]); "Flow" for V5.1 (rectified flow, Euler on the mu = 1 exponentially shifted sigmas).
 The discrete samplers are refused for V5.1 and Flow for V4/V5, as in the official tools.
 
 Every sampler reproduces the matching diffusers scheduler built with ``from_config`` from the released config
@@ -47,17 +50,21 @@ from typing import NamedTuple
 
 import torch
 
-VERSIONS = ("V4", "V5", "V5.1")
+PIXART_VERSIONS = ("V1", "V2", "V3")  # one scheduler config for the PixArt-motion releases
+VERSIONS = (*PIXART_VERSIONS, "V4", "V5", "V5.1")
 DISCRETE_SAMPLERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
-SAMPLERS = {"V4": DISCRETE_SAMPLERS, "V5": DISCRETE_SAMPLERS, "V5.1": ("Flow",)}
-DEFAULTS = {"V4": ("Euler", 25, 7.0), "V5": ("DDIM", 50, 6.0), "V5.1": ("Flow", 50, 6.0)}
+SAMPLERS = {**dict.fromkeys(PIXART_VERSIONS, DISCRETE_SAMPLERS), "V4": DISCRETE_SAMPLERS, "V5": DISCRETE_SAMPLERS}
+SAMPLERS["V5.1"] = ("Flow",)
+# V1-V3: predict_t2v.py / predict_i2v.py at the V3 release (DPM++, 25 steps, guidance 7).
+DEFAULTS = {**dict.fromkeys(PIXART_VERSIONS, ("DPM++", 25, 7.0)), "V4": ("Euler", 25, 7.0)}
+DEFAULTS.update({"V5": ("DDIM", 50, 6.0), "V5.1": ("Flow", 50, 6.0)})
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
 class DiscreteSchedule:
-    """A released DDPM-family scheduler config (v-prediction, scaled_linear betas)."""
+    """A released DDPM-family scheduler config."""
 
     beta_start: float
     beta_end: float
@@ -65,6 +72,17 @@ class DiscreteSchedule:
     spacing: str  # "leading" or "trailing"
     steps_offset: int
     set_alpha_to_one: bool | None  # None: the config leaves it to each scheduler's default
+    beta_schedule: str = "scaled_linear"  # or "linear"
+    prediction: str = "v_prediction"  # or "epsilon"
+    clip_sample: bool = False  # DDIM clamps its clean-sample estimate to [-1, 1]
+    # The spacing of the sigma samplers (Euler, Euler A, DPM++) where it differs: V1-V3's config leaves it to
+    # their class default, "linspace", while DDIM / PNDM default to "leading".
+    sigma_spacing: str | None = None
+
+    @property
+    def spacing_of_sigma_samplers(self) -> str:
+        """The timestep spacing Euler, Euler A and DPM++ use."""
+        return self.sigma_spacing or self.spacing
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,13 @@ class FlowSchedule:
     mu: float = 1.0
 
 
+# V1-V3's yaml noise_scheduler_kwargs (beta_start, beta_end, "linear", steps_offset 1); the rest class defaults.
+PIXART_SCHEDULE = DiscreteSchedule(
+    0.0001, 0.02, False, "leading", 1, None, beta_schedule="linear", prediction="epsilon", clip_sample=True,
+    sigma_spacing="linspace",
+)  # fmt: skip
 SCHEDULES = {
+    **dict.fromkeys(PIXART_VERSIONS, PIXART_SCHEDULE),
     # HunyuanDiT's DDPMScheduler config (no set_alpha_to_one key).
     "V4": DiscreteSchedule(0.00085, 0.03, False, "leading", 1, None),
     "V5": DiscreteSchedule(0.00085, 0.012, True, "trailing", 0, True),
@@ -99,8 +123,11 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod(schedule: DiscreteSchedule, zero_terminal_snr: bool | None = None) -> torch.Tensor:
     """float32 [1000] cumulative alphas of a discrete schedule (zero_terminal_snr overrides the config's)."""
-    betas = torch.linspace(schedule.beta_start**0.5, schedule.beta_end**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
-    betas = betas**2
+    if schedule.beta_schedule == "linear":
+        betas = torch.linspace(schedule.beta_start, schedule.beta_end, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
+    else:
+        start, end = schedule.beta_start**0.5, schedule.beta_end**0.5
+        betas = torch.linspace(start, end, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
     rescale = schedule.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
     if rescale:
         betas = _rescale_zero_terminal_snr(betas)
@@ -132,9 +159,13 @@ def _linspace(start: float, stop: float, num: int) -> torch.Tensor:
     return values
 
 
-def _spaced_timesteps(schedule: DiscreteSchedule, steps: int) -> list[int]:
-    """Descending training timesteps of an N-step run (diffusers' "leading" / "trailing" spacing)."""
-    if schedule.spacing == "leading":
+def _spaced_timesteps(schedule: DiscreteSchedule, steps: int, spacing: str | None = None) -> list[float]:
+    """Descending training timesteps of an N-step run (diffusers' "leading" / "trailing" / "linspace" spacing)."""
+    spacing = spacing or schedule.spacing
+    if spacing == "linspace":  # fractional timesteps (float32, as diffusers' Euler schedulers keep them)
+        values = _linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps).float().flip(0)
+        return values.tolist()
+    if spacing == "leading":
         ratio = NUM_TRAIN_TIMESTEPS // steps
         return [i * ratio + schedule.steps_offset for i in reversed(range(steps))]
     ratio = NUM_TRAIN_TIMESTEPS / steps
@@ -145,11 +176,25 @@ def _spaced_timesteps(schedule: DiscreteSchedule, steps: int) -> list[int]:
 
 
 def _dpm_timesteps(schedule: DiscreteSchedule, steps: int) -> list[int]:
-    """DPM-Solver's spacing: its "leading" divides by N + 1 and drops timestep 0 (unlike the other schedulers)."""
-    if schedule.spacing == "leading":
+    """DPM-Solver's spacing: its "leading" divides by N + 1 and drops timestep 0, its "linspace" spans N + 1
+    rounded points and drops the last (unlike the other schedulers)."""
+    spacing = schedule.spacing_of_sigma_samplers
+    if spacing == "linspace":
+        return [round(t) for t in _linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).tolist()][::-1][:-1]
+    if spacing == "leading":
         ratio = NUM_TRAIN_TIMESTEPS // (steps + 1)
         return [i * ratio + schedule.steps_offset for i in reversed(range(1, steps + 1))]
     return _spaced_timesteps(schedule, steps)
+
+
+def _interpolate(table: torch.Tensor, timesteps: list[float]) -> torch.Tensor:
+    """float32 table values at (possibly fractional) timesteps, linear in between, held past either end
+    (numpy.interp in float64, as diffusers' sigma schedulers look their sigmas up)."""
+    t = torch.tensor(timesteps, dtype=torch.float64).clamp(0, len(table) - 1)
+    low = t.floor().long().clamp(max=len(table) - 2)
+    values = table.double()
+    slope = values[low + 1] - values[low]
+    return (slope * (t - low.double()) + values[low]).float()
 
 
 def flow_sigmas(steps: int, mu: float = 1.0) -> torch.Tensor:
@@ -248,22 +293,23 @@ class FlowSampler(Sampler):
         return (x.float() + dt * model_output).to(model_output.dtype)
 
 
-class _VPredSampler(Sampler):
-    """Base for the v-prediction samplers of V4 / V5."""
+class _DiscreteSampler(Sampler):
+    """Base for the DDPM-family samplers: v-prediction (V4 / V5) or epsilon-prediction (V1-V3)."""
 
-    def __init__(self, name, version, timesteps: list[int], start: int, abar: torch.Tensor):
-        super().__init__(name, version, torch.tensor(timesteps, dtype=torch.int64), start)
+    def __init__(self, name, version, timesteps: list[float], start: int, abar: torch.Tensor):
+        super().__init__(name, version, torch.tensor(timesteps), start)
         # Table lookups clamp to 999: V4's steps_offset makes the first timestep 1000 at N = 1000 (diffusers' DDIM
         # and PNDM raise IndexError there); the model is still fed the scheduled value.
-        self._int_timesteps = [min(t, NUM_TRAIN_TIMESTEPS - 1) for t in timesteps[start:]]
+        self._int_timesteps = [min(int(t), NUM_TRAIN_TIMESTEPS - 1) for t in timesteps[start:]]
         self.alphas_cumprod = abar
+        self.prediction = SCHEDULES[version].prediction
 
     def add_noise(self, x0, noise, i):
         abar = self.alphas_cumprod.to(x0.dtype)[self._int_timesteps[i]]
         return _per_sample(abar**0.5, x0) * x0 + _per_sample((1 - abar) ** 0.5, x0) * noise
 
 
-class DDIMSampler(_VPredSampler):
+class DDIMSampler(_DiscreteSampler):
     """Deterministic DDIM (eta = 0) on alphas_cumprod, stepping to t - 1000 // N."""
 
     def __init__(self, version, steps, start, schedule: DiscreteSchedule):
@@ -271,6 +317,7 @@ class DDIMSampler(_VPredSampler):
         self._stride = NUM_TRAIN_TIMESTEPS // steps
         alpha_to_one = True if schedule.set_alpha_to_one is None else schedule.set_alpha_to_one
         self._final_abar = torch.tensor(1.0, dtype=torch.float32) if alpha_to_one else self.alphas_cumprod[0]
+        self._clip_sample = schedule.clip_sample
 
     def _step(self, model_output, i, x, generator):
         t = self._int_timesteps[i]
@@ -278,12 +325,18 @@ class DDIMSampler(_VPredSampler):
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self._final_abar
         beta_t = 1 - abar_t
-        x0 = (abar_t**0.5) * x - (beta_t**0.5) * model_output
-        eps = (abar_t**0.5) * model_output + (beta_t**0.5) * x
+        if self.prediction == "epsilon":
+            x0 = (x - beta_t ** (0.5) * model_output) / abar_t ** (0.5)
+            eps = model_output
+        else:
+            x0 = (abar_t**0.5) * x - (beta_t**0.5) * model_output
+            eps = (abar_t**0.5) * model_output + (beta_t**0.5) * x
+        if self._clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
         return abar_prev ** (0.5) * x0 + (1 - abar_prev) ** (0.5) * eps
 
 
-class PNDMSampler(_VPredSampler):
+class PNDMSampler(_DiscreteSampler):
     """PNDM: four Runge-Kutta (PRK) steps of 3 evaluations each, then linear multistep (PLMS)."""
 
     order_dependent = True
@@ -343,13 +396,15 @@ class PNDMSampler(_VPredSampler):
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self._final_abar
         beta_t, beta_prev = 1 - abar_t, 1 - abar_prev
-        eps = (abar_t**0.5) * model_output + (beta_t**0.5) * x  # v -> epsilon
+        eps = model_output
+        if self.prediction == "v_prediction":
+            eps = (abar_t**0.5) * model_output + (beta_t**0.5) * x
         x_coeff = (abar_prev / abar_t) ** (0.5)
         eps_denominator = abar_t * beta_prev ** (0.5) + (abar_t * beta_t * abar_prev) ** (0.5)
         return x_coeff * x - (abar_prev - abar_t) * eps / eps_denominator
 
 
-class _SigmaSampler(_VPredSampler):
+class _SigmaSampler(_DiscreteSampler):
     """Base for samplers that work on sigma = sqrt((1 - abar) / abar) (Euler, Euler A, DPM++)."""
 
     def __init__(self, name, version, timesteps, start, schedule: DiscreteSchedule):
@@ -357,15 +412,17 @@ class _SigmaSampler(_VPredSampler):
         abar = alphas_cumprod(schedule)
         super().__init__(name, version, timesteps, start, abar)
         # V4's steps_offset can push the first timestep to 1000 (N = 1000, or DPM++ with N = 999); diffusers
-        # interpolates there with np.interp, which holds the last table value.
-        index = torch.tensor(timesteps).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
-        full = torch.cat([table[index], torch.zeros(1, dtype=torch.float32)])
+        # interpolates there with np.interp, which holds the last table value (and between entries for V1-V3's
+        # fractional "linspace" timesteps).
+        full = torch.cat([_interpolate(table, timesteps), torch.zeros(1, dtype=torch.float32)])
         self._max_sigma = full.max()
         self.sigmas = full[start:]
 
-    def _x0_from_v(self, model_output, i, x):
-        """The model's clean-sample estimate from its v prediction, in the Karras parameterisation."""
+    def _x0(self, model_output, i, x):
+        """The model's clean-sample estimate from its v or epsilon prediction, in the Karras parameterisation."""
         sigma = self.sigmas[i]
+        if self.prediction == "epsilon":
+            return x - sigma * model_output
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
 
 
@@ -374,10 +431,11 @@ class EulerSampler(_SigmaSampler):
 
     def __init__(self, version, steps, start, schedule: DiscreteSchedule, ancestral: bool):
         name = "Euler A" if ancestral else "Euler"
-        super().__init__(name, version, _spaced_timesteps(schedule, steps), start, schedule)
+        spacing = schedule.spacing_of_sigma_samplers
+        super().__init__(name, version, _spaced_timesteps(schedule, steps, spacing), start, schedule)
         self.ancestral = ancestral
         # Leading spacing never reaches the last training step, so the start noise is sqrt(sigma_max^2 + 1).
-        top = self._max_sigma if schedule.spacing == "trailing" else (self._max_sigma**2 + 1) ** 0.5
+        top = self._max_sigma if spacing in ("trailing", "linspace") else (self._max_sigma**2 + 1) ** 0.5
         self.init_noise_sigma = top.item()
 
     def scale_model_input(self, x, i):
@@ -389,7 +447,7 @@ class EulerSampler(_SigmaSampler):
     def _step(self, model_output, i, x, generator):
         x = x.float()
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = self._x0_from_v(model_output, i, x)
+        x0 = self._x0(model_output, i, x)
         derivative = (x - x0) / sigma
         if not self.ancestral:
             return (x + derivative * (sigma_next - sigma)).to(model_output.dtype)
@@ -427,7 +485,10 @@ class DPMSolver2MSampler(_SigmaSampler):
 
     def _step(self, model_output, i, x, generator):
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
-        x0 = alpha_s * x - sigma_s * model_output
+        if self.prediction == "epsilon":
+            x0 = (x - sigma_s * model_output) / alpha_s
+        else:
+            x0 = alpha_s * x - sigma_s * model_output
         x = x.float()
         lambda_t, alpha_t, sigma_t = self._lambda(i + 1)
         lambda_s0, _, sigma_s0 = self._lambda(i)
@@ -520,6 +581,8 @@ def training_target(version: str, x0: torch.Tensor, noise: torch.Tensor, t: torc
     target noise - x0, model timestep sigma * 1000.
     V4 / V5 (v-prediction): x = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, target v = sqrt(abar_t) noise -
     sqrt(1 - abar_t) x0, model timestep t; V5's betas are rescaled to zero terminal SNR.
+    V1-V3 (epsilon prediction): the same noisy input on their linear betas, target the noise (the mean part of the
+    official learned-sigma objective).
     """
     if version not in SCHEDULES:
         raise ValueError(f"unknown EasyAnimate version {version!r}; valid: {', '.join(VERSIONS)}")
@@ -534,4 +597,5 @@ def training_target(version: str, x0: torch.Tensor, noise: torch.Tensor, t: torc
         return TrainingExample(noisy, noise - x0, sigma_table * NUM_TRAIN_TIMESTEPS)
     abar = alphas_cumprod(schedule).to(x0.dtype)[t.cpu()].to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
     signal, noise_level = abar**0.5, (1 - abar) ** 0.5
-    return TrainingExample(signal * x0 + noise_level * noise, signal * noise - noise_level * x0, t.float())
+    target = noise if schedule.prediction == "epsilon" else signal * noise - noise_level * x0
+    return TrainingExample(signal * x0 + noise_level * noise, target, t.float())

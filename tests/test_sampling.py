@@ -25,6 +25,8 @@ from easyanimate_core.sampling import DEFAULTS, SAMPLERS, make_sampler, training
 # The released scheduler configs (spec 4.1), including keys that some scheduler classes ignore, because the
 # official tools build every sampler with from_pretrained(model, subfolder="scheduler") on these files.
 RELEASED_CONFIGS = {
+    # V1-V3: the yaml's noise_scheduler_kwargs, which predict_t2v.py passes to each scheduler class's constructor.
+    "V3": {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "steps_offset": 1},
     "V4": {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -148,7 +150,7 @@ def our_run(name, version, steps, strength, shift=None):
     return record
 
 
-RUNS = [(name, version) for version in ("V4", "V5", "V5.1") for name in SAMPLERS[version]]
+RUNS = [(name, version) for version in ("V3", "V4", "V5", "V5.1") for name in SAMPLERS[version]]
 
 
 @pytest.mark.parametrize("steps", [7, 10])
@@ -233,7 +235,14 @@ def test_add_noise_matches_diffusers_at_every_step(name, version):
 
 
 def test_defaults_are_the_official_ones():
-    assert DEFAULTS == {"V4": ("Euler", 25, 7.0), "V5": ("DDIM", 50, 6.0), "V5.1": ("Flow", 50, 6.0)}
+    assert DEFAULTS == {
+        "V1": ("DPM++", 25, 7.0),
+        "V2": ("DPM++", 25, 7.0),
+        "V3": ("DPM++", 25, 7.0),
+        "V4": ("Euler", 25, 7.0),
+        "V5": ("DDIM", 50, 6.0),
+        "V5.1": ("Flow", 50, 6.0),
+    }
     for version, (name, steps, _) in DEFAULTS.items():
         assert name in SAMPLERS[version]
         assert make_sampler(name, version, steps).num_steps == steps
@@ -270,7 +279,7 @@ def test_euler_ancestral_is_deterministic_per_seed_and_uses_the_generator():
         (("foo", "V4", 10), {}, "unknown sampler 'foo'; valid for V4: Euler, Euler A, DPM++, PNDM, DDIM"),
         (("DDIM", "V5.1", 10), {}, "sampler 'DDIM' is not available for V5.1; valid for V5.1: Flow"),
         (("Flow", "V5", 10), {}, "sampler 'Flow' is not available for V5; valid for V5: Euler, Euler A"),
-        (("Flow", "V6", 10), {}, "unknown EasyAnimate version 'V6'; valid: V4, V5, V5.1"),
+        (("Flow", "V6", 10), {}, "unknown EasyAnimate version 'V6'; valid: V1, V2, V3, V4, V5, V5.1"),
         (("DDIM", "V5", 0), {}, "steps must be an integer in [1, 1000], got 0"),
         (("DDIM", "V5", 1001), {}, "steps must be an integer in [1, 1000], got 1001"),
         (("DDIM", "V5", 2.5), {}, "steps must be an integer in [1, 1000], got 2.5"),
@@ -337,6 +346,17 @@ def test_v_prediction_training_target_follows_ddpm(version):
         assert torch.equal(example.target[1], -x0[1])
 
 
+def test_epsilon_training_target_follows_ddpm_on_linear_betas():
+    """V1-V3: DDPM noising on the linear betas, regressing onto the noise."""
+    reference = DDPMScheduler(**RELEASED_CONFIGS["V3"])
+    x0, noise = latents_and_noise()
+    t = torch.tensor([0, 999])
+    example = training_target("V3", x0, noise, t)
+    assert torch.equal(example.noisy, reference.add_noise(x0, noise, t))
+    assert torch.equal(example.target, noise)
+    assert torch.equal(example.model_timestep, t.float())
+
+
 def test_training_timesteps_and_validation():
     a = training_timesteps(64, torch.Generator().manual_seed(0))
     b = training_timesteps(64, torch.Generator().manual_seed(0))
@@ -346,4 +366,4 @@ def test_training_timesteps_and_validation():
     with pytest.raises(ValueError, match=r"training timesteps must lie in \[0, 1000\)"):
         training_target("V5", x0, noise, torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match="unknown EasyAnimate version"):
-        training_target("V3", x0, noise, torch.tensor([0, 1]))
+        training_target("V6", x0, noise, torch.tensor([0, 1]))
