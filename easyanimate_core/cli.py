@@ -36,8 +36,11 @@ from .loading import PIPELINE_PARTS, V3_FAMILY, inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
 from .pipeline import RESOLUTIONS
 
-# Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps).
-VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0)}
+# Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps; V1: 80 at 12).
+VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0), "V3": (144, 24.0), "V2": (144, 24.0)}
+VIDEO_DEFAULTS["V1"] = (80, 12.0)
+# Versions that take CLIP features of the start image for image-to-video (their InP models).
+CLIP_VERSIONS = ("V4", "V3")
 
 
 def info(path: str) -> int:
@@ -85,6 +88,7 @@ def missing_parts_message(root: Path, missing: list[str]) -> str:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SIZE = (384, 672)  # height, width of a generation when neither the flags nor the model folder say
+SIZE_DEFAULTS = {"V1": (512, 512)}  # where a version's official predict script differs (V1 at its release)
 
 
 def model_root(model: str | None) -> Path:
@@ -249,8 +253,10 @@ def _parallel_layout(args, info, vae_config, frames: int, height: int, width: in
     if args.cfg_parallel and guidance <= 1.0:
         raise ValueError(f"--cfg-parallel runs the two guidance branches side by side; --guidance {guidance} has one")
     if layout.sequence > 1:
-        if info.version == "V4":
-            raise ValueError("--ulysses-degree / --ring-degree run V5 / V5.1 models; V4 takes --cfg-parallel only")
+        if info.version in ("V4", *V3_FAMILY):
+            raise ValueError(
+                f"--ulysses-degree / --ring-degree run V5 / V5.1 models; {info.version} takes --cfg-parallel only"
+            )
         one_call = args.context_frames or frames  # a context window or a part, else the whole clip
         grid = info.config.patch_size * vae_config.spatial_compression
         tokens = vae_config.latent_frames(one_call) * (height // grid) * (width // grid)
@@ -276,7 +282,7 @@ def _generation_inputs(args) -> dict:
     info = inspect_checkpoint(root / "transformer", kind="transformer")
     vae_info = inspect_checkpoint(root / "vae", kind="vae")
     check_text_encoder_files(root, info.version.lower())
-    needs_clip = info.version == "V4" and info.variant == "InP" and bool(args.image)
+    needs_clip = info.version in CLIP_VERSIONS and info.variant == "InP" and bool(args.image)
     if needs_clip:
         from .image_encoder import check_image_encoder_files
 
@@ -316,8 +322,9 @@ def _generation_inputs(args) -> dict:
     frames, fps = VIDEO_DEFAULTS[info.version]
     frames, fps = folder_defaults.get("frames", frames), folder_defaults.get("fps", fps)
     frames, fps = args.frames or frames, args.fps or fps
-    height = args.height or folder_defaults.get("height", DEFAULT_SIZE[0])
-    width = args.width or folder_defaults.get("width", DEFAULT_SIZE[1])
+    default_size = SIZE_DEFAULTS.get(info.version, DEFAULT_SIZE)
+    height = args.height or folder_defaults.get("height", default_size[0])
+    width = args.width or folder_defaults.get("width", default_size[1])
     size_flags = {"frames": "--frames", "height": "--height", "width": "--width"}
     # The frame rule first: the input videos below are read up to --frames.
     valid = vae_info.config.pixel_multiple
@@ -370,8 +377,12 @@ def _generation_inputs(args) -> dict:
     long_method = _long_video_method(args, info.variant)
     # RIFLEx needs the length the model was trained on: its folder's default clip, else the version's.
     trained_frames = folder_defaults.get("frames", VIDEO_DEFAULTS[info.version][0]) if args.riflex else None
-    if args.riflex and info.version == "V4":
-        raise ValueError("--riflex changes the temporal RoPE of V5 / V5.1 models; V4 has none: drop --riflex")
+    if args.riflex and info.version in ("V4", *V3_FAMILY):
+        raise ValueError(
+            f"--riflex changes the temporal RoPE of V5 / V5.1 models; {info.version} has none: drop --riflex"
+        )
+    if args.cache is not None and info.version in V3_FAMILY:
+        raise ValueError(f"--cache (the step cache) serves V4-V5.1 models; {info.version} has none: drop --cache")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hidden_size = info.config.num_attention_heads * info.config.attention_head_dim
     window_frames = args.context_frames if context else None
@@ -444,10 +455,11 @@ def generate(args) -> int:
         prompts = text.encode(args.prompt, args.negative_prompt)
     del text  # the text encoders are never needed again in this run
     image_encoder = None
-    if job["needs_clip"]:  # V4 InP image-to-video: CLIP features of the start image
+    if job["needs_clip"]:  # V4 / V3 InP image-to-video: CLIP features of the start image
         from .image_encoder import load_image_encoder
 
-        image_encoder = load_image_encoder(root, dtype=dtype, device=placement.load_device)
+        output = "image_embeds" if info.version == "V3" else "patches"
+        image_encoder = load_image_encoder(root, dtype=dtype, device=placement.load_device, output=output)
 
     where = {"device": placement.load_device, "operations": placement.operations}
     transformer = load_transformer(root, dtype=dtype, **where)
@@ -582,7 +594,7 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors merged into the transformer (repeat)")
     p.add_argument("--lora-strength", type=float, default=1.0, help="strength of each --lora")
-    p.add_argument("--image", help="start image (InP models; V4 also needs the model's image_encoder/)")
+    p.add_argument("--image", help="start image (InP models; V4 and V3 also need the model's image_encoder/)")
     p.add_argument("--end-image", help="end image (InP models)")
     p.add_argument("--video", help="input video for video-to-video")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: share of the steps to run")
@@ -600,9 +612,14 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "frame, or a list of such tracks; drawn as the control video (EasyAnimate's trajectory control)",
     )
     p.add_argument("--camera-file", help="camera poses in the official (CameraCtrl) text format, one row a frame")
-    p.add_argument("--frames", type=int, help="default: the version's (49 for V5 / V5.1, 144 for V4; V4 takes 8k)")
-    p.add_argument("--width", type=int, help="default: the model folder's, else 672")
-    p.add_argument("--height", type=int, help="default: the model folder's, else 384")
+    p.add_argument(
+        "--frames",
+        type=int,
+        help="default: the version's (49 for V5 / V5.1, 144 for V4 / V3 / V2, 80 for V1; the VAE sets the rule: "
+        "4k+1 for V5 / V5.1, 8k for V4 and V3, 9k for V2, any for V1)",
+    )
+    p.add_argument("--width", type=int, help="default: the model folder's, else 672 (V1: 512)")
+    p.add_argument("--height", type=int, help="default: the model folder's, else 384 (V1: 512)")
     p.add_argument(
         "--resolution",
         type=int,
@@ -634,11 +651,12 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="RIFLEx: lower the temporal RoPE frequency whose period is nearest the trained length, so one pass "
         "(or one window) a little longer than the model was trained on does not repeat its motion (V5 / V5.1)",
     )
-    p.add_argument("--fps", type=float, help="default: the version's (8 for V5 / V5.1, 24 for V4)")
+    p.add_argument("--fps", type=float, help="default: the version's (8 for V5 / V5.1, 24 for V4 / V3 / V2, 12 for V1)")
     p.add_argument("--steps", type=int, help="default: the version's released default")
     p.add_argument("--guidance", type=float, help="default: the version's released default")
     p.add_argument(
-        "--sampler", help="default: the version's released default (Flow for V5.1, DDIM for V5, Euler for V4)"
+        "--sampler",
+        help="default: the version's released default (Flow for V5.1, DDIM for V5, Euler for V4, DPM++ for V1-V3)",
     )
     p.add_argument("--shift", type=float, help="V5.1 Flow time shift (default e, as released)")
     p.add_argument("--seed", type=int, default=43)

@@ -1,7 +1,8 @@
-"""The CLIP vision encoder of EasyAnimate V4 InP (``image_encoder/``), loaded from a checkpoint's folder.
+"""The CLIP vision encoder of EasyAnimate V4 and V3 InP (``image_encoder/``), loaded from a checkpoint's folder.
 
-    load_image_encoder(root, dtype=..., device=...) -> ImageEncoder
+    load_image_encoder(root, dtype=..., device=..., output="patches") -> ImageEncoder
     ImageEncoder.encode(image [H, W, 3] in [0, 1]) -> features [1, L, hidden]   (L = 256 for ViT-L/14 at 224 px)
+                                                   or, output="image_embeds" (V3), [1, projection_dim] (768)
 
 The released folder holds a full CLIP ViT-L/14 (vision and text towers) with a CLIPImageProcessor config; V4 uses
 the vision tower's ``last_hidden_state`` without the CLS token (spec §1.7). The model comes from ``transformers``
@@ -9,6 +10,8 @@ the vision tower's ``last_hidden_state`` without the CLS token (spec §1.7). The
 ``local_files_only=True``; pickle weights (the release's ``pytorch_model.bin``) are refused with the one-line
 conversion to run once. Preprocessing follows CLIPImageProcessor (shortest side to ``size``, bicubic, centre crop,
 normalise with the configured mean/std) in torch, so it does not depend on which image backend transformers picks.
+V3 (``output="image_embeds"``) reads the projected pooled embedding of ``CLIPVisionModelWithProjection`` instead, as
+its official pipeline does (pipeline_easyanimate_inpaint.py at the V3 release).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ FOLDER = "image_encoder"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+OUTPUTS = ("patches", "image_embeds")  # V4: patch features; V3: the projected image embedding
 
 
 def check_image_encoder_files(root: str | Path) -> None:
@@ -81,11 +85,13 @@ def preprocess(image: torch.Tensor, shortest_edge: int, crop: tuple[int, int], m
 
 
 class ImageEncoder:
-    """A CLIP vision tower plus its preprocessing; ``encode`` gives the patch features V4 conditions on."""
+    """A CLIP vision tower plus its preprocessing; ``encode`` gives the patch features V4 conditions on, or the
+    projected image embedding V3 conditions on (``output``)."""
 
-    def __init__(self, model: torch.nn.Module, settings: dict):
+    def __init__(self, model: torch.nn.Module, settings: dict, output: str = "patches"):
         self.model = model
         self.settings = settings
+        self.output = output
 
     @property
     def device(self) -> torch.device:
@@ -106,17 +112,28 @@ class ImageEncoder:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image [H, W, 3] (or [B, H, W, 3]) in [0, 1] -> [B, patches, hidden] (last hidden state, CLS dropped)."""
+        """Image [H, W, 3] (or [B, H, W, 3]) in [0, 1] -> [B, patches, hidden] (last hidden state, CLS dropped),
+        or [B, projection_dim] for ``output="image_embeds"``."""
         if image.ndim not in (3, 4) or image.shape[-1] != 3:
             raise ValueError(f"expected an image [H, W, 3] in [0, 1], got shape {tuple(image.shape)}")
         pixels = preprocess(image, **self.settings).to(self.device, self.dtype)
+        if self.output == "image_embeds":
+            return self.model(pixel_values=pixels).image_embeds
         return self.model(pixel_values=pixels).last_hidden_state[:, 1:]
 
 
 def load_image_encoder(
-    root: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    root: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    output: str = "patches",
 ) -> ImageEncoder:
-    """Load ``root/image_encoder`` (CLIP vision, safetensors only); files are checked before weights are read."""
+    """Load ``root/image_encoder`` (CLIP vision, safetensors only); files are checked before weights are read.
+
+    ``output``: "patches" (V4) or "image_embeds" (V3, which needs the folder's visual projection)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     check_image_encoder_files(root)
     folder = Path(root) / FOLDER
     # A released folder is a whole CLIP: transformers would print every unused text-tower key. Silence that
@@ -124,7 +141,10 @@ def load_image_encoder(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, report = transformers.CLIPVisionModel.from_pretrained(
+        model_class = (
+            transformers.CLIPVisionModelWithProjection if output == "image_embeds" else transformers.CLIPVisionModel
+        )
+        model, report = model_class.from_pretrained(
             folder, use_safetensors=True, local_files_only=True, output_loading_info=True, **_dtype_kwargs(dtype)
         )
     finally:
@@ -133,4 +153,4 @@ def load_image_encoder(
     if missing:
         raise ValueError(f"{folder}: the CLIP vision weights lack {len(missing)} tensor(s), e.g. {missing[:3]}")
     settings = _preprocessor_settings(folder, model.config.image_size)
-    return ImageEncoder(_frozen(model, device), settings)
+    return ImageEncoder(_frozen(model, device), settings, output)

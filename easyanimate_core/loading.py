@@ -484,8 +484,7 @@ def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: d
             f"{where}: width {width} is not a whole number of {cfg.attention_head_dim}-wide heads; put the model's "
             "config.json (with attention_head_dim) beside the file"
         )
-    global_motion = (motion_config or {}).get("basic_block_type") == "global_motionmodule"
-    version = "V3" if cfg.in_channels == 12 or global_motion else "V2" if cfg.enable_uvit else "V1"
+    version = cfg.release
     if motion_config is None:
         notes.append(
             f"motion-module heads and attention kinds are not in the tensors: using the {version} release's "
@@ -494,7 +493,6 @@ def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: d
     if not any(k.endswith(".pos_encoder.pe") for k in shapes):
         # The releases store them (a persistent buffer): a file without them was trained without them.
         notes.append("no frame-position tables (pos_encoder.pe) stored: motion modules without temporal positions")
-    notes.append("generation with V1-V3 models is not available yet: this transformer can be inspected and loaded")
     latent = cfg.latent_channels
     variant = {latent: "T2V", 3 * latent: "InP"}.get(cfg.in_channels, "custom")
     num_params = sum(_numel(s) for k, s in shapes.items() if not k.endswith(".pos_encoder.pe"))

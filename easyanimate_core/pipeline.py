@@ -1,4 +1,5 @@
-"""Video generation: V5 / V5.1 with the mag VAE, V4 with the slice VAE; text-, image-, video- and control-to-video.
+"""Video generation: V5 / V5.1 with the mag VAE, V4 with the slice VAE, V1-V3 (PixArt-motion) with their VAEs;
+text-, image-, video- and control-to-video.
 
     generate(transformer, vae, prompts, sampler, frames=49, height=384, width=672, guidance=6.0, seed=0,
              start_image=None, end_image=None, video=None, control_video=None, ref_image=None,
@@ -23,6 +24,10 @@ Conditioning follows the official pipelines (spec §3.8, §4.5):
   the posterior as the official V4 pipeline does; no noise augmentation. The start image also goes through the
   CLIP image encoder: for the last 40 % of the steps the conditional branch sees its features, every other
   call the learned padding. V4 also reads the text masks (padding positions get a learned table).
+* V1-V3 (PixArt-motion, docs/v1_v3.md) read the T5 mask; their output carries a learned variance (dropped).
+  V3 InP models (12 input channels) take [mask latents (4) ; masked-video latents (4)] made as V4's, and the
+  start image's CLIP ``image_embeds`` (the original image, not resized to the video) for the last half of the
+  steps (conditional branch; the unconditional one always sees them masked out).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .sampling import Sampler
 from .step_cache import StepCache
 from .text_encoders import PromptEmbeds, PromptPair
 from .transformer import EasyAnimateTransformer3D
+from .transformer_v3 import CLIP_TOKENS, EasyAnimateV3Transformer3D
 from .transformer_v4 import EasyAnimateV4Transformer3D
 from .vae import MagvitVAE
 
@@ -52,9 +58,14 @@ ProgressFn = Callable[[int, int], None]
 StageFn = Callable[[str, torch.nn.Module], contextlib.AbstractContextManager]
 # Per-step extra transformer inputs of the (unconditional, conditional) branches.
 StepInputsFn = Callable[[int], tuple[dict, dict]]
-Transformer = EasyAnimateTransformer3D | EasyAnimateV4Transformer3D
+Transformer = EasyAnimateTransformer3D | EasyAnimateV4Transformer3D | EasyAnimateV3Transformer3D
 NOISE_AUG_STRENGTH = 0.0563  # σ of the noise added to kept pixels of InP inputs (official default)
-V4_CLIP_APPLY_RATIO = 0.4  # V4: the image features condition the last 40 % of the steps (official default)
+# The share of the last steps whose conditional branch sees the start image's CLIP features (official defaults).
+CLIP_APPLY_RATIO = {"V3": 0.5, "V4": 0.4}
+V4_CLIP_APPLY_RATIO = CLIP_APPLY_RATIO["V4"]
+PIXART_VERSIONS = ("V1", "V2", "V3")
+# Versions whose pipelines draw encoded latents from the VAE posterior (V5 / V5.1 take its mean).
+POSTERIOR_SAMPLING = ("V1", "V2", "V3", "V4")
 # Base sides of the official size buckets (the 512 aspect-ratio table scaled); V4 was trained on 512 to 1280.
 RESOLUTIONS = (512, 768, 960, 1024, 1280)
 
@@ -89,7 +100,10 @@ class VideoSize:
 
 
 def model_version(transformer: Transformer) -> str:
-    """ "V4" (HunyuanDiT-based), "V5.1" (Qwen2-VL text, RMSNorm projection) or "V5" (BERT + mT5 text)."""
+    """ "V1" / "V2" / "V3" (PixArt-motion), "V4" (HunyuanDiT-based), "V5.1" (Qwen2-VL text, RMSNorm projection)
+    or "V5" (BERT + mT5 text)."""
+    if isinstance(transformer, EasyAnimateV3Transformer3D):
+        return transformer.config.release
     if isinstance(transformer, EasyAnimateV4Transformer3D):
         return "V4"
     return "V5.1" if transformer.config.add_norm_text_encoder else "V5"
@@ -97,11 +111,12 @@ def model_version(transformer: Transformer) -> str:
 
 def model_inputs(transformer: Transformer, latent_channels: int) -> tuple[int, int]:
     """(inpaint channels, control channels) the transformer expects beyond the noisy latents."""
-    if model_version(transformer) == "V4":
+    version = model_version(transformer)
+    if version == "V4" or version in PIXART_VERSIONS:
         if transformer.config.latent_channels != latent_channels:
             raise ValueError(
-                f"this V4 transformer denoises {transformer.config.latent_channels}-channel latents but the VAE "
-                f"makes {latent_channels}: use the V4 (slice) VAE"
+                f"this {version} transformer denoises {transformer.config.latent_channels}-channel latents but the "
+                f"VAE makes {latent_channels}: use the {version} model's own VAE"
             )
         return transformer.config.inpaint_channels, 0
     extra = transformer.config.in_channels - latent_channels
@@ -126,13 +141,7 @@ def snap_size(frames: int, height: int, width: int, vae: MagvitVAE) -> VideoSize
     """The nearest size the VAE and transformer accept, warning about every change."""
     multiple = vae.config.pixel_multiple
     new_h, new_w = max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
-    step = vae.config.temporal_compression
-    if vae.config.temporal_mode == "mag":
-        new_f = max(1, (frames - 1) // step * step + 1)
-        rule = f"{step}k+1"
-    else:
-        new_f = 1 if frames == 1 else max(2 * step, frames // (2 * step) * 2 * step)
-        rule = f"a multiple of {2 * step} (or 1)"
+    new_f, rule = vae.config.nearest_frames(frames)
     changes = []
     if (new_h, new_w) != (height, width):
         changes.append(f"size {width}x{height} -> {new_w}x{new_h} (multiples of {multiple})")
@@ -252,7 +261,7 @@ def inpaint_latents(
     return inpaint_from_masked(vae, encode_mean(vae, masked, device), mask, device)
 
 
-def v4_inpaint_latents(
+def encoded_mask_inpaint_latents(
     vae: MagvitVAE,
     video: torch.Tensor | None,
     mask: torch.Tensor | None,
@@ -260,8 +269,9 @@ def v4_inpaint_latents(
     generator: torch.Generator,
     device,
 ) -> torch.Tensor:
-    """[mask latents (L) ; masked-video latents (L)] for a V4 InP model, both encoded by the VAE; zeros when
-    nothing is kept. The mask (1 = generate) is tiled to three channels and encoded as it is, in {0, 1}."""
+    """[mask latents (L) ; masked-video latents (L)] for a V4 or V3 InP model, both encoded by the VAE (posterior
+    samples); zeros when nothing is kept. The mask (1 = generate) is tiled to three channels and encoded as it is,
+    in {0, 1}."""
     b, channels = latent_shape[0], latent_shape[1]
     if video is None or bool((mask > 0.5).all()):
         return torch.zeros(b, 2 * channels, *latent_shape[2:], device=device)
@@ -271,17 +281,18 @@ def v4_inpaint_latents(
     return torch.cat([mask_latents, masked_latents], dim=1)
 
 
-def v4_clip_active(i: int, num_steps: int, ratio: float = V4_CLIP_APPLY_RATIO) -> bool:
-    """Whether step ``i`` of ``num_steps`` is among the last ``ratio`` of the steps, where V4 reads CLIP features."""
+def clip_active(i: int, num_steps: int, ratio: float = V4_CLIP_APPLY_RATIO) -> bool:
+    """Whether step ``i`` of ``num_steps`` is in the last ``ratio`` of the steps, where V4 / V3 read CLIP features."""
     return i >= num_steps * (1 - ratio)
 
 
-def v4_clip_inputs(features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float) -> StepInputsFn:
-    """Per-step CLIP inputs of the V4 pipeline: the image features for the conditional branch during the last
-    ``ratio`` of the steps; otherwise none (the model then reads its learned image padding)."""
+def clip_step_inputs(features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float) -> StepInputsFn:
+    """Per-step CLIP inputs of the V4 / V3 pipelines: the image features for the conditional branch during the last
+    ``ratio`` of the steps (the unconditional one gets zeros, masked out); otherwise none (V4 then reads its learned
+    image padding; V3's official all-masked tokens contribute nothing, exactly as no tokens)."""
 
     def inputs(i: int) -> tuple[dict, dict]:
-        if features is None or not v4_clip_active(i, num_steps, ratio):
+        if features is None or not clip_active(i, num_steps, ratio):
             return {}, {}
         ones = torch.ones(features.shape[0], n_query, device=features.device)
         uncond = {"clip_encoder_hidden_states": torch.zeros_like(features), "clip_attention_mask": ones * 0}
@@ -324,15 +335,18 @@ def control_latents(
     return torch.cat([control, ref], dim=1)
 
 
-def text_inputs(embeds: PromptEmbeds, device, dtype, masks: bool = False) -> dict:
-    """Transformer keyword arguments for the text streams; ``masks`` adds the token masks (V4 reads them, V5 never)."""
+def text_inputs(embeds: PromptEmbeds, device, dtype, version: str = "V5.1") -> dict:
+    """Transformer keyword arguments for the text streams of a model ``version``, with the token masks where the
+    model reads them (V4 and V1-V3 do, V5 / V5.1 never)."""
     kw = {"encoder_hidden_states": embeds.embeds.to(device, dtype)}
     if embeds.embeds_2 is not None:
         kw["encoder_hidden_states_t5"] = embeds.embeds_2.to(device, dtype)
-    if masks:
+    if version == "V4":
         kw["text_embedding_mask"] = embeds.mask.to(device)
         if embeds.mask_2 is not None:
             kw["text_embedding_mask_t5"] = embeds.mask_2.to(device)
+    elif version in PIXART_VERSIONS:
+        kw["encoder_attention_mask"] = embeds.mask.to(device)
     return kw
 
 
@@ -350,8 +364,11 @@ def check_parallel(
         raise ValueError(f"CFG-parallel runs the two guidance branches side by side; guidance {guidance} has one")
     if layout.sequence == 1:
         return
-    if model_version(transformer) == "V4":
-        raise ValueError("sequence parallelism (Ulysses / ring degrees) runs V5 / V5.1 models; V4 takes CFG-parallel")
+    version = model_version(transformer)
+    if version == "V4" or version in PIXART_VERSIONS:
+        raise ValueError(
+            f"sequence parallelism (Ulysses / ring degrees) runs V5 / V5.1 models; {version} takes CFG-parallel"
+        )
     frames = vae.latent_frames(size.frames) if context is None else min(context.length, vae.latent_frames(size.frames))
     grid = transformer.config.patch_size * vae.config.spatial_compression
     tokens = frames * (size.height // grid) * (size.width // grid)
@@ -403,9 +420,9 @@ def denoise(
         sequence = {"sequence_parallel": SequenceParallel(parallel)}
     cfg_parallel = parallel is not None and parallel.layout.cfg == 2
     use_cfg = guidance > 1.0
-    masks = model_version(transformer) == "V4"
-    cond = text_inputs(prompts.positive, device, dtype, masks)
-    uncond = text_inputs(prompts.negative, device, dtype, masks) if use_cfg else None
+    version = model_version(transformer)
+    cond = text_inputs(prompts.positive, device, dtype, version)
+    uncond = text_inputs(prompts.negative, device, dtype, version) if use_cfg else None
     latent_channels = latents.shape[1]
 
     rope = {} if rope_temporal_frequency is None else {"rope_temporal_frequency": rope_temporal_frequency}
@@ -475,7 +492,7 @@ def generate(
     ref_image: torch.Tensor | None = None,
     camera: np.ndarray | None = None,
     image_encoder=None,
-    clip_apply_ratio: float = V4_CLIP_APPLY_RATIO,
+    clip_apply_ratio: float | None = None,
     noise_aug_strength: float = NOISE_AUG_STRENGTH,
     cfg_batched: bool = True,
     latents: torch.Tensor | None = None,
@@ -494,8 +511,9 @@ def generate(
     """Generate one video: frames [F, H, W, 3] in [0, 1] on the CPU, or (``decode=False``) the final
     DiT-space latents [1, C, T, h, w] (see the module docstring).
 
-    ``image_encoder`` (V4 InP image-to-video): the CLIP encoder of the start image (``load_image_encoder``);
-    ``clip_apply_ratio``: the share of final steps its features condition. ``noise_aug_strength``: V5 / V5.1 only.
+    ``image_encoder`` (V4 / V3 InP image-to-video): the CLIP encoder of the start image (``load_image_encoder``);
+    ``clip_apply_ratio``: the share of final steps its features condition (default: the version's official
+    value, ``CLIP_APPLY_RATIO``). ``noise_aug_strength``: V5 / V5.1 only.
     ``device``: where to compute (default: where the transformer's weights are; give it when they are
     streamed from the CPU). ``stage(name, model)``: a context manager around each use of a model
     ("image_encoder", "vae" encode, "transformer" sampling, "vae" decode), e.g. ``offload.ModelPlacement.using``.
@@ -506,7 +524,8 @@ def generate(
     ``parallel``: this process's place among several generating the same video (``denoise``); every rank calls this.
     """
     inpaint_ch, control_ch = model_inputs(transformer, vae.config.latent_channels)
-    is_v4 = model_version(transformer) == "V4"
+    version = model_version(transformer)
+    is_v4, pixart = version == "V4", version in PIXART_VERSIONS
     camera_model = is_camera_model(control_ch, vae.config.latent_channels)
     if camera is not None and not camera_model:
         raise ValueError("camera poses need a V5.1 Control-Camera model; this transformer is not one")
@@ -520,20 +539,24 @@ def generate(
         raise ValueError("control_video / ref_image need a Control model; this transformer is not one")
     if (start_image is not None or end_image is not None) and not inpaint_ch:
         raise ValueError("start/end images need an InP model; this transformer is text-to-video only")
-    if start_image is not None and start_image.ndim == 4 and (is_v4 or len(start_image) >= frames):
+    if start_image is not None and start_image.ndim == 4 and (is_v4 or pixart or len(start_image) >= frames):
         raise ValueError("several start frames need a V5 / V5.1 InP model and fewer frames than the clip")
-    clip_needed = is_v4 and start_image is not None and transformer.config.has_clip
+    clip_needed = (is_v4 or pixart) and start_image is not None and transformer.config.has_clip
     if clip_needed and image_encoder is None:
         raise ValueError(
-            "V4 image-to-video also conditions on the start image's CLIP features: pass "
+            f"{version} image-to-video also conditions on the start image's CLIP features: pass "
             "image_encoder=load_image_encoder(<model folder>) (the model's image_encoder/ folder)"
+        )
+    if pixart and (step_cache is not None or riflex_trained_frames is not None):
+        raise ValueError(
+            f"the step cache and RIFLEx serve V4-V5.1 models; {version} supports neither: drop them for this model"
         )
     if video is not None and sampler.start == 0:
         raise ValueError("video-to-video needs a sampler made with strength < 1 (the share of steps to run)")
     if video is not None and video.shape[0] < frames:
         raise ValueError(f"the input video has {video.shape[0]} frames; {frames} were requested")
     cfg_skip_steps(sampler.num_steps, cfg_skip, cfg_skip_at)  # a bad share fails before any encode
-    if riflex_trained_frames is not None and is_v4:
+    if riflex_trained_frames is not None and (is_v4 or pixart):
         raise ValueError("RIFLEx changes the temporal RoPE of V5 / V5.1; V4 has none (its RoPE is 2-D): drop it")
     size = snap_size(frames, height, width, vae)
     if parallel is not None:
@@ -555,15 +578,20 @@ def generate(
     extra = {}
     step_inputs = None
     if clip_needed:
+        # V3's official pipeline hands CLIP the start image as given; V4's, the image resized to the video.
+        clip_image = start_image if pixart else resized_image(start_image, size)
         with stage("image_encoder", image_encoder):
-            features = image_encoder.encode(resized_image(start_image, size)).to(device, dtype)
-        step_inputs = v4_clip_inputs(features, transformer.config.n_query, sampler.num_steps, clip_apply_ratio)
+            features = image_encoder.encode(clip_image).to(device, dtype)
+        tokens = CLIP_TOKENS if pixart else transformer.config.n_query
+        ratio = CLIP_APPLY_RATIO[version] if clip_apply_ratio is None else clip_apply_ratio
+        step_inputs = clip_step_inputs(features, tokens, sampler.num_steps, ratio)
     encodes = any(t is not None for t in (video, start_image, end_image, control_video, ref_image))
     with stage("vae", vae) if encodes else contextlib.nullcontext():
         if video is not None:
             pixels = to_model_pixels(video[: size.frames], size)
-            # The V4 pipeline samples the posterior; V5 / V5.1 take its mean.
-            x0 = (encode_sample(vae, pixels, device, generator) if is_v4 else encode_mean(vae, pixels, device)).cpu()
+            # The V1-V4 pipelines sample the posterior; V5 / V5.1 take its mean.
+            sampled = version in POSTERIOR_SAMPLING
+            x0 = (encode_sample(vae, pixels, device, generator) if sampled else encode_mean(vae, pixels, device)).cpu()
         if inpaint_ch:
             # Nothing kept (text- or video-to-video through an InP model) gives all-zero inpaint latents.
             pixels, mask = (
@@ -571,8 +599,8 @@ def generate(
                 if start_image is None and end_image is None
                 else (image_to_video_inputs(start_image, end_image, size))
             )
-            if is_v4:
-                inpaint = v4_inpaint_latents(vae, pixels, mask, shape, generator, device)
+            if is_v4 or pixart:
+                inpaint = encoded_mask_inpaint_latents(vae, pixels, mask, shape, generator, device)
             else:
                 inpaint = inpaint_latents(vae, pixels, mask, shape, generator, noise_aug_strength, device)
             extra["inpaint_latents"] = inpaint.to(dtype)

@@ -55,8 +55,8 @@ VERSIONS = (*PIXART_VERSIONS, "V4", "V5", "V5.1")
 DISCRETE_SAMPLERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
 SAMPLERS = {**dict.fromkeys(PIXART_VERSIONS, DISCRETE_SAMPLERS), "V4": DISCRETE_SAMPLERS, "V5": DISCRETE_SAMPLERS}
 SAMPLERS["V5.1"] = ("Flow",)
-# V1-V3: predict_t2v.py / predict_i2v.py at the V3 release (DPM++, 25 steps, guidance 7).
-DEFAULTS = {**dict.fromkeys(PIXART_VERSIONS, ("DPM++", 25, 7.0)), "V4": ("Euler", 25, 7.0)}
+# V1-V3: the predict_t2v.py of each release (V1 at 1a1720c, V2 at fb0916f, V3 at f9eeabe).
+DEFAULTS = {"V1": ("DPM++", 30, 6.0), "V2": ("DPM++", 30, 6.0), "V3": ("DPM++", 25, 7.0), "V4": ("Euler", 25, 7.0)}
 DEFAULTS.update({"V5": ("DDIM", 50, 6.0), "V5.1": ("Flow", 50, 6.0)})
 
 NUM_TRAIN_TIMESTEPS = 1000

@@ -149,6 +149,14 @@ class TransformerV3Config:
         return self.in_channels == 12
 
     @property
+    def release(self) -> str:
+        """The release this configuration belongs to: "V3" (InP or global motion attention), "V2" (U-ViT long
+        skips) or "V1"; the rule detection uses where the tensors leave it open."""
+        if self.in_channels == 12 or "Global" in self.motion_even + self.motion_odd:
+            return "V3"
+        return "V2" if self.enable_uvit else "V1"
+
+    @property
     def use_additional_conditions(self) -> bool:
         """PixArt's resolution / aspect-ratio embeddings exist only for sample_size 128 (the 1024 base)."""
         return self.sample_size == 128

@@ -18,12 +18,12 @@ from easyanimate_core.pipeline import (
     NOISE_AUG_STRENGTH,
     VideoSize,
     control_latents,
+    encoded_mask_inpaint_latents,
     image_to_video_inputs,
     inpaint_latents,
     resized_image,
     snap_size,
     to_model_pixels,
-    v4_inpaint_latents,
 )
 from easyanimate_core.vae import VAE_V51, MagvitVAE
 
@@ -190,7 +190,7 @@ class EasyAnimateImageToVideo:
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
             if is_v4:  # mask and masked video through the slice VAE, posterior samples (no noise augmentation)
-                inpaint = v4_inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, device)
+                inpaint = encoded_mask_inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, device)
             else:
                 shape = _latent_shape(latent)
                 inpaint = inpaint_latents(core, pixels, mask, shape, generator, noise_aug_strength, device)
@@ -253,7 +253,7 @@ class EasyAnimateVideoToVideo:
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
             if core.config.temporal_mode == "slice":  # V4
-                inpaint = v4_inpaint_latents(core, pixels, generate, _latent_shape(latent), generator, device)
+                inpaint = encoded_mask_inpaint_latents(core, pixels, generate, _latent_shape(latent), generator, device)
             else:
                 inpaint = inpaint_latents(
                     core, pixels, generate, _latent_shape(latent), generator, NOISE_AUG_STRENGTH, device

@@ -28,7 +28,7 @@ from easyanimate_core.attention import sdpa_attention, using_attention
 from easyanimate_core.camera import CAMERA_CHANNELS
 from easyanimate_core.context import reference_at_first_frame, riflex_frequency
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
-from easyanimate_core.pipeline import model_inputs, model_version, v4_clip_active
+from easyanimate_core.pipeline import clip_active, model_inputs, model_version
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
@@ -257,7 +257,7 @@ class EasyAnimateNet(torch.nn.Module):
     def clip_step(cls, transformer_options: dict | None) -> bool:
         """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
         step = cls.step_index(transformer_options)
-        return True if step is None else v4_clip_active(*step)  # outside a sampling loop: always
+        return True if step is None else clip_active(*step)  # outside a sampling loop: always
 
 
 # Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured

@@ -236,8 +236,8 @@ def test_add_noise_matches_diffusers_at_every_step(name, version):
 
 def test_defaults_are_the_official_ones():
     assert DEFAULTS == {
-        "V1": ("DPM++", 25, 7.0),
-        "V2": ("DPM++", 25, 7.0),
+        "V1": ("DPM++", 30, 6.0),
+        "V2": ("DPM++", 30, 6.0),
         "V3": ("DPM++", 25, 7.0),
         "V4": ("Euler", 25, 7.0),
         "V5": ("DDIM", 50, 6.0),

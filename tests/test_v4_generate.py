@@ -13,13 +13,13 @@ from easyanimate_core.cli import _add_generate_arguments, _generation_inputs, ma
 from easyanimate_core.image_encoder import load_image_encoder
 from easyanimate_core.loading import load_transformer, load_vae
 from easyanimate_core.pipeline import (
+    clip_step_inputs,
     encode_sample,
+    encoded_mask_inpaint_latents,
     generate,
     image_to_video_inputs,
     size_bucket,
     snap_size,
-    v4_clip_inputs,
-    v4_inpaint_latents,
 )
 from easyanimate_core.sampling import make_sampler
 from easyanimate_core.text_encoders import load_text_encoders
@@ -146,13 +146,13 @@ def test_clip_features_reach_the_conditional_branch_on_the_last_40_percent_of_st
 
 def test_clip_schedule_of_the_released_25_steps():
     features = torch.randn(1, 16, 8)
-    schedule = v4_clip_inputs(features, 4, 25, 0.4)
+    schedule = clip_step_inputs(features, 4, 25, 0.4)
     with_image = [i for i in range(25) if schedule(i)[1]]
     assert with_image == list(range(15, 25))
     uncond, cond = schedule(20)
     assert torch.equal(cond["clip_encoder_hidden_states"], features) and cond["clip_attention_mask"].sum() == 4
     assert uncond["clip_encoder_hidden_states"].abs().sum() == 0 and uncond["clip_attention_mask"].sum() == 0
-    assert v4_clip_inputs(None, 4, 25, 0.4)(24) == ({}, {})
+    assert clip_step_inputs(None, 4, 25, 0.4)(24) == ({}, {})
 
 
 def test_mask_and_masked_video_go_through_the_vae(models):
@@ -161,13 +161,13 @@ def test_mask_and_masked_video_go_through_the_vae(models):
     shape = (1, 4, vae.latent_frames(FRAMES), HEIGHT // 8, WIDTH // 8)
     start = torch.rand(HEIGHT, WIDTH, 3)
     video, mask = image_to_video_inputs(start, None, size)
-    latents = v4_inpaint_latents(vae, video, mask, shape, torch.Generator().manual_seed(3), "cpu")
+    latents = encoded_mask_inpaint_latents(vae, video, mask, shape, torch.Generator().manual_seed(3), "cpu")
     g = torch.Generator().manual_seed(3)
     expected_mask = encode_sample(vae, mask.expand(-1, 3, -1, -1, -1), "cpu", g)
     expected_video = encode_sample(vae, torch.where(mask < 0.5, video, torch.full_like(video, -1.0)), "cpu", g)
     assert latents.shape == (1, 8, *shape[2:])
     assert torch.equal(latents, torch.cat([expected_mask, expected_video], dim=1))
-    nothing_kept = v4_inpaint_latents(vae, None, None, shape, torch.Generator(), "cpu")
+    nothing_kept = encoded_mask_inpaint_latents(vae, None, None, shape, torch.Generator(), "cpu")
     assert nothing_kept.shape == (1, 8, *shape[2:]) and not nothing_kept.any()
 
 

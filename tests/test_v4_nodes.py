@@ -114,7 +114,7 @@ def v4_i2v_inputs(nodes, tiny_folders):
 
 
 def test_v4_image_to_video_attaches_slice_vae_latents_and_clip_features(nodes, tiny_folders):
-    from easyanimate_core.pipeline import VideoSize, image_to_video_inputs, v4_inpaint_latents
+    from easyanimate_core.pipeline import VideoSize, encoded_mask_inpaint_latents, image_to_video_inputs
 
     vae, image_encoder, cond, start = v4_i2v_inputs(nodes, tiny_folders)
     node = nodes.nodes.EasyAnimateImageToVideo()
@@ -124,7 +124,8 @@ def test_v4_image_to_video_attaches_slice_vae_latents_and_clip_features(nodes, t
     pixels, mask = image_to_video_inputs(start[0], None, VideoSize(16, 32, 64))
     core = sys.modules[f"{nodes.package.__name__}.vae_nodes"].easyanimate_vae(vae)
     # The node's posterior samples come from the fixed generator seed 0 (outputs depend on inputs only).
-    expected = v4_inpaint_latents(core, pixels, mask, (1, 4, 4, 4, 8), torch.Generator().manual_seed(0), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    expected = encoded_mask_inpaint_latents(core, pixels, mask, (1, 4, 4, 4, 8), generator, "cpu")
     assert expected.shape == (1, 8, 4, 4, 8)  # mask latents + masked-video latents
     torch.testing.assert_close(pos["easyanimate_inpaint_latents"], expected, rtol=0, atol=0)
     assert pos["easyanimate_clip"].abs().sum() > 0 and neg["easyanimate_clip"].abs().sum() == 0
