@@ -3,7 +3,8 @@
     load_transformer(path, dtype=..., device=..., operations=...) -> EasyAnimateTransformer3D (V5 / V5.1)
                                                                      or EasyAnimateV4Transformer3D (V4)
                                                                      or EasyAnimateV3Transformer3D (V1-V3)
-    load_vae(path, dtype=..., device=..., operations=...)         -> MagvitVAE
+    load_vae(path, dtype=..., device=..., operations=...)         -> MagvitVAE (V4-V5.1)
+                                                                     or ImageVAE (V1's per-frame SD VAE)
     inspect_checkpoint(path)                                      -> CheckpointInfo (no tensors read)
 
 ``path`` may be a model root (with ``transformer/`` and ``vae/`` folders, official or diffusers
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .image_vae import ImageVAE, ImageVAEConfig, canonical_key
 from .keys import diffusers_to_official, is_diffusers_layout, strip_wrapper_prefix
 from .transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
 from .transformer_v3 import EasyAnimateV3Transformer3D, TransformerV3Config, config_from_state_dict
@@ -67,13 +69,13 @@ class CheckpointInfo:
 
     kind: str  # "transformer" | "vae"
     version: str  # "V1" | "V2" | "V3" | "V4" | "V5" | "V5.1"
-    variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: "slice" | "mag"
+    variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: "slice" | "mag" | "image"
     size: str  # "12B", "7B", or a parameter count for other geometries
     layout: str  # "official" | "diffusers"
     stored_dtype: str
     num_params: int
     files: list[Path]
-    config: TransformerConfig | TransformerV4Config | TransformerV3Config | VAEConfig | None = None
+    config: TransformerConfig | TransformerV4Config | TransformerV3Config | VAEConfig | ImageVAEConfig | None = None
     notes: list[str] = field(default_factory=list)
     weight_dtype: torch.dtype | None = None  # dtype of the main weights: what loading with dtype=None keeps
 
@@ -500,8 +502,48 @@ def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: d
     return CheckpointInfo("transformer", version, variant, size, "official", "", num_params, files, cfg, notes)
 
 
+_IMAGE_VAE_PROBE = "encoder.down_blocks.0.resnets.0.conv1.weight"
+
+
+def is_image_vae(shapes: dict[str, tuple]) -> bool:
+    """Whether the tensors are a 2-D (image) AutoencoderKL: 4-D conv weights under diffusers' ``resnets`` names."""
+    return len(shapes.get(_IMAGE_VAE_PROBE, ())) == 4
+
+
+def detect_image_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
+    """V1's image VAE (an SD AutoencoderKL) from tensor shapes; a config.json sets scaling factor, norm groups."""
+    where = ", ".join(map(str, files))
+    needed = ("encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight", "post_quant_conv.weight")
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise ValueError(
+            f"{where}: a 2-D AutoencoderKL without {absent}; EasyAnimate V1 uses the SD VAE, which has them "
+            "(SD3 / Flux VAEs are not supported)"
+        )
+    downs = _block_indices(shapes, r"encoder\.down_blocks\.(\d+)\.")
+    block_out = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in downs)
+    cfg = ImageVAEConfig.from_dict(
+        {
+            **config,
+            "block_out_channels": block_out,
+            "layers_per_block": len(_block_indices(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
+            "latent_channels": shapes["post_quant_conv.weight"][0],
+            "in_channels": shapes["encoder.conv_in.weight"][1],
+            "out_channels": shapes["decoder.conv_out.weight"][0],
+            "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in shapes,
+        }
+    )
+    num_params = sum(_numel(s) for s in shapes.values())
+    notes = [] if config else [f"no config.json found; using the SD VAE settings (scaling {cfg.scaling_factor})"]
+    return CheckpointInfo(
+        "vae", "V1", "image", f"{num_params / 1e6:.0f}M", "diffusers", "", num_params, files, cfg, notes
+    )
+
+
 def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
     """Version and config of a MagViT VAE from its tensor shapes (a config.json adds norm groups, scaling)."""
+    if is_image_vae(shapes):
+        return detect_image_vae(shapes, files, config)
     if not all(k in shapes for k in ("post_quant_conv.weight", "quant_conv.weight", "encoder.conv_in.weight")):
         raise ValueError(_describe_unknown(shapes, files, "VAE"))
     latent = shapes["post_quant_conv.weight"][0]
@@ -564,6 +606,10 @@ def _read_header(path, subfolder: str) -> tuple[_Header, dict, dict[str, str], s
     to_file = {}
     for k in file_keys:
         official = diffusers_to_official(k[len(prefix) :]) if subfolder == "transformer" else k[len(prefix) :]
+        if subfolder == "vae":
+            official = canonical_key(official)  # old diffusers attention names (query, proj_attn) of image VAEs
+            if official in to_file:
+                raise ValueError(f"{k} and {to_file[official]} are one tensor under its old and new name; keep one")
         to_file[official] = k
     return header, config, to_file, layout
 
@@ -576,7 +622,8 @@ def _inspect(path, kind: str) -> tuple[_Header, dict[str, str], CheckpointInfo]:
     header, config, to_file, layout = _read_header(path, kind)
     shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
     info = _DETECTORS[kind](shapes, header.files, config)
-    info.layout = layout
+    if info.layout != "diffusers":  # a detector that knows its layout (the image VAE's) keeps it
+        info.layout = layout
     info.stored_dtype = ", ".join(sorted(set(header.dtypes.values())))
     probe_key = {
         "transformer": "pos_embed.proj.weight" if info.version in ("V4", *V3_FAMILY) else "proj.weight",
@@ -735,10 +782,12 @@ def load_vae(
     device: torch.device | str = "cpu",
     operations=None,
     progress: Callable[[int, int], None] | None = None,
-) -> MagvitVAE:
-    """Load a MagViT VAE (V4 slice or V5 / V5.1 mag); ``dtype`` None keeps the stored dtype."""
+) -> MagvitVAE | ImageVAE:
+    """Load a MagViT VAE (V4 slice or V5 / V5.1 mag) or V1's image VAE; ``dtype`` None keeps the stored dtype."""
 
-    def build(info: CheckpointInfo, model_dtype: torch.dtype) -> MagvitVAE:
+    def build(info: CheckpointInfo, model_dtype: torch.dtype) -> MagvitVAE | ImageVAE:
+        if info.variant == "image":
+            return ImageVAE(info.config, dtype=model_dtype, operations=operations)
         return MagvitVAE(info.config, dtype=model_dtype, operations=operations)
 
     return _load(path, "vae", build, dtype, device, progress)
