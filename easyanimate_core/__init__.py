@@ -3,7 +3,7 @@
 Entry points:
     load_transformer(path, dtype=..., device=..., operations=...)  V4 / V5 / V5.1 transformer
     load_vae(path, dtype=..., device=..., operations=...)          V4 slice / V5 / V5.1 mag VAE
-    load_text_encoders(root, version)                              Qwen2-VL (V5.1) or BERT + mT5 (V4 / V5)
+    load_text_encoders(root, version)                              Qwen2-VL (V5.1), BERT + mT5 (V4 / V5) or T5 (V1-V3)
     load_image_encoder(root)                                       CLIP vision of V4 InP (image_encoder/)
     make_sampler(name, version, steps, strength=...)               the released samplers of each version
     generate(transformer, vae, prompts, sampler, ...)              text / image / video / control to video

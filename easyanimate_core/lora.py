@@ -9,7 +9,11 @@
 
 Layouts (spec §6.2):
 * official (kohya ``LoRANetwork``): ``lora_unet__transformer_blocks_0_attn1_to_q.lora_down.weight``
-  [rank, in], ``.lora_up.weight`` [out, rank], ``.alpha`` (scalar); the module path with '.' -> '_'.
+  [rank, in], ``.lora_up.weight`` [out, rank], ``.alpha`` (scalar); the module path with '.' -> '_'. V1-V3 LoRAs
+  (official utils/lora_utils.py at f9eeabe) use the same rule on the same module paths (every Linear, the motion
+  modules included: the trainer sets add_lora_in_attn_temporal), and a trainer run with --train_text_encoder adds
+  the T5's layers as ``lora_te_encoder_block_0_layer_0_SelfAttention_q...``: read those with ``prefix="lora_te"``
+  onto the T5EncoderModel.
 * peft: ``[base_model.model.]transformer_blocks.0.attn1.to_q.lora_A.weight`` (down) / ``lora_B`` (up).
 * diffusers: the peft names under a ``transformer.`` prefix, with diffusers' module names
   (``attn1.add_q_proj`` ...), converted to the official ones.
@@ -39,7 +43,9 @@ from .loading import check_safetensors
 
 logger = logging.getLogger(__name__)
 
-_KOHYA = re.compile(r"^lora_unet_+(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# Official name prefixes: the transformer's layers, and the text encoder's when the trainer trained it too.
+KOHYA_PREFIXES = ("lora_unet", "lora_te")
+_KOHYA = {p: re.compile(rf"^{p}_+(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$") for p in KOHYA_PREFIXES}
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _PEFT_ALPHA = re.compile(r"^(.+?)\.alpha$")
 LAYOUTS = ("official", "peft", "diffusers")
@@ -72,12 +78,18 @@ def _linear_paths(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _group(state_dict: dict[str, torch.Tensor], underscored: dict[str, str]) -> tuple[dict[str, dict], list[str]]:
-    """{module path: {"down", "up", "alpha"}} and the keys that belong to no LoRA layer layout."""
+def _group(
+    state_dict: dict[str, torch.Tensor], underscored: dict[str, str], prefix: str
+) -> tuple[dict[str, dict], list[str], list[str]]:
+    """{module path: {"down", "up", "alpha"}}, the keys that belong to no LoRA layer layout, and the official
+    keys of another part (another ``KOHYA_PREFIXES`` prefix)."""
     groups: dict[str, dict] = {}
-    stray = []
+    stray, other_part = [], []
     for key, tensor in state_dict.items():
-        if m := _KOHYA.match(key):
+        if key.startswith(tuple(f"{p}_" for p in KOHYA_PREFIXES if p != prefix)):
+            other_part.append(key)
+            continue
+        if m := _KOHYA[prefix].match(key):
             name, part = m.groups()
             path = underscored.get(name, "?" + name)
             part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
@@ -90,17 +102,24 @@ def _group(state_dict: dict[str, torch.Tensor], underscored: dict[str, str]) -> 
             stray.append(key)
             continue
         groups.setdefault(path, {})[part] = tensor
-    return groups, stray
+    return groups, stray, other_part
 
 
 def read_lora(
-    source: str | Path | dict[str, torch.Tensor], model: nn.Module, name: str | None = None
+    source: str | Path | dict[str, torch.Tensor],
+    model: nn.Module,
+    name: str | None = None,
+    prefix: str = "lora_unet",
 ) -> dict[str, LoraLayer]:
     """Read a LoRA (file or state dict) onto ``model``'s Linear layers; ValueError when nothing fits.
 
-    A partial match logs a warning with the count and examples of the keys that matched no layer. Messages
-    start with ``name`` (default: the file, or "the LoRA state dict").
+    ``prefix`` picks the official entries to read: "lora_unet" (the transformer) or "lora_te" (the text encoder,
+    e.g. V1-V3's T5EncoderModel). A partial match logs a warning with the count and examples of the keys that
+    matched no layer; the other prefix's entries get their own warning. Messages start with ``name`` (default:
+    the file, or "the LoRA state dict").
     """
+    if prefix not in KOHYA_PREFIXES:
+        raise ValueError(f"unknown LoRA prefix {prefix!r}; valid: {', '.join(KOHYA_PREFIXES)}")
     name = name or (str(source) if not isinstance(source, dict) else "the LoRA state dict")
     if isinstance(source, (str, Path)):
         if Path(source).suffix != ".safetensors":
@@ -111,7 +130,12 @@ def read_lora(
         state_dict = source
     targets = _linear_paths(model)
     underscored = {path.replace(".", "_"): path for path in targets}
-    groups, stray = _group(state_dict, underscored)
+    groups, stray, other_part = _group(state_dict, underscored, prefix)
+    if not groups and other_part:
+        raise ValueError(
+            f"{name}: no {prefix}_* entries; its {len(other_part)} official entries are for another part "
+            f"(e.g. {sorted(other_part)[:2]}): read it onto the model that part names"
+        )
     if not groups:
         params = set(dict(model.named_parameters()))
         full = sum(strip_key_prefix(diffusers_to_official(k)) in params for k in state_dict)
@@ -146,6 +170,15 @@ def read_lora(
             name,
             len(unmatched),
             sorted(unmatched)[:3],
+        )
+    if other_part:
+        logger.warning(
+            "%s: %d entries are for another part of the model (e.g. %s) and are not applied here; read them "
+            "with read_lora(..., prefix=%r) onto that part",
+            name,
+            len(other_part),
+            sorted(other_part)[:2],
+            next(p for p in KOHYA_PREFIXES if other_part[0].startswith(f"{p}_")),
         )
     return layers
 

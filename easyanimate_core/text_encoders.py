@@ -1,11 +1,22 @@
-"""Text encoders of EasyAnimate V4 / V5 (BERT + mT5) and V5.1 (Qwen2-VL), loaded from a checkpoint's folders.
+"""Text encoders of EasyAnimate V1-V3 (T5), V4 / V5 (BERT + mT5) and V5.1 (Qwen2-VL), from a checkpoint's folders.
 
 Layout under a checkpoint root:
+    V1-V3  text_encoder/ (T5EncoderModel: PixArt-alpha's T5-v1.1-XXL, 4096 wide), tokenizer/ (T5Tokenizer)
     V5.1   text_encoder/ (Qwen2VLForConditionalGeneration), tokenizer/ (Qwen2Tokenizer with a chat template)
     V4/V5  text_encoder/ (BertModel), tokenizer/ (BertTokenizer, 77 tokens),
            text_encoder_2/ (T5EncoderModel holding mT5), tokenizer_2/ (T5Tokenizer, 256 tokens)
 
 What each version feeds the transformer (official EasyAnimate pipelines, which diffusers 0.42.1 matches for V5.1):
+    V1-V3 (one kind, "v3"; the official encode_prompt is the same at fb0916f (V2) and f9eeabe (V3)): each prompt
+          is lower-cased and stripped, padded / truncated to 120 tokens (with T5's </s>), run with its attention
+          mask; the conditioning is ``last_hidden_state`` -> embeds [B, 120, 4096], mask [B, 120]. The negative
+          prompt (PixArt's default "") gets the same treatment. The mask also goes to the transformer.
+          Caption cleaning: the official pipeline's ``clean_caption`` (default True in ``__call__``, which the
+          predict scripts keep) runs DeepFloyd IF's ``_clean_caption`` only when beautifulsoup4 and ftfy are
+          installed (the official requirements list both), and otherwise falls back, with a warning, to
+          ``text.lower().strip()``. We do not depend on those packages and always take the fallback: prompts
+          with URLs, HTML, CJK characters, odd dashes/quotes or "a,b" punctuation tokenize differently from an
+          official install; plain prompts are unaffected beyond lower-casing.
     V5.1  each prompt is one user chat turn with one text part, rendered by the tokenizer's chat template with
           ``add_generation_prompt=True``, right-padded / truncated to 256 tokens, run with its attention mask;
           the conditioning is ``hidden_states[-2]`` -> embeds [B, 256, H], mask [B, 256].
@@ -35,13 +46,17 @@ from typing import NamedTuple
 import torch
 import transformers
 
-from .loading import check_safetensors
+from .loading import V3_FAMILY, check_safetensors, inspect_checkpoint
 
 logger = logging.getLogger(__name__)
 
-VERSIONS = ("v4", "v5", "v5.1")
-# The official pipelines cap every tokenizer at actual_max_sequence_length = 256.
+VERSIONS = ("v3", "v4", "v5", "v5.1")
+# V1 and V2 use V3's text encoder and prompt path exactly: they are one kind, named "v3".
+VERSION_ALIASES = {"v1": "v3", "v2": "v3"}
+# The V4-V5.1 pipelines cap every tokenizer at actual_max_sequence_length = 256.
 MAX_SEQUENCE_LENGTH = 256
+# The V1-V3 pipelines pass max_sequence_length=120 (PixArt-alpha's T5 length), whatever the tokenizer allows.
+V3_MAX_SEQUENCE_LENGTH = 120
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -96,11 +111,14 @@ class PromptPair(NamedTuple):
 
 
 def normalize_version(version: str) -> str:
-    """'V5.1' / '5.1' / 'v5.1' -> 'v5.1'; ValueError for anything else."""
+    """'V5.1' / '5.1' / 'v5.1' -> 'v5.1'; 'V1' / 'V2' / 'V3' -> 'v3' (one text path); ValueError for anything else."""
     name = str(version).strip().lower()
     name = name if name.startswith("v") else f"v{name}"
+    name = VERSION_ALIASES.get(name, name)
     if name not in VERSIONS:
-        raise ValueError(f"unknown EasyAnimate version {version!r}; expected one of {', '.join(VERSIONS)}")
+        raise ValueError(
+            f"unknown EasyAnimate version {version!r}; expected one of {', '.join(VERSIONS)} (v1 and v2 mean v3)"
+        )
     return name
 
 
@@ -113,7 +131,8 @@ def _read_json(path: Path) -> dict:
 
 
 def detect_version(root: str | Path) -> str:
-    """'v5.1' for a Qwen2-VL text encoder; ValueError for BERT (V4 and V5 share it) or anything else."""
+    """'v5.1' for a Qwen2-VL text encoder, 'v3' for T5 beside a V1/V2/V3 transformer; ValueError for BERT (V4 and V5
+    share it) or anything else."""
     root = Path(root)
     config_path = root / "text_encoder" / "config.json"
     if not config_path.is_file():
@@ -121,12 +140,31 @@ def detect_version(root: str | Path) -> str:
     model_type = _read_json(config_path).get("model_type")
     if model_type == "qwen2_vl":
         return "v5.1"
+    if model_type == "t5":
+        return _t5_root_version(root)
     if model_type == "bert":
         raise ValueError(
             f"{root}: BERT + mT5 text encoders serve both V4 (run with attention masks) and V5 (without); "
             "pass version='v4' or version='v5'"
         )
-    raise ValueError(f"{config_path}: unknown text encoder model_type {model_type!r} (expected qwen2_vl or bert)")
+    raise ValueError(f"{config_path}: unknown text encoder model_type {model_type!r} (expected qwen2_vl, bert or t5)")
+
+
+def _t5_root_version(root: Path) -> str:
+    """'v3' when the transformer beside a lone T5 text encoder is a V1/V2/V3 one, as its tensors say."""
+    try:
+        info = inspect_checkpoint(root, "transformer")
+    except ValueError as error:
+        raise ValueError(
+            f"{root}: text_encoder is T5, but the transformer beside it could not be read to tell the version "
+            f"({error}); pass version='v3' for an EasyAnimate V1-V3 model"
+        ) from error
+    if info.version not in V3_FAMILY:
+        raise ValueError(
+            f"{root}: text_encoder is T5 (EasyAnimate V1-V3), but transformer/ holds a {info.version} transformer; "
+            f"{info.version} uses other text encoders: download that model folder again"
+        )
+    return "v3"
 
 
 def _missing_weights(root: Path, folder: str) -> tuple[list[str], list[str]]:
@@ -183,9 +221,12 @@ def _needs_sentencepiece(root: Path, folder: str) -> bool:
 
 def check_text_encoder_files(root: str | Path, version: str) -> None:
     """Raise ValueError, before any weights are read, if a folder or file the version needs is absent."""
-    root = Path(root)
-    two_towers = version != "v5.1"
-    tokenizers = [("tokenizer", "qwen")] if not two_towers else [("tokenizer", "bert"), ("tokenizer_2", "t5")]
+    root, version = Path(root), normalize_version(version)
+    two_towers = version in ("v4", "v5")
+    tokenizers = {
+        "v3": [("tokenizer", "t5")],
+        "v5.1": [("tokenizer", "qwen")],
+    }.get(version, [("tokenizer", "bert"), ("tokenizer_2", "t5")])
     models = ["text_encoder", "text_encoder_2"] if two_towers else ["text_encoder"]
     missing, pickles = [], []
     for folder in models:
@@ -207,11 +248,12 @@ def check_text_encoder_files(root: str | Path, version: str) -> None:
     for folder in models:  # a truncated or corrupt file is named here, not as the safetensors library's raw error
         for weights in sorted((root / folder).glob("*.safetensors")):
             check_safetensors(weights)
-    if two_towers and _needs_sentencepiece(root, "tokenizer_2"):
+    t5_folder = "tokenizer" if version == "v3" else "tokenizer_2" if two_towers else None
+    if t5_folder and _needs_sentencepiece(root, t5_folder):
         absent = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
         if absent:
             raise ValueError(
-                f"{root}/tokenizer_2 holds only spiece.model; transformers needs the sentencepiece and protobuf "
+                f"{root}/{t5_folder} holds only spiece.model; transformers needs the sentencepiece and protobuf "
                 f"packages to read it (pip install sentencepiece protobuf). Missing: {', '.join(absent)}"
             )
 
@@ -248,7 +290,7 @@ class TextEncoders:
         self.version = normalize_version(version)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
-        if self.version != "v5.1" and (tokenizer_2 is None or text_encoder_2 is None):
+        if self.version in ("v4", "v5") and (tokenizer_2 is None or text_encoder_2 is None):
             raise ValueError(f"{self.version} needs tokenizer_2 and text_encoder_2 (mT5)")
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
@@ -264,7 +306,9 @@ class TextEncoders:
         return next(self.text_encoder.parameters()).dtype
 
     def max_length(self, tokenizer) -> int:
-        """Padded sequence length for ``tokenizer``: its model_max_length, at most 256."""
+        """Padded sequence length for ``tokenizer``: 120 for V1-V3, else its model_max_length, at most 256."""
+        if self.version == "v3":
+            return V3_MAX_SEQUENCE_LENGTH
         return min(int(tokenizer.model_max_length), MAX_SEQUENCE_LENGTH)
 
     def to(self, device) -> TextEncoders:
@@ -326,6 +370,10 @@ class TextEncoders:
         if self.version == "v5.1":
             embeds, mask = self._encode_qwen(texts)
             return PromptEmbeds(embeds, mask)
+        if self.version == "v3":
+            # The official no-bs4/ftfy caption path (module docstring); the T5 runs with its mask.
+            cleaned = [text.lower().strip() for text in texts]
+            return PromptEmbeds(*self._encode_with(self.tokenizer, self.text_encoder, cleaned, use_mask=True))
         use_mask = self.version == "v4"
         embeds, mask = self._encode_with(self.tokenizer, self.text_encoder, texts, use_mask)
         embeds_2, mask_2 = self._encode_with(self.tokenizer_2, self.text_encoder_2, texts, use_mask)
@@ -349,7 +397,7 @@ class TextEncoders:
         return inputs.input_ids, inputs.attention_mask
 
     def _encode_with(self, tokenizer, encoder, texts: list[str], use_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT / mT5: ``last_hidden_state``, run with the attention mask only when ``use_mask`` (V4)."""
+        """BERT / mT5 / T5: ``last_hidden_state``, run with the attention mask only when ``use_mask`` (V1-V4)."""
         device = next(encoder.parameters()).device
         ids, mask = self._tokenize(tokenizer, texts)
         ids, mask = ids.to(device), mask.to(device)
@@ -406,18 +454,20 @@ def load_text_encoders(
     text_only: bool = True,
     cache_size: int = 8,
 ) -> TextEncoders:
-    """Load the text encoder(s) of the checkpoint at ``root`` for ``version`` ('v4', 'v5', 'v5.1').
+    """Load the text encoder(s) of the checkpoint at ``root`` for ``version`` ('v3', 'v4', 'v5', 'v5.1'; 'v1' and
+    'v2' mean 'v3').
 
-    ``version=None`` detects V5.1 from a Qwen2-VL config (V4 and V5 must be named: they differ only in mask
-    use). ``dtype=None`` keeps transformers' default. ``text_only`` frees Qwen2-VL's vision tower and LM head
-    after loading (they are never used for prompts). ``cache_size`` prompt texts are remembered (0 disables).
+    ``version=None`` detects V5.1 from a Qwen2-VL config and V1-V3 from a T5 config beside a V1-V3 transformer
+    (V4 and V5 must be named: they differ only in mask use). ``dtype=None`` keeps transformers' default.
+    ``text_only`` frees Qwen2-VL's vision tower and LM head after loading (they are never used for prompts).
+    ``cache_size`` prompt texts are remembered (0 disables).
     Files are checked before any weights are read.
     """
     root = Path(root)
     version = detect_version(root) if version is None else normalize_version(version)
     check_text_encoder_files(root, version)
     detected = _read_json(root / "text_encoder" / "config.json").get("model_type")
-    expected = "qwen2_vl" if version == "v5.1" else "bert"
+    expected = {"v3": "t5", "v5.1": "qwen2_vl"}.get(version, "bert")
     if detected != expected:
         raise ValueError(f"{root}/text_encoder is {detected!r}, but {version} uses {expected}")
     common = dict(local_files_only=True, **_dtype_kwargs(dtype))
@@ -430,6 +480,10 @@ def load_text_encoders(
         if text_only:
             _drop_unused_qwen_parts(model)
         return TextEncoders(version, tokenizer, _frozen(model, device), **options)
+    if version == "v3":
+        tokenizer = transformers.T5Tokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        t5 = transformers.T5EncoderModel.from_pretrained(root / "text_encoder", use_safetensors=True, **common)
+        return TextEncoders(version, tokenizer, _frozen(t5, device), **options)
     tokenizer = transformers.BertTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     tokenizer_2 = transformers.T5Tokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
     bert = transformers.BertModel.from_pretrained(root / "text_encoder", use_safetensors=True, **common)

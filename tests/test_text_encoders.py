@@ -252,7 +252,7 @@ def test_sentencepiece_needed_for_spiece_model(v5_root, tmp_path, monkeypatch):
         load_text_encoders(root, "v5")
 
 
-@pytest.mark.parametrize("version", ["v3", "6", "sdxl"])
+@pytest.mark.parametrize("version", ["v6", "4.5", "sdxl"])
 def test_unknown_version(v5_root, version):
     with pytest.raises(ValueError, match="unknown EasyAnimate version"):
         load_text_encoders(v5_root, version)

@@ -4,16 +4,23 @@
 ``root/tokenizer`` (Qwen2Tokenizer with a Qwen2-VL-style chat template). ``write_tiny_v5_text_encoders(root)``
 writes ``text_encoder`` (BertModel), ``tokenizer`` (BertTokenizer, 77 tokens), ``text_encoder_2``
 (T5EncoderModel with an mT5-style gated-GELU config) and ``tokenizer_2`` (T5Tokenizer, 256 tokens). The same
-folders serve V4. Nothing is downloaded: vocabularies are written out here and weights are random (seeded);
-everything is saved with ``save_pretrained`` as safetensors.
+folders serve V4. ``write_tiny_v3_text_encoder(root)`` writes V1-V3's ``text_encoder`` (a 4096-wide, 1-layer
+T5-v1.1-style encoder: the released width, at a few MB) and ``tokenizer`` (T5Tokenizer), either as
+``tokenizer.json`` or, with ``spiece=True``, as the sentencepiece ``spiece.model`` alone, as released. Nothing is
+downloaded: vocabularies are written out here and weights are random (seeded); everything is saved with
+``save_pretrained`` as safetensors.
 
 The T5 tokenizer is the ``tokenizers``-backed ``T5Tokenizer`` built from an in-memory Unigram vocabulary and
 saved as ``tokenizer.json``. The released checkpoints ship a sentencepiece ``spiece.model`` instead, which
-transformers can only read with the ``sentencepiece`` and ``protobuf`` packages.
+transformers can only read with the ``sentencepiece`` and ``protobuf`` packages; ``tiny_spiece_model`` trains
+one (Unigram, T5's pad 0 / eos 1 / unk 2 ids) on a fixed word list in a few milliseconds.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import random
 import string
 from pathlib import Path
 
@@ -162,4 +169,64 @@ def write_tiny_v5_text_encoders(root: str | Path) -> Path:
     t5_tokenizer = tiny_t5_tokenizer()
     t5_tokenizer.save_pretrained(root / "tokenizer_2")
     tiny_mt5_encoder(len(t5_tokenizer)).save_pretrained(root / "text_encoder_2")
+    return root
+
+
+def tiny_spiece_model(vocab_size: int = 40) -> bytes:
+    """A sentencepiece Unigram model (pad 0, eos 1, unk 2, no bos, as T5's) trained on sentences of BERT_WORDS."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = [w for w in BERT_WORDS if w.isascii()] + ["dog", "video", "quality", "high", "low", "woman", "forest"]
+    sentences = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def write_tiny_v3_text_encoder(root: str | Path, spiece: bool = False, d_model: int = 4096) -> Path:
+    """Write a tiny V1-V3 ``text_encoder/`` (T5EncoderModel) + ``tokenizer/`` (T5Tokenizer) under ``root``.
+
+    ``spiece=True`` writes the tokenizer as released (spiece.model + tokenizer_config.json with T5's 100 extra
+    ids, no tokenizer.json); otherwise the Unigram ``tokenizer.json`` of ``tiny_t5_tokenizer``.
+    """
+    root = Path(root)
+    folder = root / "tokenizer"
+    if spiece:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "spiece.model").write_bytes(tiny_spiece_model())
+        config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 512}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        vocab_size = len(T5Tokenizer.from_pretrained(folder, local_files_only=True))
+    else:
+        tokenizer = tiny_t5_tokenizer()
+        tokenizer.save_pretrained(folder)
+        vocab_size = len(tokenizer)
+    # T5-v1.1 (PixArt-alpha's text encoder) has mT5's architecture: gated-GELU, untied head. One thin layer keeps
+    # the released 4096 width cheap (a few MB).
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=16,
+        num_layers=1,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(3)
+    T5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
     return root
