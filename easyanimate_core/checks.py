@@ -206,7 +206,9 @@ def generation_memory_bytes(
     """
     pixels = frames * height * width
     video = 2 * pixels * 3 * 4
-    decoder_frames = min(frames, max(1, vae_config.mini_batch_decoder * vae_config.temporal_compression))
+    # The image VAE (V1) decodes one frame per call.
+    per_call = getattr(vae_config, "mini_batch_decoder", 1) * vae_config.temporal_compression
+    decoder_frames = min(frames, max(1, per_call))
     vae_activation = decoder_frames * height * width * vae_config.block_out_channels[0] * 4
     m = vae_config.pixel_multiple
     tokens = vae_config.latent_frames(min(frames, window_frames or frames)) * (height // m) * (width // m)

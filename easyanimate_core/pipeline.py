@@ -270,10 +270,10 @@ def encoded_mask_inpaint_latents(
     device,
 ) -> torch.Tensor:
     """[mask latents (L) ; masked-video latents (L)] for a V4 or V3 InP model, both encoded by the VAE (posterior
-    samples); zeros when nothing is kept. The mask (1 = generate) is tiled to three channels and encoded as it is,
-    in {0, 1}."""
+    samples); zeros without a video. The mask (1 = generate) is tiled to three channels and encoded as it is, in
+    {0, 1}; an all-ones mask is encoded too (V3's official text-to-video passes one)."""
     b, channels = latent_shape[0], latent_shape[1]
-    if video is None or bool((mask > 0.5).all()):
+    if video is None:
         return torch.zeros(b, 2 * channels, *latent_shape[2:], device=device)
     masked = torch.where(mask < 0.5, video, torch.full_like(video, -1.0))
     mask_latents = encode_sample(vae, mask.expand_as(video), device, generator)
@@ -594,11 +594,9 @@ def generate(
             x0 = (encode_sample(vae, pixels, device, generator) if sampled else encode_mean(vae, pixels, device)).cpu()
         if inpaint_ch:
             # Nothing kept (text- or video-to-video through an InP model) gives all-zero inpaint latents.
-            pixels, mask = (
-                (None, None)
-                if start_image is None and end_image is None
-                else (image_to_video_inputs(start_image, end_image, size))
-            )
+            # V3's official text-to-video encodes an all-generate mask and video; V4-V5.1 give zeros for nothing kept.
+            nothing_kept = start_image is None and end_image is None and not pixart
+            pixels, mask = (None, None) if nothing_kept else image_to_video_inputs(start_image, end_image, size)
             if is_v4 or pixart:
                 inpaint = encoded_mask_inpaint_latents(vae, pixels, mask, shape, generator, device)
             else:

@@ -99,6 +99,17 @@ def _load(vae, size: VideoSize) -> torch.device:
     return vae.patcher.load_device
 
 
+CLIP_VERSIONS = ("V4", "V3")  # whose InP models also read the start image's CLIP features
+
+
+def vae_version(core) -> str:
+    """The EasyAnimate version of a core VAE: what its loader detected, else what its chunking mode says."""
+    info = getattr(core, "info", None)
+    if info is not None:
+        return info.version
+    return {"mag": "V5.1", "slice": "V4", "image": "V1"}.get(core.config.temporal_mode, core.config.temporal_mode)
+
+
 def _latent_shape(latent: dict) -> tuple[int, ...]:
     """The shape of one video of a LATENT (batch 1: conditioning is repeated to the batch by ComfyUI)."""
     return (1, *latent["samples"].shape[1:])
@@ -138,7 +149,7 @@ class EasyAnimateImageToVideo:
                 "end_image": ("IMAGE", {"tooltip": "The last frame (the last image of the batch is used)."}),
                 "image_encoder": (
                     "EASYANIMATE_IMAGE_ENCODER",
-                    {"tooltip": "V4 only: the start image's CLIP features (EasyAnimate Image Encoder Loader)."},
+                    {"tooltip": "V4 / V3: the start image's CLIP features (EasyAnimate Image Encoder Loader)."},
                 ),
             },
         }
@@ -171,14 +182,16 @@ class EasyAnimateImageToVideo:
                 "connect a start_image and/or an end_image (for text-to-video use EasyAnimate Empty Latent Video)"
             )
         core = easyanimate_vae(vae)
-        is_v4 = core.config.temporal_mode == "slice"
-        if is_v4 and start_image is not None and image_encoder is None:
+        # V1-V4 pipelines encode the mask itself through the VAE (posterior samples); V4 and V3 also read CLIP.
+        encoded_mask = core.config.temporal_mode != "mag"
+        version = vae_version(core)
+        if version in CLIP_VERSIONS and start_image is not None and image_encoder is None:
             raise ValueError(
-                "V4 image-to-video also conditions on the start image's CLIP features: connect an EasyAnimate "
-                "Image Encoder Loader (V4) on the model folder to image_encoder"
+                f"{version} image-to-video also conditions on the start image's CLIP features: connect an "
+                "EasyAnimate Image Encoder Loader on the model folder to image_encoder"
             )
-        if image_encoder is not None and not is_v4:
-            raise ValueError("image_encoder is for V4 models (slice VAE); disconnect it for V5 / V5.1")
+        if image_encoder is not None and version not in CLIP_VERSIONS:
+            raise ValueError(f"image_encoder is for V4 / V3 models; disconnect it for this {version} VAE")
         size = _checked_size(core, width, height, frames)
         latent = empty_video_latent(core.config, width, height, frames, batch_size)
         pixels, mask = image_to_video_inputs(
@@ -189,15 +202,17 @@ class EasyAnimateImageToVideo:
         device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
-            if is_v4:  # mask and masked video through the slice VAE, posterior samples (no noise augmentation)
+            if encoded_mask:  # mask and masked video through the VAE, posterior samples (no noise augmentation)
                 inpaint = encoded_mask_inpaint_latents(core, pixels, mask, _latent_shape(latent), generator, device)
             else:
                 shape = _latent_shape(latent)
                 inpaint = inpaint_latents(core, pixels, mask, shape, generator, noise_aug_strength, device)
         positive, negative = _attach(positive, negative, {"easyanimate_inpaint_latents": inpaint})
-        if is_v4 and start_image is not None:
+        if image_encoder is not None and start_image is not None:
             # The conditional branch reads the features, the unconditional one zeros with a zero mask (official).
-            features = image_encoder.encode(resized_image(start_image[0, ..., :3], size))
+            # V3's pipeline hands CLIP the start image as given, V4's the image resized to the video.
+            image = start_image[0, ..., :3]
+            features = image_encoder.encode(image if version == "V3" else resized_image(image, size))
             positive = node_helpers.conditioning_set_values(
                 positive, {"easyanimate_clip": features, "easyanimate_clip_weight": torch.ones(1)}
             )
@@ -252,7 +267,7 @@ class EasyAnimateVideoToVideo:
         device = _load(vae, size)
         generator = torch.Generator().manual_seed(AUG_NOISE_SEED)
         with torch.no_grad():
-            if core.config.temporal_mode == "slice":  # V4
+            if core.config.temporal_mode != "mag":  # V1-V4
                 inpaint = encoded_mask_inpaint_latents(core, pixels, generate, _latent_shape(latent), generator, device)
             else:
                 inpaint = inpaint_latents(

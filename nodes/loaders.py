@@ -162,7 +162,8 @@ class EasyAnimateModelLoader:
 
 
 def _text_encoder_version(root: Path) -> str:
-    """ "V5.1" (Qwen2-VL), or "V5" / "V4" (BERT + mT5) for a folder holding text_encoder/ (and text_encoder_2/)."""
+    """ "V5.1" (Qwen2-VL), "V5" / "V4" (BERT + mT5) or "V3" (T5, for V1-V3) for a folder holding text_encoder/ (and
+    text_encoder_2/)."""
     # BERT + mT5 serve V4 (with masks) and V5 (without): a model folder's transformer says which. An unreadable
     # transformer is the Model Loader's error (it was given that file): here the text encoder's config decides.
     try:
@@ -181,8 +182,10 @@ def _text_encoder_version(root: Path) -> str:
     if model_type == "bert":
         # Without a transformer beside it nothing says V4 or V5 (V4 encodes with the masks): take V5, the newer.
         return "V5"
+    if model_type == "t5":  # PixArt's T5-v1.1-XXL: V1, V2 and V3 encode prompts the same way
+        return "V3"
     raise ValueError(
-        f"{root}: the text-encoder loader takes V5.1 (Qwen2-VL) or V5 / V4 (BERT + mT5) folders "
+        f"{root}: the text-encoder loader takes V5.1 (Qwen2-VL), V5 / V4 (BERT + mT5) or V1-V3 (T5) folders "
         f"(text_encoder/config.json: {model_type})"
     )
 
@@ -346,9 +349,10 @@ class EasyAnimateTextEncode:
         extras = {}
         if embeds.embeds_2 is not None:  # the mT5 stream of V5 / V4, passed to the model through extra_conds
             extras["easyanimate_text_2"] = embeds.embeds_2.to(out)
-        if text_encoder.encoders.version == "v4":  # V4 reads the token masks; V5 never does
+        if text_encoder.encoders.version in ("v4", "v3"):  # V4 and V1-V3 read the token masks; V5 never does
             extras["easyanimate_text_mask"] = embeds.mask.to(out)
-            extras["easyanimate_text_2_mask"] = embeds.mask_2.to(out)
+            if embeds.mask_2 is not None:
+                extras["easyanimate_text_2_mask"] = embeds.mask_2.to(out)
         return ([[embeds.embeds.to(out), extras]],)
 
 
@@ -360,17 +364,18 @@ class EasyAnimateImageEncoderHandle:
         self.patcher = _encoder_patcher(encoder.model)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image [H, W, 3] in [0, 1] -> CLIP patch features [1, patches, hidden] on the intermediate device."""
+        """Image [H, W, 3] in [0, 1] -> CLIP patch features [1, patches, hidden] (V4) or image embedding [1, 768]
+        (V3), on the intermediate device."""
         mm.load_models_gpu([self.patcher])
         return self.encoder.encode(image).to(mm.intermediate_device())
 
 
 class EasyAnimateImageEncoderLoader:
-    """Load the CLIP vision encoder (image_encoder/) of an EasyAnimate V4 InP model folder."""
+    """Load the CLIP vision encoder (image_encoder/) of an EasyAnimate V4 or V3 InP model folder."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        tooltip = "A V4 InP model folder; its image_encoder/ gives the start image's CLIP features."
+        tooltip = "A V4 or V3 InP model folder; its image_encoder/ gives the start image's CLIP features."
         return {"required": {"model_folder": folder_input("image_encoder", tooltip)}}
 
     RETURN_TYPES = ("EASYANIMATE_IMAGE_ENCODER",)
@@ -381,8 +386,14 @@ class EasyAnimateImageEncoderLoader:
     def load(self, model_folder):
         from easyanimate_core.image_encoder import load_image_encoder
 
+        root = model_folder_path(model_folder)
+        # V3 conditions on CLIP's projected image embedding, V4 on its patch features: the transformer beside says.
+        version = inspect_checkpoint(root, "transformer").version if (root / "transformer").is_dir() else "V4"
         encoder = load_image_encoder(
-            model_folder_path(model_folder), dtype=mm.text_encoder_dtype(), device=mm.text_encoder_offload_device()
+            root,
+            dtype=mm.text_encoder_dtype(),
+            device=mm.text_encoder_offload_device(),
+            output="image_embeds" if version == "V3" else "patches",
         )
         return (EasyAnimateImageEncoderHandle(encoder),)
 
@@ -439,5 +450,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EasyAnimateTextEncoderLoader": "EasyAnimate Text Encoder Loader",
     "EasyAnimateTextEncode": "EasyAnimate Text Encode",
     "EasyAnimateLoraLoader": "EasyAnimate LoRA Loader",
-    "EasyAnimateImageEncoderLoader": "EasyAnimate Image Encoder Loader (V4)",
+    "EasyAnimateImageEncoderLoader": "EasyAnimate Image Encoder Loader (V4 / V3)",
 }

@@ -1,4 +1,4 @@
-"""EasyAnimate V5.1 / V5 / V4 as a native ComfyUI MODEL (a ModelPatcher over a comfy BaseModel).
+"""EasyAnimate V5.1 / V5 / V4 / V3 / V2 / V1 as a native ComfyUI MODEL (a ModelPatcher over a comfy BaseModel).
 
 Choice: the BaseModel is built with ``disable_unet_model_creation`` and its ``diffusion_model`` is set
 to our transformer, loaded by ``easyanimate_core.loading.load_transformer`` with the comfy.ops
@@ -28,10 +28,11 @@ from easyanimate_core.attention import sdpa_attention, using_attention
 from easyanimate_core.camera import CAMERA_CHANNELS
 from easyanimate_core.context import reference_at_first_frame, riflex_frequency
 from easyanimate_core.loading import inspect_checkpoint, load_transformer
-from easyanimate_core.pipeline import clip_active, model_inputs, model_version
+from easyanimate_core.pipeline import CLIP_APPLY_RATIO, PIXART_VERSIONS, clip_active, model_inputs, model_version
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
+from easyanimate_core.transformer_v3 import CLIP_TOKENS, EasyAnimateV3Transformer3D
 from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
 from easyanimate_core.vae import VAE_V4, VAE_V51
 
@@ -139,7 +140,17 @@ class EasyAnimateV4LatentFormat(EasyAnimateLatentFormat):
     recent_vae = None  # its own: a 16-channel VAE's colours never fit these latents
 
 
+class EasyAnimatePixArtLatentFormat(EasyAnimateLatentFormat):
+    """The 4-channel latents of V1-V3 (SD image VAE, V2 MagViT, V3 slice VAE); the model folder's vae/config.json
+    gives the scaling factor (``attach_vae_near``)."""
+
+    latent_channels = VAE_CONFIGS["V3"].latent_channels
+    scale_factor = VAE_CONFIGS["V3"].scaling_factor
+    recent_vae = None  # its own: a 16-channel VAE's colours never fit these latents
+
+
 LATENT_FORMATS = {"V5.1": EasyAnimateLatentFormat, "V5": EasyAnimateLatentFormat, "V4": EasyAnimateV4LatentFormat}
+LATENT_FORMATS.update(dict.fromkeys(PIXART_VERSIONS, EasyAnimatePixArtLatentFormat))
 
 
 def sampling_settings(version: str) -> tuple[comfy.model_base.ModelType, dict]:
@@ -149,6 +160,12 @@ def sampling_settings(version: str) -> tuple[comfy.model_base.ModelType, dict]:
         # ModelSamplingDiscreteFlow: sigma(t) = time_snr_shift(shift, t / 1000) = s t / (1 + (s - 1) t), which is
         # our e^mu / (e^mu + 1/t - 1) for s = e^mu; the model is fed sigma * multiplier = sigma * 1000 as ours.
         return comfy.model_base.ModelType.FLOW, {"shift": math.exp(schedule.mu), "multiplier": 1000}
+    if schedule.prediction == "epsilon":  # V1-V3: epsilon prediction on plain linear betas
+        return comfy.model_base.ModelType.EPS, {
+            "beta_schedule": "sqrt_linear",  # comfy's "sqrt_linear" is the plain linear schedule
+            "linear_start": schedule.beta_start,
+            "linear_end": schedule.beta_end,
+        }
     # V5 / V4: v-prediction on the scaled_linear betas (V5's rescaled to zero terminal SNR).
     return comfy.model_base.ModelType.V_PREDICTION, {
         "beta_schedule": "linear",  # comfy's "linear" is the sqrt-space (scaled_linear) schedule
@@ -178,7 +195,7 @@ class EasyAnimateModelConfig(comfy.supported_models_base.BASE):
 class EasyAnimateNet(torch.nn.Module):
     """ComfyUI's diffusion-model call ``(x, timesteps, context, **conds)`` onto our transformer."""
 
-    def __init__(self, transformer: EasyAnimateTransformer3D | EasyAnimateV4Transformer3D):
+    def __init__(self, transformer: EasyAnimateTransformer3D | EasyAnimateV4Transformer3D | EasyAnimateV3Transformer3D):
         super().__init__()
         self.transformer = transformer
         self.version = model_version(transformer)
@@ -197,7 +214,14 @@ class EasyAnimateNet(torch.nn.Module):
         config = self.transformer.config
         if self.version == "V4":
             return config.cross_attention_dim, config.cross_attention_dim_t5
+        if self.version in PIXART_VERSIONS:
+            return config.caption_channels, None
         return config.text_embed_dim, config.text_embed_dim_t5
+
+    @property
+    def clip_tokens(self) -> int:
+        """The tokens the start image's CLIP features become: V4's n_query, V3's 8."""
+        return CLIP_TOKENS if self.version in PIXART_VERSIONS else self.transformer.config.n_query
 
     @property
     def variant(self) -> str:
@@ -220,10 +244,11 @@ class EasyAnimateNet(torch.nn.Module):
                 [extra["control_latents"], reference_at_first_frame(reference, x.shape[2])], 1
             )
         clip, clip_weight = extra.pop("clip_encoder_hidden_states", None), extra.pop("clip_weight", None)
-        if clip is not None and self.clip_step(transformer_options):
+        if clip is not None and self.clip_step(transformer_options, CLIP_APPLY_RATIO.get(self.version, 0.0)):
             extra["clip_encoder_hidden_states"] = clip
-            mask = clip_weight.to(clip)[:, None].expand(clip.shape[0], self.transformer.config.n_query)
-            extra["clip_attention_mask"] = mask
+            extra["clip_attention_mask"] = clip_weight.to(clip)[:, None].expand(clip.shape[0], self.clip_tokens)
+        if self.version in PIXART_VERSIONS and "text_embedding_mask" in extra:  # V1-V3: the T5 mask, so named
+            extra["encoder_attention_mask"] = extra.pop("text_embedding_mask")
         # Without images / a control video the official pipelines feed zeros (text-to-video on InP / Control models).
         for name, channels in (("inpaint_latents", self.inpaint_channels), ("control_latents", self.control_channels)):
             if channels and name not in extra:
@@ -254,10 +279,11 @@ class EasyAnimateNet(torch.nn.Module):
         return sampling_step(options.get("sample_sigmas"), options.get("sigmas"))
 
     @classmethod
-    def clip_step(cls, transformer_options: dict | None) -> bool:
-        """Whether this model call is in the last 40% of the steps, where V4 reads the CLIP features (official)."""
+    def clip_step(cls, transformer_options: dict | None, ratio: float = CLIP_APPLY_RATIO["V4"]) -> bool:
+        """Whether this model call is in the last ``ratio`` of the steps, where V4 (40 %) and V3 (50 %) read the
+        CLIP features (official)."""
         step = cls.step_index(transformer_options)
-        return True if step is None else clip_active(*step)  # outside a sampling loop: always
+        return True if step is None else clip_active(*step, ratio)  # outside a sampling loop: always
 
 
 # Peak activation memory of one forward (no_grad) per token x inner width x element of the compute dtype, measured
@@ -281,7 +307,8 @@ class EasyAnimateModel(comfy.model_base.BaseModel):
         config = net.transformer.config
         batch, _, frames, height, width = input_shape
         p = config.patch_size
-        text_tokens = 256 + (77 if net.text_widths()[1] is not None else 0)  # Qwen2-VL, or BERT + mT5 (V5, V4)
+        # Qwen2-VL, or BERT + mT5 (V5, V4), or T5 + 8 CLIP tokens (V1-V3)
+        text_tokens = 128 if net.version in PIXART_VERSIONS else 256 + (77 if net.text_widths()[1] is not None else 0)
         tokens = frames * (height // p) * (width // p) + text_tokens
         dtype = self.manual_cast_dtype or self.diffusion_model.dtype
         return ACTIVATION_BYTES_PER_TOKEN * batch * tokens * config.inner_dim * max(2, dtype.itemsize)
@@ -335,6 +362,11 @@ def conditioning_error(net: EasyAnimateNet, cond: dict, latent_shape) -> str | N
         return (
             "this V4 model reads the prompt's token masks, which this conditioning lacks (a BERT + mT5 folder without "
             "a V4 transformer beside it is taken as V5's): load the text encoder from the V4 model folder itself"
+        )
+    if net.version in PIXART_VERSIONS and cond.get("easyanimate_text_mask") is None:
+        return (
+            f"this {net.version} model reads the T5 prompt's token mask, which this conditioning lacks: encode the "
+            "prompt with EasyAnimate Text Encode on the text encoder of a V1-V3 model folder"
         )
     inpaint, control = cond.get("easyanimate_inpaint_latents"), cond.get("easyanimate_control_latents")
     if control is not None and not net.control_channels:

@@ -2,7 +2,7 @@
 
 It is KSampler (``comfy.sample.sample``: same noise, CFG guider, samplers, progress bar and latent previews) with
 "default" choices resolved from the MODEL's version: the released sampler (V5.1 Flow -> ComfyUI's euler, V5 DDIM
--> ComfyUI's ddim, V4 Euler -> ComfyUI's euler) on the released schedule (``latents.released_sigmas``), where
+-> ComfyUI's ddim, V4 Euler -> ComfyUI's euler, V1-V3 DPM++ -> ComfyUI's dpmpp_2m) on the released schedule (``latents.released_sigmas``), where
 ``denoise`` is the official strength. With a ComfyUI scheduler chosen it samples exactly as the stock KSampler
 with the same settings.
 The conditioning is checked against the model before the model is loaded.
@@ -25,7 +25,7 @@ from .native_model import EasyAnimateNet, conditioning_error
 
 DEFAULT = "default"
 # The official sampler names of the released defaults -> the ComfyUI sampler computing the same steps.
-COMFY_SAMPLERS = {"Flow": "euler", "DDIM": "ddim", "Euler": "euler"}
+COMFY_SAMPLERS = {"Flow": "euler", "DDIM": "ddim", "Euler": "euler", "DPM++": "dpmpp_2m"}
 
 
 def _released(field: int) -> str:
@@ -113,7 +113,10 @@ class EasyAnimateSampler:
                 ),
                 "sampler_name": (
                     [DEFAULT, *comfy.samplers.KSampler.SAMPLERS],
-                    {"tooltip": f"default: the released sampler ({_released(0)}; Flow, Euler = euler, DDIM = ddim)."},
+                    {
+                        "tooltip": f"default: the released sampler ({_released(0)}; Flow, Euler = euler, DDIM = ddim, "
+                        "DPM++ = dpmpp_2m)."
+                    },
                 ),
                 "scheduler": (
                     [DEFAULT, *comfy.samplers.KSampler.SCHEDULERS],

@@ -1,5 +1,5 @@
-"""Tiny random V4 / V5 / V5.1 checkpoints written to disk in the official layout (transformer/, vae/, text encoders,
-and for V4 the CLIP image_encoder/)."""
+"""Tiny random V1-V5.1 checkpoints written to disk in the official layout (transformer/, vae/, text encoders,
+and for V4 / V3 InP the CLIP image_encoder/)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from easyanimate_core.image_vae import ImageVAE, ImageVAEConfig
 from easyanimate_core.transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
+from easyanimate_core.transformer_v3 import V1_XL, V2_XL, V3_XL_INP, EasyAnimateV3Transformer3D
 from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D, TransformerV4Config
 from easyanimate_core.vae import MagvitVAE, VAEConfig
-from tests.tiny_text_models import write_tiny_v5_text_encoders, write_tiny_v51_text_encoder
+from tests.tiny_text_models import (
+    write_tiny_v3_text_encoder,
+    write_tiny_v5_text_encoders,
+    write_tiny_v51_text_encoder,
+)
 
 TEXT_HIDDEN = 32  # hidden size of the tiny Qwen2-VL in tiny_text_models
 VAE_CONFIG = {
@@ -56,6 +62,8 @@ def write_tiny_checkpoint(root: str | Path, variant: str = "InP", seed: int = 0,
     torch.manual_seed(seed)
     if version == "V4":
         return _write_tiny_v4(root, variant)
+    if version in PIXART_RELEASES:
+        return _write_tiny_pixart(root, version)
     text = {"text_embed_dim": TEXT_HIDDEN, "add_norm_text_encoder": True}
     if version == "V5":  # BERT + mT5 streams, no RMSNorm before the projections
         text = {"text_embed_dim": TEXT_HIDDEN, "text_embed_dim_t5": TEXT_HIDDEN, "add_norm_text_encoder": False}
@@ -108,8 +116,9 @@ def tiny_v4_config(variant: str = "InP") -> TransformerV4Config:
     )
 
 
-def write_tiny_clip_image_encoder(root: Path) -> Path:
-    """``root/image_encoder``: a 1-layer CLIP vision tower on 32 px images (16 patch tokens), safetensors."""
+def write_tiny_clip_image_encoder(root: Path, projection_dim: int = 16) -> Path:
+    """``root/image_encoder``: a 1-layer CLIP vision tower on 32 px images (16 patch tokens), safetensors; V3 reads
+    its projection, 768 wide as released (``projection_dim``)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
@@ -119,7 +128,7 @@ def write_tiny_clip_image_encoder(root: Path) -> Path:
         num_attention_heads=2,
         image_size=32,
         patch_size=8,
-        projection_dim=16,
+        projection_dim=projection_dim,
     )
     folder = root / "image_encoder"
     CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
@@ -142,3 +151,97 @@ def _write_tiny_v4(root: Path, variant: str) -> Path:
     if variant == "InP":
         write_tiny_clip_image_encoder(root)
     return root
+
+
+# V1-V3 (PixArt-motion): 16 blocks keep one U-ViT long skip (blocks 0..12 push, 15.. pop); T5 32 wide.
+PIXART_RELEASES = {"V3": V3_XL_INP, "V2": V2_XL, "V1": V1_XL}
+T5_HIDDEN = 32
+PIXART_TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=16,
+    caption_channels=T5_HIDDEN,
+    sample_size=8,
+    motion_heads_even=2,
+    motion_heads_odd=2,
+)
+IMAGE_VAE_CONFIG = {  # a diffusers AutoencoderKL config.json, 2 levels (2x spatial compression)
+    "latent_channels": 4,
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "scaling_factor": 0.18215,
+}
+
+
+def tiny_pixart_config(version: str):
+    """The tiny geometry of a V1 / V2 / V3 release (its motion layout, input channels and U-ViT kept)."""
+    return PIXART_RELEASES[version].replace(**PIXART_TINY)
+
+
+def pixart_motion_config(version: str) -> dict:
+    """A transformer/config.json for a tiny V1-V3 release: PixArt's keys plus the release yaml's motion keys."""
+    cfg = tiny_pixart_config(version)
+
+    def motion(heads: int, kinds: tuple[str, ...]) -> dict:
+        return {
+            "num_attention_heads": heads,
+            "num_transformer_block": cfg.motion_layers,
+            "attention_block_types": [f"{k}_Self" for k in kinds],
+            "temporal_position_encoding": True,
+            "temporal_position_encoding_max_len": 4096,
+            "block_size": cfg.motion_block_size,
+        }
+
+    config = {
+        "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.num_layers,
+        "sample_size": cfg.sample_size,
+        "caption_channels": cfg.caption_channels,
+        "cross_attention_dim": cfg.inner_dim,
+        "patch_size": cfg.patch_size,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": cfg.norm_eps,
+        "attention_bias": cfg.attention_bias,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "motion_module_type": "VanillaGrid" if cfg.motion_block_size > 1 else "Vanilla",
+        "enable_uvit": cfg.enable_uvit,
+    }
+    if version == "V3":
+        config["basic_block_type"] = "global_motionmodule"
+        config["motion_module_kwargs_even"] = motion(cfg.motion_heads_even, cfg.motion_even)
+        config["motion_module_kwargs_odd"] = motion(cfg.motion_heads_odd, cfg.motion_odd)
+    else:
+        config["basic_block_type"] = "motionmodule"
+        config["motion_module_kwargs"] = motion(cfg.motion_heads_even, cfg.motion_even)
+    return config
+
+
+def _write_tiny_pixart(root: Path, version: str) -> Path:
+    config = tiny_pixart_config(version)
+    transformer = EasyAnimateV3Transformer3D(config)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            # The zero-initialised output layers (motion proj_out, long skips) get weights too: they must matter.
+            p.add_(torch.randn_like(p) * 0.05)
+    _save(root / "transformer", transformer.state_dict(), pixart_motion_config(version))
+    if version == "V1":
+        vae = ImageVAE(ImageVAEConfig.from_dict(IMAGE_VAE_CONFIG))
+        _save(root / "vae", vae.state_dict(), IMAGE_VAE_CONFIG)
+    else:
+        vae_config = PIXART_VAE_CONFIGS[version]
+        _save(root / "vae", MagvitVAE(VAEConfig.from_dict(vae_config)).state_dict(), vae_config)
+    write_tiny_v3_text_encoder(root, d_model=T5_HIDDEN)
+    if version == "V3":
+        write_tiny_clip_image_encoder(root, projection_dim=768)
+    return root
+
+
+PIXART_VAE_CONFIGS: dict[str, dict] = {}  # V2 / V3 MagViT configs: filled below once their modes exist
