@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,17 +291,20 @@ IMAGE_VAE_JSON = {
 }
 
 
-@pytest.fixture(scope="module")
-def image_vae_folder(tmp_path_factory):
-    """A V1 model folder holding only vae/ (diffusers names, config.json), random weights of std 0.3."""
-    root = tmp_path_factory.mktemp("tiny_v1")
+def write_tiny_image_vae(root: Path) -> Path:
+    """A V1 model folder ``root`` holding only vae/ (diffusers names, config.json), random weights of std 0.3."""
     model = ImageVAE(ImageVAEConfig.from_dict(IMAGE_VAE_JSON))
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in model.state_dict().items()}
-    (root / "vae").mkdir()
+    (root / "vae").mkdir(parents=True)
     save_file(state, root / "vae" / "diffusion_pytorch_model.safetensors")
     (root / "vae" / "config.json").write_text(json.dumps(IMAGE_VAE_JSON))
     return root
+
+
+@pytest.fixture(scope="module")
+def image_vae_folder(tmp_path_factory):
+    return write_tiny_image_vae(tmp_path_factory.mktemp("tiny") / "v1")
 
 
 def load_v1(nodes, image_vae_folder):
