@@ -31,7 +31,18 @@ from torch import nn
 
 from .attention import attention
 from .ops import default_operations
-from .vae import _check_tiling, _nearest_multiples, _tiles
+from .vae import (
+    MIN_TILE_LATENTS,
+    ChunkTile,
+    _check_tiling,
+    _largest_tile,
+    _nearest_multiples,
+    _tile_area,
+    _tiles,
+    _width_scale,
+    retry_on_oom,
+    smaller_settings,
+)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -555,3 +566,156 @@ class ImageVAE(nn.Module):
         """Reconstruct ``video`` through the posterior mean (a convenience for checks)."""
         mean, _ = self.encode(video)
         return self.decode(mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory planning and out-of-memory retry (vae.py's contract; the ComfyUI nodes dispatch on the VAE type)
+# --------------------------------------------------------------------------------------------------
+
+# Working memory of decode / encode in elements of the compute dtype, for the SD geometry (block_out_channels
+# starting at 128; scaled linearly for narrower VAEs), output tensor excluded. Every frame of a call is one image
+# of the batch, so the peak grows with frames per call times tile area; the video's length does not change it.
+# Measured on CPU in float32 by bench/bench_image_vae_memory.py (RSS high-water mark above the loaded weights,
+# 64-256 px frames, 1-4 frames per call, untiled and 8-latent tiles):
+# * decode: 58k-93k elements per latent pixel of each frame of a call (58k for 2-4 frames per call, 67k-72k for
+#   one 128-256 px frame, 85k for one 64 px frame, 93k for 8x8-latent tiles). We count 80k: -14%..+38%.
+# * encode: 769-922 per pixel of each frame of a call. We count 900: -2%..+17%.
+# (ComfyUI's own estimate for the SD VAE, sized for its GPU paths, is 139k and 1767.)
+DECODE_PER_LATENT_PIXEL = 80_000
+ENCODE_PER_PIXEL = 900
+# Largest automatic frames per call: a progress update and an interrupt check every 8 frames.
+MAX_AUTO_FRAMES = 8
+AUTO = ChunkTile()  # every frames-per-call / tile setting planned
+
+
+def decode_memory(
+    config: ImageVAEConfig, latent_shape, dtype: torch.dtype, chunk_latents: int | None = None, tile: int | None = None
+) -> int:
+    """Bytes of working memory ``ImageVAE.decode`` needs for latents of ``latent_shape`` (output excluded)."""
+    b, _, t, h, w = latent_shape
+    chunk = min(chunk_latents or DEFAULT_DECODE_LATENTS, max(t, 1))
+    return int(b * chunk * _tile_area(h, w, tile) * DECODE_PER_LATENT_PIXEL * _width_scale(config) * dtype.itemsize)
+
+
+def encode_memory(
+    config: ImageVAEConfig, video_shape, dtype: torch.dtype, chunk_frames: int | None = None, tile: int | None = None
+) -> int:
+    """Bytes of working memory ``ImageVAE.encode`` needs for a video of ``video_shape`` (output excluded)."""
+    b, _, f, h, w = video_shape
+    s = config.spatial_compression
+    chunk = min(chunk_frames or DEFAULT_ENCODE_FRAMES, max(f, 1))
+    pixels = _tile_area(h // s, w // s, tile) * s * s
+    return int(b * chunk * pixels * ENCODE_PER_PIXEL * _width_scale(config) * dtype.itemsize)
+
+
+def _plan(
+    memory: Callable[[tuple, int, int | None], int],
+    shape: tuple,
+    latent_hw: tuple[int, int],
+    one_latent_pixel: tuple,
+    budget: float,
+    requested: ChunkTile,
+    min_tile: int,
+) -> ChunkTile:
+    """The most frames per call (up to MAX_AUTO_FRAMES) that fit ``budget``, then the largest tile that fits.
+
+    ``memory(shape, chunk, tile)`` is the bytes estimate; ``one_latent_pixel`` the shape of one latent pixel's input.
+    """
+    chunk = requested.chunk
+    if chunk is None:
+        most = min(MAX_AUTO_FRAMES, max(shape[2], 1))
+        fits = [c for c in range(1, most + 1) if memory(shape, c, requested.tile) <= budget]
+        chunk = fits[-1] if fits else 1
+    tile = requested.tile
+    if tile is None:
+        tile = _largest_tile(*latent_hw, memory(one_latent_pixel, chunk, None), budget, min_tile)
+    return ChunkTile(chunk, tile, requested.overlap)
+
+
+def plan_decode(
+    vae: ImageVAE,
+    latent_shape,
+    dtype: torch.dtype,
+    budget_bytes: float,
+    requested: ChunkTile = AUTO,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> ChunkTile:
+    """Fill the ``None`` fields of ``requested``: the most frames per call, then the largest tile that fit.
+
+    Frames first: fewer frames per call lower the peak without changing the output, where tiles blend seams.
+    """
+    b, _, t, h, w = latent_shape
+
+    def memory(shape, chunk, tile):
+        return decode_memory(vae.config, shape, dtype, chunk, tile)
+
+    return _plan(memory, latent_shape, (h, w), (b, 0, t, 1, 1), budget_bytes, requested, min_tile)
+
+
+def plan_encode(
+    vae: ImageVAE,
+    video_shape,
+    dtype: torch.dtype,
+    budget_bytes: float,
+    requested: ChunkTile = AUTO,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> ChunkTile:
+    """Fill the ``None`` fields of ``requested``: the most frames per call, then the largest tile that fit."""
+    b, _, f, h, w = video_shape
+    s = vae.config.spatial_compression
+
+    def memory(shape, chunk, tile):
+        return encode_memory(vae.config, shape, dtype, chunk, tile)
+
+    return _plan(memory, video_shape, (h // s, w // s), (b, 0, f, s, s), budget_bytes, requested, min_tile)
+
+
+def _frames_then_tiles(vae: ImageVAE, latent_hw: tuple[int, int], min_tile: int):
+    """Out-of-memory shrinking: halve the frames per call down to one, then halve the tile side."""
+    return lambda current: smaller_settings(vae, latent_hw, current, 1, True, min_tile)
+
+
+def decode_with_retry(
+    vae: ImageVAE,
+    latents: torch.Tensor,
+    settings: ChunkTile = AUTO,
+    *,
+    out: torch.Tensor | None = None,
+    progress: ProgressFn | None = None,
+    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    on_retry: Callable[[ChunkTile, str], None] | None = None,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> torch.Tensor:
+    """``vae.decode`` with ``settings``; out of memory, it retries with fewer frames per call, then smaller tiles."""
+
+    def run(s: ChunkTile) -> torch.Tensor:
+        return vae.decode(
+            latents, chunk_latents=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, out=out, progress=progress
+        )
+
+    shrink = _frames_then_tiles(vae, tuple(latents.shape[3:]), min_tile)
+    return retry_on_oom(run, settings, shrink, oom_errors, on_retry)
+
+
+def encode_with_retry(
+    vae: ImageVAE,
+    video: torch.Tensor,
+    settings: ChunkTile = AUTO,
+    *,
+    progress: ProgressFn | None = None,
+    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    on_retry: Callable[[ChunkTile, str], None] | None = None,
+    min_tile: int = MIN_TILE_LATENTS,
+) -> torch.Tensor:
+    """The posterior mean of ``vae.encode`` with ``settings``; out of memory, retried with fewer frames per call,
+    then smaller tiles."""
+
+    def run(s: ChunkTile) -> torch.Tensor:
+        mean, _ = vae.encode(
+            video, chunk_frames=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, progress=progress
+        )
+        return mean
+
+    s = vae.config.spatial_compression
+    shrink = _frames_then_tiles(vae, (video.shape[3] // s, video.shape[4] // s), min_tile)
+    return retry_on_oom(run, settings, shrink, oom_errors, on_retry)

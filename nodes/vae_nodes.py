@@ -1,13 +1,14 @@
 """The EasyAnimate VAE in ComfyUI: a stock ``VAE`` (works with VAEDecode / VAEEncode / VAEDecodeTiled), its
 loader, and decode / encode nodes with temporal-chunk and spatial-tile inputs.
 
-``EasyAnimateVAE`` is a ``comfy.sd.VAE`` whose ``first_stage_model`` is our core ``MagvitVAE`` (ComfyUI's
-constructor only builds the families it detects from state-dict keys, so ours sets the same attributes
-itself). Its decode / encode methods are overridden rather than left to ComfyUI's generic ones: our VAE
-decodes in temporal chunks with causal caches, identical to a whole-video decode, where ComfyUI's temporal
-tiles would cut the causal context and blend seams; it tiles space itself, plans chunk and tile sizes from
-free memory (``easyanimate_core.vae.plan_decode``) and retries smaller after running out of memory
-(``decode_with_retry``) instead of failing with the sampled latent lost.
+``EasyAnimateVAE`` is a ``comfy.sd.VAE`` whose ``first_stage_model`` is our core ``MagvitVAE`` (V4-V5.1) or
+``ImageVAE`` (V1's SD image VAE, applied frame by frame). ComfyUI's constructor only builds the families it
+detects from state-dict keys, so ours sets the same attributes itself. Its decode / encode methods are
+overridden rather than left to ComfyUI's generic ones: the MagViT VAE decodes in temporal chunks with causal
+caches, identical to a whole-video decode, where ComfyUI's temporal tiles would cut the causal context and
+blend seams; both VAEs tile space themselves, plan chunk and tile sizes from free memory (``plan_decode`` of
+``easyanimate_core.vae`` or ``easyanimate_core.image_vae``, whichever module models the loaded VAE) and retry
+smaller after running out of memory (``decode_with_retry``) instead of failing with the sampled latent lost.
 """
 
 from __future__ import annotations
@@ -23,18 +24,11 @@ import comfy.utils
 import folder_paths
 import torch
 
+import easyanimate_core.image_vae as image_vae_memory
+import easyanimate_core.vae as video_vae_memory
+from easyanimate_core.image_vae import ImageVAE
 from easyanimate_core.loading import inspect_checkpoint, load_vae
-from easyanimate_core.vae import (
-    MIN_TILE_LATENTS,
-    ChunkTile,
-    MagvitVAE,
-    decode_memory,
-    decode_with_retry,
-    encode_memory,
-    encode_with_retry,
-    plan_decode,
-    plan_encode,
-)
+from easyanimate_core.vae import MIN_TILE_LATENTS, ChunkTile, MagvitVAE
 
 from .common import (
     BUNDLED_TOOLTIP,
@@ -52,12 +46,18 @@ AUTO = ChunkTile()  # every chunk / tile setting planned from free memory
 NOT_OURS = "this VAE is not an EasyAnimate VAE; load it with EasyAnimate VAE Loader"
 
 
-def easyanimate_vae(vae) -> MagvitVAE:
-    """The core MagvitVAE inside a ComfyUI VAE, or a clear error for any other VAE."""
+def easyanimate_vae(vae) -> MagvitVAE | ImageVAE:
+    """The core MagvitVAE / ImageVAE inside a ComfyUI VAE, or a clear error for any other VAE."""
     core = getattr(vae, "first_stage_model", None)
-    if not isinstance(core, MagvitVAE):
+    if not isinstance(core, MagvitVAE | ImageVAE):
         raise ValueError(NOT_OURS)
     return core
+
+
+def memory_model(core: MagvitVAE | ImageVAE):
+    """The module with ``core``'s memory estimates, planners and out-of-memory retries (the same functions in
+    each): image_vae's work per frame, vae's per causal chunk."""
+    return image_vae_memory if isinstance(core, ImageVAE) else video_vae_memory
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -97,22 +97,22 @@ class _NoEmptyVAEWarning(logging.Filter):
 
 
 class EasyAnimateVAE(comfy.sd.VAE):
-    """ComfyUI's VAE type over our MagViT VAE; LATENT holds raw VAE-space latents [B, 16, T, h, w]."""
+    """ComfyUI's VAE type over our MagViT or image VAE; LATENT holds raw VAE-space latents [B, C, T, h, w]."""
 
-    def __init__(self, vae: MagvitVAE, device=None, dtype=None):
+    def __init__(self, vae: MagvitVAE | ImageVAE, device=None, dtype=None):
         # ComfyUI's own constructor first, on an empty state dict: it sets every attribute the running ComfyUI's VAE
         # has (0.8.0 added size, pad_channel_value, ... that its model_size() / get_ram_usage() read) and stops at
-        # "no VAE weights" (that warning is dropped). Then its attributes get the values of our causal 3-D VAE.
+        # "no VAE weights" (that warning is dropped). Then its attributes get the values of our video VAE.
         quiet, root = _NoEmptyVAEWarning(), logging.getLogger()
         root.addFilter(quiet)
         try:
             super().__init__(sd={}, device=device, dtype=dtype)
         finally:
             root.removeFilter(quiet)
-        cfg = vae.config
+        cfg, memory = vae.config, memory_model(vae)
         s, tc = cfg.spatial_compression, cfg.temporal_compression
-        self.memory_used_encode = lambda shape, dtype: encode_memory(cfg, shape, dtype)
-        self.memory_used_decode = lambda shape, dtype: decode_memory(cfg, shape, dtype)
+        self.memory_used_encode = lambda shape, dtype: memory.encode_memory(cfg, shape, dtype)
+        self.memory_used_decode = lambda shape, dtype: memory.decode_memory(cfg, shape, dtype)
         self.downscale_ratio = (lambda frames: vae.latent_frames(frames) if frames > 0 else 0, s, s)
         self.upscale_ratio = (lambda latents: vae.video_frames(latents) if latents > 0 else 0, s, s)
         self.downscale_index_formula = (tc, s, s)
@@ -154,11 +154,12 @@ class EasyAnimateVAE(comfy.sd.VAE):
         self.throw_exception_if_invalid()
         self.check_latents(latents)
         vae = self.first_stage_model
+        memory = memory_model(vae)
         shape, dtype = tuple(latents.shape), self.vae_dtype
         mm.load_models_gpu(
             [self.patcher],
-            memory_required=decode_memory(vae.config, shape, dtype, requested.chunk, requested.tile),
-            minimum_memory_required=decode_memory(vae.config, shape, dtype, 1, MIN_TILE_LATENTS),
+            memory_required=memory.decode_memory(vae.config, shape, dtype, requested.chunk, requested.tile),
+            minimum_memory_required=memory.decode_memory(vae.config, shape, dtype, 1, MIN_TILE_LATENTS),
             force_full_load=self.disable_offload,
         )
         device = self.patcher.load_device
@@ -169,8 +170,8 @@ class EasyAnimateVAE(comfy.sd.VAE):
         budget = mm.get_free_memory(device)
         if torch.device(self.output_device) == torch.device(device):
             budget -= frames.numel() * frames.element_size()
-        settings = plan_decode(vae, shape, dtype, budget, requested)
-        decode_with_retry(
+        settings = memory.plan_decode(vae, shape, dtype, budget, requested)
+        memory.decode_with_retry(
             vae,
             latents.to(device),
             settings,
@@ -212,19 +213,20 @@ class EasyAnimateVAE(comfy.sd.VAE):
         self.throw_exception_if_invalid()
         vae = self.first_stage_model
         vae.check_video_shape(video.shape)  # frame / size rules, naming the nearest valid values
+        memory = memory_model(vae)
         shape, dtype = tuple(video.shape), self.vae_dtype
         tc = vae.config.temporal_compression
         mm.load_models_gpu(
             [self.patcher],
-            memory_required=encode_memory(vae.config, shape, dtype, requested.chunk, requested.tile),
-            minimum_memory_required=encode_memory(vae.config, shape, dtype, tc, MIN_TILE_LATENTS),
+            memory_required=memory.encode_memory(vae.config, shape, dtype, requested.chunk, requested.tile),
+            minimum_memory_required=memory.encode_memory(vae.config, shape, dtype, tc, MIN_TILE_LATENTS),
             force_full_load=self.disable_offload,
         )
         device = self.patcher.load_device
         pixels = self.process_input(video.to(device, dtype))
         budget = mm.get_free_memory(device)
-        settings = plan_encode(vae, shape, dtype, budget, requested)
-        mean = encode_with_retry(
+        settings = memory.plan_encode(vae, shape, dtype, budget, requested)
+        mean = memory.encode_with_retry(
             vae, pixels, settings, progress=_progress(), oom_errors=_oom_errors(), on_retry=_on_retry("encode")
         )
         return mean.to(self.output_device)
@@ -233,7 +235,8 @@ class EasyAnimateVAE(comfy.sd.VAE):
         return self.encode_video(self.video_from_images(pixel_samples))
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """VAEEncodeTiled: tiles and overlap in pixels, ``tile_t`` frames per chunk (a multiple of 4)."""
+        """VAEEncodeTiled: tiles and overlap in pixels, ``tile_t`` frames per chunk (a multiple of the VAE's
+        temporal compression: 4 for the MagViT VAE, 1 for the image VAE)."""
         return self.encode_video(
             self.video_from_images(pixel_samples), self._encode_tiles(tile_x, tile_y, overlap, tile_t)
         )
@@ -286,13 +289,14 @@ def _single_vae_error(name: str) -> str | None:
 
 
 class EasyAnimateVAELoader:
-    """Load the MagViT VAE of an EasyAnimate checkpoint folder or of a single file in vae/, as ComfyUI's VAE."""
+    """Load the VAE of an EasyAnimate checkpoint folder or of a single file in vae/ (the MagViT VAE of V4-V5.1 or
+    V1's SD image VAE), as ComfyUI's VAE."""
 
     @classmethod
     def INPUT_TYPES(cls):
         tooltip = (
             "An EasyAnimate VAE: a folder under models/EasyAnimate/ with a vae/ subfolder, or a .safetensors file "
-            "in models/vae/ (V5 / V5.1 are detected from the tensors). " + BUNDLED_TOOLTIP
+            "in models/vae/ (V5 / V5.1 / V4 and V1's image VAE are detected from the tensors). " + BUNDLED_TOOLTIP
         )
         return {"required": {"model_folder": (model_folders("vae") + _vae_files(), {"tooltip": tooltip})}}
 
@@ -357,7 +361,7 @@ def _memory_inputs(chunk_unit: str, chunk_step: int) -> dict:
     }
 
 
-def _requested(core: MagvitVAE, temporal_chunk: int, tile_size: int, tile_overlap: int) -> ChunkTile:
+def _requested(core: MagvitVAE | ImageVAE, temporal_chunk: int, tile_size: int, tile_overlap: int) -> ChunkTile:
     """Node inputs (0 = auto; tiles in pixels) -> ChunkTile in the VAE's units."""
     s = core.config.spatial_compression
     tile = max(1, tile_size // s) if tile_size else None
@@ -366,16 +370,19 @@ def _requested(core: MagvitVAE, temporal_chunk: int, tile_size: int, tile_overla
 
 
 class EasyAnimateVAEDecode:
-    """Decode a video LATENT with the EasyAnimate VAE to IMAGE frames [frames, H, W, 3]."""
+    """Decode a video LATENT with the EasyAnimate VAE (MagViT or V1's image VAE) to IMAGE frames [frames, H, W, 3]."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "samples": ("LATENT", {"tooltip": "Video latents [B, 16, T, h, w] from KSampler."}),
+                "samples": (
+                    "LATENT",
+                    {"tooltip": "Video latents [B, C, T, h, w] from KSampler (16 channels for V4-V5.1, 4 for V1)."},
+                ),
                 "vae": ("VAE", {"tooltip": "From EasyAnimate VAE Loader."}),
             },
-            "optional": _memory_inputs("Latents (4 frames each)", 1),
+            "optional": _memory_inputs("Latents (4 frames each; one frame each for V1's image VAE)", 1),
         }
 
     RETURN_TYPES = ("IMAGE",)
@@ -392,7 +399,8 @@ class EasyAnimateVAEDecode:
 
 
 class EasyAnimateVAEEncode:
-    """Encode IMAGE frames (4k+1 frames, sides a multiple of 16) to a video LATENT with the EasyAnimate VAE."""
+    """Encode IMAGE frames (sides a multiple of 16; 4k+1 frames for the MagViT VAE, any count for V1's image VAE)
+    to a video LATENT with the EasyAnimate VAE."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -400,15 +408,18 @@ class EasyAnimateVAEEncode:
             "required": {
                 "pixels": (
                     "IMAGE",
-                    {"tooltip": "Video frames [frames, H, W, 3]: 4k+1 frames, sides multiples of 16."},
+                    {
+                        "tooltip": "Video frames [frames, H, W, 3]: sides multiples of 16; 4k+1 frames (V4-V5.1), "
+                        "any number (V1)."
+                    },
                 ),
                 "vae": ("VAE", {"tooltip": "From EasyAnimate VAE Loader."}),
             },
-            "optional": _memory_inputs("Frames after the first (a multiple of 4)", 4),
+            "optional": _memory_inputs("Frames after the first (a multiple of 4; any number for V1's image VAE)", 4),
         }
 
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Raw VAE-space latents [1, 16, T, h, w] (the posterior mean).",)
+    OUTPUT_TOOLTIPS = ("Raw VAE-space latents [1, C, T, h, w] (the posterior mean).",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 

@@ -1,18 +1,22 @@
-"""The EasyAnimate VAE as ComfyUI's VAE type, its loader, decode / encode nodes and latent previews (stand-in)."""
+"""The EasyAnimate VAE as ComfyUI's VAE type, its loader, decode / encode nodes and latent previews (stand-in);
+the MagViT VAE (V4-V5.1) and V1's per-frame image VAE."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import easyanimate_core.image_vae as image_vae
 import easyanimate_core.preview as preview
+from easyanimate_core.image_vae import ImageVAE, ImageVAEConfig
 from easyanimate_core.vae import MagvitVAE, decode_memory, plan_decode
-from tests.comfy_standin import install
+from tests.comfy_standin import install, link_tree
 from tests.tiny_checkpoint import VAE_CONFIG
 
 
@@ -270,3 +274,182 @@ def test_our_vae_runs_comfys_own_constructor_first_so_attributes_of_newer_comfyu
     assert (vae.latent_channels, vae.latent_dim, vae.crop_input) == (16, 3, False)
     assert vae.spacial_compression_decode() == 8 and vae.temporal_compression_decode() == 4
     assert "No VAE weights detected" not in caplog.text  # the empty-constructor warning is dropped
+
+
+# ---- V1's image VAE (the SD AutoencoderKL, frame by frame) ------------------------------------------------
+
+# A tiny diffusers-style AutoencoderKL: 2 levels (2x compression), 1 resnet per level, 4 norm groups, 4 channels.
+IMAGE_VAE_JSON = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "scaling_factor": 0.18215,
+}
+
+
+def write_tiny_image_vae(root: Path) -> Path:
+    """A V1 model folder ``root`` holding only vae/ (diffusers names, config.json), random weights of std 0.3."""
+    model = ImageVAE(ImageVAEConfig.from_dict(IMAGE_VAE_JSON))
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in model.state_dict().items()}
+    (root / "vae").mkdir(parents=True)
+    save_file(state, root / "vae" / "diffusion_pytorch_model.safetensors")
+    (root / "vae" / "config.json").write_text(json.dumps(IMAGE_VAE_JSON))
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_vae_folder(tmp_path_factory):
+    return write_tiny_image_vae(tmp_path_factory.mktemp("tiny") / "v1")
+
+
+def load_v1(nodes, image_vae_folder):
+    link_tree(image_vae_folder, nodes.models / "tiny-V1")
+    return nodes.nodes.EasyAnimateVAELoader().load("tiny-V1")[0]
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_loader_lists_and_loads_v1_image_vaes_from_a_folder_and_a_single_file(nodes, image_vae_folder, tmp_path):
+    link_tree(image_vae_folder, nodes.models / "tiny-V1")
+    folder = vae_folder(nodes, tmp_path)
+    shutil.copy(image_vae_folder / "vae" / "diffusion_pytorch_model.safetensors", folder / "sd.safetensors")
+    (folder / "sd.json").write_text(json.dumps(IMAGE_VAE_JSON))  # 4 norm groups: not the SD default of 32
+    loader = nodes.nodes.EasyAnimateVAELoader
+    assert loader.INPUT_TYPES()["required"]["model_folder"][0] == ["tiny-V1", "sd.safetensors"]
+    assert loader.VALIDATE_INPUTS("tiny-V1") is True and loader.VALIDATE_INPUTS("sd.safetensors") is True
+    vae = loader().load("tiny-V1")[0]
+    single = loader().load("sd.safetensors")[0]
+    core = nodes.package.vae_nodes.easyanimate_vae(vae)
+    assert isinstance(core, ImageVAE) and isinstance(vae, sys.modules["comfy.sd"].VAE)
+    assert core.config.norm_num_groups == 4 and vae.patcher.model is core
+    for (k, a), b in zip(single.get_sd().items(), core.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # The attributes stock nodes read: 4 channels, one latent per frame, 2x2 pixels per latent (this tiny VAE).
+    assert (vae.latent_channels, vae.latent_dim, vae.output_channels) == (4, 3, 3)
+    assert vae.downscale_ratio[0](7) == 7 and vae.upscale_ratio[0](7) == 7
+    assert vae.spacial_compression_decode() == vae.spacial_compression_encode() == 2
+    assert vae.temporal_compression_decode() == 1
+    shape = (1, 4, 5, 8, 8)
+    assert vae.memory_used_decode(shape, torch.float32) == image_vae.decode_memory(core.config, shape, torch.float32)
+
+
+def test_v1_decode_and_encode_nodes_equal_the_image_vae(nodes, image_vae_folder):
+    vae = load_v1(nodes, image_vae_folder)
+    core = vae.first_stage_model
+    z = latents((2, 4, 3, 4, 6))
+    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae, 2)
+    assert nodes.mm.loads == [[vae.patcher]]
+    assert image.shape == (2 * 3, 8, 12, 3)  # one frame per latent frame
+    torch.testing.assert_close(image, core_frames(core, z, chunk_latents=2), rtol=0, atol=0)
+    (auto,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae)  # planned: all 3 frames per call
+    torch.testing.assert_close(auto, core_frames(core, z, chunk_latents=3), rtol=0, atol=0)
+    assert rel(auto, core_frames(core, z)) <= 1e-5  # the official one frame per call, up to float summation order
+    # Any frame count encodes (no 4k+1 rule); the LATENT is the posterior mean of [-1, 1] pixels.
+    pixels = torch.rand(3, 16, 32, 3, generator=torch.Generator().manual_seed(1))
+    (out,) = nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae, 4, 0, 64)
+    with torch.no_grad():
+        mean, _ = core.encode(pixels.permute(3, 0, 1, 2)[None] * 2 - 1, chunk_frames=4)
+    assert out["samples"].shape == (1, 4, 3, 8, 16)
+    torch.testing.assert_close(out["samples"], mean, rtol=0, atol=0)
+
+
+def test_v1_stock_vae_methods_equal_the_nodes(nodes, image_vae_folder):
+    """VAEDecode / VAEDecodeTiled / VAEEncode / VAEEncodeTiled on a V1 VAE."""
+    vae = load_v1(nodes, image_vae_folder)
+    core = vae.first_stage_model
+    z = latents((1, 4, 2, 16, 16))
+    (node,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae)
+    stock = vae.decode(z)
+    assert stock.shape == (1, 2, 32, 32, 3)
+    torch.testing.assert_close(stock.reshape(-1, 32, 32, 3), node, rtol=0, atol=0)
+    # VAEDecodeTiled(tile_size=16, overlap=4, temporal_size=1) on 2x compression: 8 / 2 latent pixels, 1 frame.
+    tiled = vae.decode_tiled(z, tile_x=8, tile_y=8, overlap=2, tile_t=1, overlap_t=0)
+    expected = core_frames(core, z, chunk_latents=1, tile_latent_size=8, tile_overlap=2)
+    torch.testing.assert_close(tiled.reshape(-1, 32, 32, 3), expected, rtol=0, atol=0)
+    assert not torch.equal(tiled.reshape(-1, 32, 32, 3), node)  # it did tile
+    pixels = node  # 2 frames [2, 32, 32, 3]: not 4k+1, fine for an image VAE
+    (encoded,) = nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae)
+    torch.testing.assert_close(vae.encode(pixels), encoded["samples"], rtol=0, atol=0)
+    # VAEEncodeTiled: 16 px tiles, 4 px overlap, 1 frame per call -> 8 / 2 latent pixels.
+    stock_tiled = vae.encode_tiled(pixels, tile_x=16, tile_y=16, overlap=4, tile_t=1, overlap_t=0)
+    with torch.no_grad():
+        mean, _ = core.encode(pixels.permute(3, 0, 1, 2)[None] * 2 - 1, chunk_frames=1, tile_latent_size=8,
+                              tile_overlap=2)  # fmt: skip
+    torch.testing.assert_close(stock_tiled, mean, rtol=0, atol=0)
+
+
+def test_v1_decode_refuses_16_channel_latents(nodes, image_vae_folder):
+    vae = load_v1(nodes, image_vae_folder)
+    with pytest.raises(ValueError, match=r"expected video latents \[B, 4, T, h, w\], got \[1, 16, 2, 4, 4\]"):
+        nodes.nodes.EasyAnimateVAEDecode().decode({"samples": torch.zeros(1, 16, 2, 4, 4)}, vae)
+    with pytest.raises(ValueError, match="EasyAnimate VAE Encode: height 40 is not a multiple of 16; nearest valid"):
+        nodes.nodes.EasyAnimateVAEEncode().encode(torch.zeros(3, 40, 32, 3), vae)
+    assert nodes.mm.loads == []  # refused before the VAE was loaded
+
+
+def record_calls(monkeypatch, core, method: str, fail_first: int = 0) -> list:
+    """Patch ``core.<method>`` to record (frames per call, tile) and raise out-of-memory on the first calls."""
+    calls, real = [], getattr(core, method)
+    chunk_name = "chunk_latents" if method == "decode" else "chunk_frames"
+
+    def run(*args, **kwargs):
+        calls.append((kwargs.get(chunk_name), kwargs.get("tile_latent_size")))
+        if len(calls) <= fail_first:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, method, run)
+    return calls
+
+
+def test_v1_short_memory_plans_fewer_frames_per_call_then_tiles(nodes, image_vae_folder, monkeypatch):
+    vae = load_v1(nodes, image_vae_folder)
+    core = vae.first_stage_model
+    z = latents((1, 4, 6, 12, 16))
+    out_bytes = 6 * 24 * 32 * 3 * 4  # the IMAGE output on the same device (CPU) is taken off the budget
+    calls = record_calls(monkeypatch, core, "decode")
+    one_frame = image_vae.decode_memory(core.config, z.shape, torch.float32, 1)
+    # Budget for 2 of the 6 frames: untiled, 2 frames per call (all 6 would fit in 64 GiB).
+    nodes.mm.free_memory = 2 * one_frame + out_bytes
+    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae)
+    assert calls == [(2, None)]
+    torch.testing.assert_close(image, core_frames(core, z, chunk_latents=2), rtol=0, atol=0)
+    # Budget for 60% of one frame: one frame per call in tiles of 10x10 latent pixels (100 <= 0.6 * 192 < 121).
+    calls.clear()
+    nodes.mm.free_memory = int(0.6 * one_frame) + out_bytes
+    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae)
+    assert calls == [(1, 10)]
+    torch.testing.assert_close(image, core_frames(core, z, tile_latent_size=10), rtol=0, atol=0)
+    # Encode plans the same way, in pixels: 3 of 6 frames per call fit.
+    pixels = torch.rand(6, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    one_image = image_vae.encode_memory(core.config, (1, 3, 6, 16, 16), torch.float32, 1)
+    nodes.mm.free_memory = 3 * one_image
+    calls = record_calls(monkeypatch, core, "encode")
+    nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae)
+    assert calls == [(3, None)]
+
+
+def test_v1_out_of_memory_retries_with_fewer_frames_then_tiles(nodes, image_vae_folder, monkeypatch, caplog):
+    vae = load_v1(nodes, image_vae_folder)
+    core = vae.first_stage_model
+    z = latents((1, 4, 4, 8, 16))
+    calls = record_calls(monkeypatch, core, "decode", fail_first=3)
+    (image,) = nodes.nodes.EasyAnimateVAEDecode().decode({"samples": z}, vae)
+    # Planned: all 4 frames per call; then 2, then 1 (same frames, no seams), then 8x8 tiles.
+    assert calls == [(4, None), (2, None), (1, None), (1, 8)]
+    assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); retrying with chunk 2" in caplog.text
+    torch.testing.assert_close(image, core_frames(core, z, chunk_latents=1, tile_latent_size=8), rtol=0, atol=0)
+    calls = record_calls(monkeypatch, core, "encode", fail_first=1)
+    pixels = torch.rand(4, 16, 32, 3, generator=torch.Generator().manual_seed(4))
+    (out,) = nodes.nodes.EasyAnimateVAEEncode().encode(pixels, vae)
+    assert calls == [(4, None), (2, None)]
+    with torch.no_grad():
+        mean, _ = core.encode(pixels.permute(3, 0, 1, 2)[None] * 2 - 1, chunk_frames=2)
+    torch.testing.assert_close(out["samples"], mean, rtol=0, atol=0)

@@ -1,5 +1,5 @@
 """The EasyAnimate VAE in a real ComfyUI: stock VAEDecode / VAEDecodeTiled / VAEEncode, out-of-memory retry,
-latent previews while the stock KSampler samples, and refusals naming the fix."""
+latent previews while the stock KSampler samples, and refusals naming the fix; the same for V1's image VAE."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 from comfy_harness import PACK_IMPORT_SCRIPT, ComfyError, run_in_comfy_python
 from safetensors.torch import save_file
 
+from tests.test_vae_nodes import write_tiny_image_vae
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
 FOLDER = "tiny-vae-v51"
+FOLDER_V1 = "tiny-vae-v1"
 
 VAE_SCRIPT = (
     PACK_IMPORT_SCRIPT
@@ -158,6 +160,112 @@ def vae_results():
     return run_in_comfy_python(VAE_SCRIPT, "COMFYUI_PATH is not set: no ComfyUI to run the VAE checks in")
 
 
+# V1's image VAE (tests/test_vae_nodes.py's tiny AutoencoderKL: 2x compression, 4 channels, frame by frame), the
+# folder written by the test process (V1_SOURCE) and copied into the script's models/EasyAnimate/.
+V1_VAE_SCRIPT = (
+    PACK_IMPORT_SCRIPT
+    + r"""
+import shutil
+import folder_paths
+work = tempfile.mkdtemp()
+import comfy.model_management as mm
+import comfy.sd
+import nodes as comfy_nodes
+ours = sys.modules["easyanimate_pack.nodes.vae_nodes"]
+
+shutil.copytree(V1_SOURCE, work + "/models/EasyAnimate/tiny-v1")
+folder_paths.add_model_folder_path("EasyAnimate", work + "/models/EasyAnimate", is_default=True)
+vae = ours.EasyAnimateVAELoader().load("tiny-v1")[0]
+core = vae.first_stage_model
+res = {"is_comfy_vae": isinstance(vae, comfy.sd.VAE), "core": type(core).__name__}
+real_decode, real_encode, decodes, encodes, failures = core.decode, core.encode, [], [], []
+
+def decode(*a, **kw):  # records (frames per call, tile) and raises comfy's OOM while failures are queued
+    decodes.append([kw.get("chunk_latents"), kw.get("tile_latent_size")])
+    if failures:
+        raise mm.OOM_EXCEPTION(failures.pop())
+    return real_decode(*a, **kw)
+
+def encode(*a, **kw):
+    encodes.append([kw.get("chunk_frames"), kw.get("tile_latent_size")])
+    return real_encode(*a, **kw)
+
+core.decode, core.encode = decode, encode
+
+def diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+def frames(video):  # [1, 3, F, H, W] in [-1, 1] -> IMAGE [F, H, W, 3]
+    return ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+
+g = torch.Generator().manual_seed(0)
+z = torch.randn(1, 4, 3, 40, 40, generator=g)  # 3 frames of 80x80
+(node,) = ours.EasyAnimateVAEDecode().decode({"samples": z}, vae)
+(stock,) = comfy_nodes.VAEDecode().decode(vae, {"samples": z})
+res["decode_shapes"] = [list(node.shape), list(stock.shape)]
+res["decode_diff"] = diff(stock, node)
+with torch.no_grad():
+    res["decode_vs_core"] = diff(node, frames(real_decode(z, chunk_latents=decodes[0][0])))
+    res["decode_vs_one_frame_per_call"] = diff(node, frames(real_decode(z)))
+
+# VAEDecodeTiled(tile 64 px, overlap 16 px, 8 frames per chunk) -> 32 / 8 latent pixels: 2x2 tiles.
+(tiled,) = comfy_nodes.VAEDecodeTiled().decode(vae, {"samples": z}, 64, 16, 8, 4)
+(tiled_node,) = ours.EasyAnimateVAEDecode().decode({"samples": z}, vae, 8, 64, 16)
+res["tiled_shape"] = list(tiled.shape)
+res["tiled_diff"] = diff(tiled, tiled_node)
+res["tiled_vs_untiled"] = diff(tiled, node)
+
+# Stock VAEEncode on the 3 decoded frames (no 4k+1 rule) against our encode node and the core's posterior mean.
+encodes.clear()
+(latent,) = comfy_nodes.VAEEncode().encode(vae, node)
+(latent_node,) = ours.EasyAnimateVAEEncode().encode(node, vae)
+res["encode_shape"] = list(latent["samples"].shape)
+res["encode_diff"] = diff(latent["samples"], latent_node["samples"])
+with torch.no_grad():
+    mean, _ = real_encode(node.permute(3, 0, 1, 2)[None] * 2 - 1, chunk_frames=encodes[0][0])
+res["encode_vs_core"] = diff(latent_node["samples"], mean)
+
+# Forced out-of-memory errors on the first two decodes: fewer frames per call, then one, and the frames come back.
+decodes.clear()
+failures[:] = ["CUDA out of memory. Tried to allocate 24.00 GiB"] * 2
+z4 = torch.randn(1, 4, 4, 16, 16, generator=g)
+(recovered,) = comfy_nodes.VAEDecode().decode(vae, {"samples": z4})
+res["oom_attempts"] = list(decodes)
+res["oom_shape"] = list(recovered.shape)
+with torch.no_grad():
+    res["oom_diff"] = diff(recovered, frames(real_decode(z4, chunk_latents=1)))
+
+# Every public method of the running ComfyUI's VAE works on ours over the image VAE (as the MagViT check above).
+real = comfy.sd.VAE(sd={})
+public = sorted(n for n in set(dir(comfy.sd.VAE)) | set(vars(real)) if not n.startswith("_"))
+res["vae_missing"] = [n for n in public if not hasattr(vae, n)]
+z_small, pixels = torch.randn(1, 4, 2, 8, 8, generator=g), torch.rand(3, 32, 32, 3, generator=g)
+video = pixels.movedim(-1, 0).unsqueeze(0)
+arguments = {"decode": (z_small,), "decode_tiled": (z_small,), "encode": (pixels,), "encode_tiled": (pixels,),
+             "vae_encode_crop_pixels": (pixels,), "decode_tiled_3d": (z_small,), "encode_tiled_3d": (video,)}
+calls, call_errors = {}, {}
+for n in public:
+    if not callable(getattr(comfy.sd.VAE, n, None)) or n.endswith("_1d") or n in ("decode_tiled_", "encode_tiled_"):
+        continue
+    try:
+        out = getattr(vae, n)(*arguments.get(n, ()))
+        plain = out if isinstance(out, (int, float, type(None))) else type(out).__name__
+        calls[n] = list(out.shape) if isinstance(out, torch.Tensor) else plain
+    except Exception as e:
+        call_errors[n] = f"{type(e).__name__}: {e}"[:300]
+res["vae_calls"], res["vae_call_errors"] = calls, call_errors
+print(json.dumps(res))
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def v1_results(tmp_path_factory):
+    source = write_tiny_image_vae(tmp_path_factory.mktemp("v1_vae") / "tiny-v1")
+    script = f"V1_SOURCE = {str(source)!r}\n" + V1_VAE_SCRIPT
+    return run_in_comfy_python(script, "COMFYUI_PATH is not set: no ComfyUI to run the V1 VAE checks in")
+
+
 def test_loader_gives_comfys_vae_type(vae_results):
     assert vae_results["is_comfy_vae"]
 
@@ -202,6 +310,34 @@ def test_forced_out_of_memory_retries_with_tiles_and_returns_the_frames(vae_resu
     assert vae_results["oom_diff"] == 0.0
 
 
+def test_v1_image_vae_works_through_stock_decode_tiled_decode_and_encode(v1_results):
+    assert v1_results["is_comfy_vae"] and v1_results["core"] == "ImageVAE"
+    # One frame per latent, 2x pixels; stock and node decode are the same call (exact), and equal the core's
+    # decode with the planned frames per call; the official one-frame-per-call order differs by float rounding.
+    assert v1_results["decode_shapes"] == [[3, 80, 80, 3], [3, 80, 80, 3]]
+    assert v1_results["decode_diff"] == 0.0 and v1_results["decode_vs_core"] == 0.0
+    assert v1_results["decode_vs_one_frame_per_call"] <= 1e-5
+    assert v1_results["tiled_shape"] == [3, 80, 80, 3]
+    assert v1_results["tiled_diff"] == 0.0 and v1_results["tiled_vs_untiled"] > 0.0
+    assert v1_results["encode_shape"] == [1, 4, 3, 40, 40]
+    assert v1_results["encode_diff"] == 0.0 and v1_results["encode_vs_core"] == 0.0
+
+
+def test_v1_out_of_memory_retries_with_fewer_frames_per_call(v1_results):
+    # Planned from free RAM: all 4 frames per call; out of memory twice: 2 frames, then 1, untiled (no seams).
+    assert v1_results["oom_attempts"] == [[4, None], [2, None], [1, None]]
+    assert v1_results["oom_shape"] == [4, 32, 32, 3]
+    assert v1_results["oom_diff"] == 0.0
+
+
+def test_every_public_method_of_comfys_vae_works_on_a_v1_vae(v1_results):
+    assert v1_results["vae_missing"] == [] and v1_results["vae_call_errors"] == {}
+    calls = v1_results["vae_calls"]
+    assert calls["decode"] == [1, 2, 16, 16, 3] and calls["encode"] == [1, 4, 3, 16, 16]
+    assert calls["encode_tiled_3d"] == calls["encode"]
+    assert calls["spacial_compression_decode"] == 2 and calls["temporal_compression_decode"] == 1
+
+
 def test_ksampler_shows_latent_previews_from_factors_fitted_on_the_vae(vae_results):
     assert vae_results["previewer"] == "Latent2RGBPreviewer"
     assert vae_results["previews"] == 3  # one per step
@@ -220,11 +356,14 @@ def test_ksampler_shows_latent_previews_from_factors_fitted_on_the_vae(vae_resul
 
 @pytest.fixture(scope="module")
 def vae_models(comfy_server):
-    """A tiny model folder in models/EasyAnimate/, an EasyAnimate VAE file and an SD-style VAE file in models/vae/."""
+    """Tiny model folders (V5.1, V1's image VAE) in models/EasyAnimate/, an EasyAnimate VAE file and an SD-style VAE
+    file in models/vae/."""
     base = comfy_server.base_dir / "models"
     folder = base / "EasyAnimate" / FOLDER
     if not folder.is_dir():
         write_tiny_checkpoint(folder, "InP", version="V5.1")
+    if not (base / "EasyAnimate" / FOLDER_V1).is_dir():
+        write_tiny_image_vae(base / "EasyAnimate" / FOLDER_V1)
     vae_dir = base / "vae"
     vae_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", vae_dir / "tiny_easyanimate.safetensors")
@@ -256,15 +395,17 @@ def encode_decode_prompt(vae_name: str, frames: int = 5, width: int = 32, height
     }
 
 
-@pytest.mark.parametrize("vae_name", [FOLDER, "tiny_easyanimate.safetensors"])
-def test_our_encode_and_stock_decode_run_through_the_server(comfy_server, vae_models, vae_name):
+@pytest.mark.parametrize(
+    ("vae_name", "frames"), [(FOLDER, 5), ("tiny_easyanimate.safetensors", 5), (FOLDER_V1, 3)]
+)  # V1's image VAE takes any frame count
+def test_our_encode_and_stock_decode_run_through_the_server(comfy_server, vae_models, vae_name, frames):
     info = comfy_server.get_json("/object_info/EasyAnimateVAELoader")["EasyAnimateVAELoader"]
     assert info["output"] == ["VAE"]
-    assert {FOLDER, "tiny_easyanimate.safetensors", "sd_style_vae.safetensors"} <= set(
+    assert {FOLDER, FOLDER_V1, "tiny_easyanimate.safetensors", "sd_style_vae.safetensors"} <= set(
         info["input"]["required"]["model_folder"][0]
     )
-    files = comfy_server.output_files(comfy_server.run_prompt(encode_decode_prompt(vae_name), timeout=300))
-    assert len(files) == 5 and all(f.stat().st_size > 0 for f in files)
+    files = comfy_server.output_files(comfy_server.run_prompt(encode_decode_prompt(vae_name, frames), timeout=300))
+    assert len(files) == frames and all(f.stat().st_size > 0 for f in files)
 
 
 def test_another_vae_family_is_refused_at_validation_naming_the_fix(comfy_server, vae_models):
