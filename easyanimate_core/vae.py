@@ -225,7 +225,7 @@ class VAEConfig:
                 "unsliced (V2) VAEs are supported; this config.json sets slice_mag_vae, which no release uses"
             )
         elif d.get("slice_compression_vae", False):
-            kw["temporal_mode"] = "v3-slice"
+            kw = {**_era_defaults(VAE_V3), **kw, "temporal_mode": "v3-slice"}
         elif "cache_mag_vae" in d or "cache_compression_vae" in d:
             # A V4-or-later class config with every chunking flag off: the official class then encodes the
             # whole video in one call, which no release does.
@@ -234,8 +234,15 @@ class VAEConfig:
                 "no released VAE does that, so set the flag of the release the weights belong to"
             )
         elif "slice_compression_vae" in d:  # the V2/V3-era class with slicing off: V2's pipeline-chunked VAE
-            kw["temporal_mode"] = "v2-magvit"
+            # scaling_factor: the V2 release's pipeline and trainer use 0.18215 whatever config.json says.
+            kw = {**_era_defaults(VAE_V2), **kw, "temporal_mode": "v2-magvit", "scaling_factor": VAE_V2.scaling_factor}
         return cls(**kw)
+
+
+def _era_defaults(preset: VAEConfig) -> dict[str, Any]:
+    """What a V2/V3-era config.json leaves out: that class has no per-frame norm and defaults to latent 4 and
+    one "3d" mid attention (a config it saved lists its own arguments, so only those are read from it)."""
+    return {f.name: getattr(preset, f.name) for f in fields(preset)}
 
 
 # V5.1: diffusers' AutoencoderKLMagvit (released vae/config.json), no mid-block attention.
