@@ -1005,7 +1005,7 @@ class MagvitVAE(nn.Module):
         """Latents [B,L,T,h,w], ALREADY divided by ``config.scaling_factor`` -> video [B,3,F,8h,8w].
 
         The output is written into ``out`` (preallocated, any float dtype) or a new float32 tensor on the
-        latents' device; F = ``config.video_frames(T)``: 4(T-1)+1 (mag), 4T (slice, V3, T even), 9T/3 (V2).
+        latents' device; F = ``config.video_frames(T)``: 4(T-1)+1 (mag), 4T (slice, V3; T even), 3T (V2; T = 3k).
         V4 / V5 / V5.1: unclamped (roughly [-1, 1]). V2 / V3: what the official ``decode_latents`` makes before
         its [0, 1] mapping -- clamped to [-1, 1], then (``smooth``) ``smooth_output``'s re-encoded middle averaged
         in and clamped again. The official re-encode draws a posterior sample from the global RNG; here it
@@ -1089,7 +1089,15 @@ class MagvitVAE(nn.Module):
         else:
             sizes = [mean.shape[2]]
         noise = torch.cat(
-            [torch.randn((*mean.shape[:2], n, *mean.shape[3:]), generator=generator, dtype=mean.dtype) for n in sizes],
+            [
+                torch.randn(
+                    (*mean.shape[:2], n, *mean.shape[3:]),
+                    generator=generator,
+                    device=generator.device,
+                    dtype=mean.dtype,
+                )
+                for n in sizes
+            ],
             dim=2,
         ).to(mean.device)
         return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
