@@ -35,7 +35,7 @@ from .keys import diffusers_to_official, is_diffusers_layout, strip_wrapper_pref
 from .transformer import VARIANT_IN_CHANNELS, EasyAnimateTransformer3D, TransformerConfig
 from .transformer_v3 import EasyAnimateV3Transformer3D, TransformerV3Config, config_from_state_dict
 from .transformer_v4 import EasyAnimateV4Transformer3D, TransformerV4Config
-from .vae import VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
+from .vae import VAE_V2, VAE_V3, VAE_V4, VAE_V5, VAE_V51, MagvitVAE, VAEConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_DTYPES = {
@@ -69,7 +69,7 @@ class CheckpointInfo:
 
     kind: str  # "transformer" | "vae"
     version: str  # "V1" | "V2" | "V3" | "V4" | "V5" | "V5.1"
-    variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: "slice" | "mag" | "image"
+    variant: str  # transformer: "T2V" | "InP" | "Control" | "Camera" | "custom"; VAE: its temporal_mode
     size: str  # "12B", "7B", or a parameter count for other geometries
     layout: str  # "official" | "diffusers"
     stored_dtype: str
@@ -78,6 +78,7 @@ class CheckpointInfo:
     config: TransformerConfig | TransformerV4Config | TransformerV3Config | VAEConfig | ImageVAEConfig | None = None
     notes: list[str] = field(default_factory=list)
     weight_dtype: torch.dtype | None = None  # dtype of the main weights: what loading with dtype=None keeps
+    ignored: list[str] = field(default_factory=list)  # listed tensors in the files no layer uses (never read)
 
     def summary(self) -> str:
         files = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
@@ -540,19 +541,109 @@ def detect_image_vae(shapes: dict[str, tuple], files: list[Path], config: dict) 
     )
 
 
+def _vae_training_loss_tensors() -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the trainer's loss module that the released V2 and V3 VAE files still carry.
+
+    The official VAE trainer (easyanimate/vae/ldm/models/omnigen_casual3dcnn.py) keeps ``LPIPSWithDiscriminator``
+    as ``self.loss``; the released files were saved from it, and the official ``from_pretrained`` loads them
+    with strict=False (its log shows these 96 "unexpected keys"). Listed here so exactly these are skipped:
+    taming's LPIPS (VGG16 features, 5 linear heads, input scaling), taming's 3-layer PatchGAN
+    ``NLayerDiscriminator`` (BatchNorm) and the official ``Discriminator3D`` (64, 128, 256); about 21 M values,
+    the files' 8 % over the VAE graph. tests/data/official_v2v3_vae_keys.tsv.gz holds the official module's.
+    """
+    t: dict[str, tuple[int, ...]] = {"loss.logvar": ()}
+    lp = "loss.perceptual_loss."
+    t[lp + "scaling_layer.shift"] = t[lp + "scaling_layer.scale"] = (1, 3, 1, 1)
+    vgg = {1: [(0, 3, 64), (2, 64, 64)], 2: [(5, 64, 128), (7, 128, 128)], 3: [(10, 128, 256), (12, 256, 256)]}
+    vgg[3].append((14, 256, 256))
+    vgg[4] = [(17, 256, 512), (19, 512, 512), (21, 512, 512)]
+    vgg[5] = [(24, 512, 512), (26, 512, 512), (28, 512, 512)]
+    for part, convs in vgg.items():  # the torchvision layer index of each conv in its LPIPS slice
+        for index, cin, cout in convs:
+            t[f"{lp}net.slice{part}.{index}.weight"], t[f"{lp}net.slice{part}.{index}.bias"] = (
+                (cout, cin, 3, 3),
+                (cout,),
+            )
+    for i, c in enumerate((64, 128, 256, 512, 512)):
+        t[f"{lp}lin{i}.model.1.weight"] = (1, c, 1, 1)
+    d = "loss.discriminator.main."
+    t[d + "0.weight"], t[d + "0.bias"] = (64, 3, 4, 4), (64,)
+    for conv, cin, cout in ((2, 64, 128), (5, 128, 256), (8, 256, 512)):  # bias-free conv, then BatchNorm
+        t[f"{d}{conv}.weight"] = (cout, cin, 4, 4)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t[f"{d}{conv + 1}.{name}"] = (cout,)
+        t[f"{d}{conv + 1}.num_batches_tracked"] = ()
+    t[d + "11.weight"], t[d + "11.bias"] = (1, 512, 4, 4), (1,)
+    d3 = "loss.discriminator3d."
+    t[d3 + "conv_in.weight"], t[d3 + "conv_in.bias"] = (64, 3, 3, 3, 3), (64,)
+    for i, (cin, cout) in enumerate(((64, 64), (64, 128), (128, 256))):
+        b = f"{d3}blocks.{i}."
+        for norm, c in (("norm1", cin), ("norm2", cout)):
+            t[b + norm + ".weight"] = t[b + norm + ".bias"] = (c,)
+        t[b + "conv1.weight"], t[b + "conv1.bias"] = (cout, cin, 3, 3, 3), (cout,)
+        t[b + "conv2.weight"], t[b + "conv2.bias"] = (cout, cout, 3, 3, 3), (cout,)
+        if i < 2:  # blur-pool downsampling blocks: fixed filters in the main path and the shortcut
+            t[b + "downsampler.filt"], t[b + "shortcut.0.filt"] = (cout, 1, 3, 3, 3), (cin, 1, 3, 3, 3)
+            t[b + "shortcut.1.weight"], t[b + "shortcut.1.bias"] = (cout, cin, 1, 1, 1), (cout,)
+        else:
+            t[b + "shortcut.0.weight"], t[b + "shortcut.0.bias"] = (cout, cin, 1, 1, 1), (cout,)
+    t[d3 + "conv_norm_out.weight"] = t[d3 + "conv_norm_out.bias"] = (256,)
+    t[d3 + "conv_out.weight"], t[d3 + "conv_out.bias"] = (1, 256, 3, 3, 3), (1,)
+    return t
+
+
+VAE_TRAINING_LOSS_TENSORS = _vae_training_loss_tensors()
+
+
+def _vae_temporal_mode(config: dict) -> str | None:
+    """The chunking a config.json's flags name (None: it names none), via VAEConfig.from_dict's reading."""
+    flags = ("cache_mag_vae", "cache_compression_vae", "slice_compression_vae", "slice_mag_vae")
+    if not any(k in config for k in flags):
+        return None
+    return VAEConfig.from_dict(
+        {**dataclasses.asdict(VAE_V4), **{k: config[k] for k in flags if k in config}}
+    ).temporal_mode
+
+
 def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> CheckpointInfo:
-    """Version and config of a MagViT VAE from its tensor shapes (a config.json adds norm groups, scaling)."""
+    """Version and config of a MagViT VAE from its tensor shapes (a config.json adds norm groups, scaling).
+
+    V2 and V3 VAEs have V4's graph; their released files also carry the trainer's loss tensors (listed in
+    VAE_TRAINING_LOSS_TENSORS), which mark them. V2 and V3 share every tensor: config.json's
+    slice_compression_vae tells them apart (a file without config.json is taken as V3, the later release).
+    """
     if is_image_vae(shapes):
         return detect_image_vae(shapes, files, config)
     if not all(k in shapes for k in ("post_quant_conv.weight", "quant_conv.weight", "encoder.conv_in.weight")):
         raise ValueError(_describe_unknown(shapes, files, "VAE"))
+    extra = sorted(k for k in shapes if k.startswith("loss."))
+    wrong = [k for k in extra if VAE_TRAINING_LOSS_TENSORS.get(k, "absent") != shapes[k]]
+    if wrong:
+        raise ValueError(
+            f"{files[0]}: {len(wrong)} loss.* tensor(s) that the released V2/V3 trainer's loss module does not have "
+            f"(e.g. {wrong[0]} {list(shapes[wrong[0]])}); remove them or save the VAE without its training loss"
+        )
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("loss.")}
     latent = shapes["post_quant_conv.weight"][0]
     downs = _block_indices(shapes, r"encoder\.down_blocks\.(\d+)\.")
     block_out = [shapes[f"encoder.down_blocks.{i}.convs.0.conv1.weight"][0] for i in downs]
     layers = len(_block_indices(shapes, r"encoder\.down_blocks\.0\.convs\.(\d+)\."))
     has_attention = "encoder.mid_block.attentions.0.to_q.weight" in shapes
+    named_mode = _vae_temporal_mode(config)
+    if extra and named_mode in ("mag", "slice"):
+        raise ValueError(
+            f"{files[0]}: the tensors are a V2/V3 VAE's (they carry its trainer's loss.* tensors) but config.json "
+            f"names the {named_mode} chunking of V4-V5.1; use the config.json of the release the weights come from"
+        )
     # The released settings for these tensors, overridden by whatever the config.json states.
-    preset = VAE_V4 if latent == 4 else VAE_V5 if has_attention else VAE_V51
+    if latent != 4:
+        preset = VAE_V5 if has_attention else VAE_V51
+    elif named_mode == "v2-magvit":
+        preset = VAE_V2
+    elif extra or named_mode == "v3-slice":
+        preset = VAE_V3
+    else:
+        preset = VAE_V4
     base = VAEConfig.from_dict({**dataclasses.asdict(preset), **config})
     cfg = dataclasses.replace(
         base,
@@ -565,7 +656,8 @@ def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> Che
         if has_attention
         else None,
     )
-    version = "V4" if cfg.temporal_mode == "slice" else "V5" if has_attention else "V5.1"
+    version = {"slice": "V4", "v2-magvit": "V2", "v3-slice": "V3"}.get(cfg.temporal_mode)
+    version = version or ("V5" if has_attention else "V5.1")
     if any(c % cfg.norm_num_groups for c in block_out):
         raise ValueError(
             f"{files[0]}: GroupNorm with {cfg.norm_num_groups} groups cannot normalise {block_out} channels; "
@@ -573,9 +665,15 @@ def detect_vae(shapes: dict[str, tuple], files: list[Path], config: dict) -> Che
         )
     num_params = sum(_numel(s) for s in shapes.values())
     notes = [] if config else [f"no config.json found; using the released {version} VAE settings"]
-    return CheckpointInfo(
+    if version == "V3" and not config:
+        notes.append("V2 and V3 VAEs have the same tensors: put the release's vae/config.json beside it for V2")
+    if extra:
+        notes.append(f"{len(extra)} training-loss tensors (loss.*) in the file are not used")
+    info = CheckpointInfo(
         "vae", version, cfg.temporal_mode, f"{num_params / 1e6:.0f}M", "official", "", num_params, files, cfg, notes
     )
+    info.ignored = extra
+    return info
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -645,11 +743,13 @@ def inspect_checkpoint(path, kind: str | None = None) -> CheckpointInfo:
     raise ValueError("\n".join(errors))
 
 
-def _check_keys(model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, str], header: _Header) -> None:
-    """Raise, naming key and file, unless the checkpoint has exactly the model's keys and shapes."""
+def _check_keys(
+    model: nn.Module, shapes: dict[str, tuple], to_file: dict[str, str], header: _Header, ignored=()
+) -> None:
+    """Raise, naming key and file, unless the checkpoint has exactly the model's keys (plus ``ignored``) and shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(k for k in set(expected) - set(shapes) if _derived(model, k) is None)
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected) - set(ignored))
     where = ", ".join(map(str, header.files))
     if missing:
         raise ValueError(
@@ -702,11 +802,12 @@ def _load_weights(
     dtype: torch.dtype | None,
     device,
     progress: Callable[[int, int], None] | None,
+    ignored=(),
 ) -> nn.Module:
     with torch.device("meta"):
         model = build()
     shapes = {official: header.shapes[fk] for official, fk in to_file.items()}
-    _check_keys(model, shapes, to_file, header)
+    _check_keys(model, shapes, to_file, header, ignored)
     keys = list(model.state_dict())
     by_file: dict[Path, list[str]] = {}
     for k in keys:
@@ -734,7 +835,9 @@ def _load(path, kind: str, build: Callable[[CheckpointInfo, torch.dtype], nn.Mod
     """Detect, build on meta, check keys, then read and assign every tensor in the target dtype."""
     header, to_file, info = _inspect(path, kind)
     model_dtype = dtype or info.weight_dtype
-    model = _load_weights(lambda: build(info, model_dtype), header, to_file, model_dtype, device, progress)
+    model = _load_weights(
+        lambda: build(info, model_dtype), header, to_file, model_dtype, device, progress, info.ignored
+    )
     model.info = info
     return model
 
@@ -783,7 +886,7 @@ def load_vae(
     operations=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> MagvitVAE | ImageVAE:
-    """Load a MagViT VAE (V4 slice or V5 / V5.1 mag) or V1's image VAE; ``dtype`` None keeps the stored dtype."""
+    """Load a MagViT VAE (V2, V3, V4 slice, V5 / V5.1 mag) or V1's image VAE; ``dtype`` None keeps the stored one."""
 
     def build(info: CheckpointInfo, model_dtype: torch.dtype) -> MagvitVAE | ImageVAE:
         if info.variant == "image":

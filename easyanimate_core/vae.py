@@ -1,6 +1,6 @@
-"""EasyAnimate's MagViT-style causal 3-D video VAE (``AutoencoderKLMagvit``): V4 "slice", V5 / V5.1 "mag".
+"""EasyAnimate's MagViT-style causal 3-D video VAE (``AutoencoderKLMagvit``): V2, V3, V4 "slice", V5 / V5.1 "mag".
 
-One block graph serves all three released VAEs (spec ``easyanimate_arch.md`` §2); what differs is the
+One block graph serves all five released VAEs (spec ``easyanimate_arch.md`` §2); what differs is the
 latent width, the optional mid-block attention and how a video is cut into temporal chunks:
 
 * ``temporal_mode="mag"`` (V5, V5.1; official ``cache_mag_vae``): frame 0 is encoded alone, then chunks
@@ -11,6 +11,17 @@ latent width, the optional mid-block attention and how a video is cut into tempo
   chunks of 8 frames with zero ("same") temporal padding (frame 0 alone first when the count is odd);
   the decoder works on pairs of latents, causal with caches across pairs, and its GroupNorm statistics
   and "3d" attention span the whole pair, so the pair size is part of the model.
+* ``temporal_mode="v2-magvit"`` (V2; official ``slice_compression_vae`` false, chunked by the pipeline):
+  every chunk of 9 frames (3 latents) is an independent causal call -- replicate padding from the chunk's own
+  first frame, no cache -- and each temporal upsampler keeps that first frame once (t latents -> 4t-3 frames).
+* ``temporal_mode="v3-slice"`` (V3; official ``slice_compression_vae``): the encoder is V4's (independent
+  8-frame chunks, zero padding); the decoder runs each pair of latents on its own with zero padding, except
+  that ``conv_in`` and the mid block also see the previous and the next pair ("features share") and keep
+  the pair's own frames.
+
+V2 and V3 ``decode`` end like the official pipelines' ``decode_latents``: clamp to [-1, 1], then
+``smooth_output`` -- re-encode the decoded video without its first and last half encoder chunk, decode it
+again and average it into the middle -- then clamp again.
 
 Scaling convention: ``encode`` returns the raw posterior moments; the caller multiplies the mean by
 ``config.scaling_factor`` before handing it to the DiT, and ``decode`` expects latents that the caller
@@ -54,6 +65,13 @@ SPATIOTEMPORAL_UP = "SpatialTemporalUpBlock3D"
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
+TEMPORAL_MODES = ("mag", "slice", "v2-magvit", "v3-slice")
+
+
+def _chunk_sizes(total: int, size: int) -> list[int]:
+    """Lengths of consecutive chunks of ``size`` covering ``total`` (the last one may be shorter)."""
+    return [min(size, total - s) for s in range(0, total, size)]
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -74,11 +92,12 @@ class VAEConfig:
     spatial_group_norm: bool = True
     # None, "spatial" (attention within each frame, V5) or "3d" (over all t*h*w positions, V4).
     mid_block_attention: str | None = None
-    # "mag" (cache_mag_vae, V5/V5.1) or "slice" (cache_compression_vae, V4); see the module docstring.
+    # "mag" (cache_mag_vae, V5/V5.1), "slice" (cache_compression_vae, V4), "v2-magvit" (V2) or
+    # "v3-slice" (slice_compression_vae, V3); see the module docstring.
     temporal_mode: str = "mag"
-    # Frames per encoder chunk after frame 0 (mag) / per independent chunk (slice).
+    # Frames per encoder chunk after frame 0 (mag) / per independent chunk (slice, v2-magvit, v3-slice).
     mini_batch_encoder: int = 4
-    # Latents per decoder chunk after latent 0 (mag) / per cached pair (slice).
+    # Latents per decoder chunk after latent 0 (mag) / per cached pair (slice) / per independent chunk (v2, v3).
     mini_batch_decoder: int = 1
     # Pixel height/width must be a multiple of this: 8x VAE compression times the DiT's 2x2 patch.
     pixel_multiple: int = 16
@@ -87,6 +106,11 @@ class VAEConfig:
         """Latent frames for a valid pixel frame count (mag: frame 0 alone, then t per latent; slice: t per latent)."""
         if self.temporal_mode == "mag":
             return (frames - 1) // self.temporal_compression + 1
+        if self.temporal_mode == "v2-magvit":  # independent chunks: 9 frames -> 3 latents, 1 -> 1
+            return sum(self.chunk_latents(n) for n in _chunk_sizes(frames, self.mini_batch_encoder))
+        if self.temporal_mode == "v3-slice":  # an odd count encodes frame 0 alone first
+            odd = frames % 2
+            return odd + sum(self.chunk_latents(n) for n in _chunk_sizes(frames - odd, self.mini_batch_encoder))
         return 1 if frames == 1 else frames // self.temporal_compression  # 8 frames -> 2 latents
 
     def video_frames(self, latent_frames: int) -> int:
@@ -94,7 +118,27 @@ class VAEConfig:
         tc = self.temporal_compression
         if self.temporal_mode == "mag":
             return tc * (latent_frames - 1) + 1
+        if self.temporal_mode == "v2-magvit":  # each chunk keeps its first frame once: 3 latents -> 9 frames
+            return sum(tc * (n - 1) + 1 for n in _chunk_sizes(latent_frames, self.mini_batch_decoder))
+        if self.temporal_mode == "v3-slice":  # an odd count decodes latent 0 alone, to one frame
+            odd = latent_frames % 2
+            return odd + tc * (latent_frames - odd)
         return 1 if latent_frames == 1 else tc * latent_frames
+
+    def chunk_latents(self, frames: int) -> int:
+        """Latents one encoder call makes of ``frames`` frames: each stride-2 conv keeps (t-1)//2+1 of t."""
+        for _ in range(self.temporal_compression.bit_length() - 1):
+            frames = (frames - 1) // 2 + 1
+        return frames
+
+    def nearest_frames(self, frames: int) -> tuple[int, str]:
+        """The nearest valid video length not above ``frames`` (at least 1), and the rule as text."""
+        if self.temporal_mode == "mag":
+            tc = self.temporal_compression
+            return max((frames - 1) // tc * tc + 1, 1), f"{tc}k+1"
+        # slice / v3-slice: the official pipelines take video_length // 8 * 8; v2-magvit the same with 9
+        m = self.mini_batch_encoder
+        return (frames // m * m if frames >= m else 1), f"1 or a multiple of {m}"
 
     def check_video_size(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError naming the nearest valid values unless this VAE encodes videos of this size."""
@@ -104,10 +148,10 @@ class VAEConfig:
                 f"{frames} frames: the mag VAE expects {tc}k+1 frames; "
                 f"nearest valid: {_nearest_multiples(frames, tc, 1)}"
             )
-        if self.temporal_mode == "slice" and frames != 1 and (frames < 1 or frames % self.mini_batch_encoder != 0):
+        if self.temporal_mode != "mag" and frames != 1 and (frames < 1 or frames % self.mini_batch_encoder != 0):
             m = self.mini_batch_encoder
             raise ValueError(
-                f"{frames} frames: the slice VAE expects a multiple of {m} frames (or 1); "
+                f"{frames} frames: the {self.temporal_mode} VAE expects a multiple of {m} frames (or 1); "
                 f"nearest valid: {_nearest_multiples(frames, m)}"
             )
         for name, size in (("height", height), ("width", width)):
@@ -126,8 +170,8 @@ class VAEConfig:
             raise ValueError(f"need one down and one up block type per block_out_channels entry ({n})")
         if self.mid_block_attention not in (None, "spatial", "3d"):
             raise ValueError(f"mid_block_attention must be None, 'spatial' or '3d', got {self.mid_block_attention!r}")
-        if self.temporal_mode not in ("mag", "slice"):
-            raise ValueError(f"temporal_mode must be 'mag' or 'slice', got {self.temporal_mode!r}")
+        if self.temporal_mode not in TEMPORAL_MODES:
+            raise ValueError(f"temporal_mode must be one of {TEMPORAL_MODES}, got {self.temporal_mode!r}")
         if self.act_fn not in ("silu", "swish"):
             raise ValueError(f"act_fn {self.act_fn!r} is not supported (the released VAEs use 'silu')")
 
@@ -175,10 +219,30 @@ class VAEConfig:
             kw["temporal_mode"] = "slice"
         elif d.get("cache_mag_vae", False):
             kw["temporal_mode"] = "mag"
-        elif d.get("slice_compression_vae", False) or "cache_mag_vae" in d or "cache_compression_vae" in d:
-            # The official class then falls back to its V2/V3 paths (slice_compression_vae / slice_mag_vae).
-            raise ValueError("only cache_mag_vae (V5/V5.1) and cache_compression_vae (V4) VAEs are supported")
+        elif d.get("slice_mag_vae", False):
+            raise ValueError(
+                "only cache_mag_vae (V5/V5.1), cache_compression_vae (V4) and slice_compression_vae (V3) or "
+                "unsliced (V2) VAEs are supported; this config.json sets slice_mag_vae, which no release uses"
+            )
+        elif d.get("slice_compression_vae", False):
+            kw = {**_era_defaults(VAE_V3), **kw, "temporal_mode": "v3-slice"}
+        elif "cache_mag_vae" in d or "cache_compression_vae" in d:
+            # A V4-or-later class config with every chunking flag off: the official class then encodes the
+            # whole video in one call, which no release does.
+            raise ValueError(
+                "this config.json turns off cache_mag_vae, cache_compression_vae and slice_compression_vae; "
+                "no released VAE does that, so set the flag of the release the weights belong to"
+            )
+        elif "slice_compression_vae" in d:  # the V2/V3-era class with slicing off: V2's pipeline-chunked VAE
+            # scaling_factor: the V2 release's pipeline and trainer use 0.18215 whatever config.json says.
+            kw = {**_era_defaults(VAE_V2), **kw, "temporal_mode": "v2-magvit", "scaling_factor": VAE_V2.scaling_factor}
         return cls(**kw)
+
+
+def _era_defaults(preset: VAEConfig) -> dict[str, Any]:
+    """What a V2/V3-era config.json leaves out: that class has no per-frame norm and defaults to latent 4 and
+    one "3d" mid attention (a config it saved lists its own arguments, so only those are read from it)."""
+    return {f.name: getattr(preset, f.name) for f in fields(preset)}
 
 
 # V5.1: diffusers' AutoencoderKLMagvit (released vae/config.json), no mid-block attention.
@@ -198,7 +262,16 @@ VAE_V4 = replace(
     mini_batch_encoder=8,
     mini_batch_decoder=2,
 )
-PRESETS = {"v4": VAE_V4, "v5": VAE_V5, "v5.1": VAE_V51}
+# V3 "slice VAE" (slice_compression_vae): V4's graph and encoder, features-share decoder pairs. Chunk sizes are
+# the VAE training config autoencoder_kl_32x32x4_slice.yaml's and the V3 yaml's before f9eeabe
+# (slice_compression_vae true, mini_batch_encoder 8); the released vae/config.json was not seen, so
+# scaling_factor is the class default 0.1825 that the V3 pipeline reads from it (inferred).
+VAE_V3 = replace(VAE_V4, temporal_mode="v3-slice")
+# V2: the same graph, chunked by the pipeline into independent calls of 9 frames / 3 latents (the class
+# defaults and the V2 yaml's mini_batch_encoder 9). scaling_factor 0.18215 is what the V2 release's
+# pipeline and trainer hard-code (fb0916f decode_latents, train_t2iv.py), whatever config.json says.
+VAE_V2 = replace(VAE_V4, temporal_mode="v2-magvit", mini_batch_encoder=9, mini_batch_decoder=3, scaling_factor=0.18215)
+PRESETS = {"v2": VAE_V2, "v3": VAE_V3, "v4": VAE_V4, "v5": VAE_V5, "v5.1": VAE_V51}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,12 +288,16 @@ class ChunkMode:
     causal: bool
     # Whether spatio-temporal upsamplers double the frame count (all chunks but a lone first one).
     upsample_time: bool
+    # True: an independent causal call (official flag 0, V2's pipeline chunks): every conv pads with copies of
+    # the chunk's own first frame and keeps no cache, and temporal upsamplers keep that first frame once.
+    standalone: bool = False
 
 
 MAG_FIRST = ChunkMode(causal=True, upsample_time=False)  # official flag 3
 CAUSAL_NEXT = ChunkMode(causal=True, upsample_time=True)  # flags 4, 5, 6 (5 = 6 with an empty cache)
 SAME_SINGLE = ChunkMode(causal=False, upsample_time=False)  # flag 1
 SAME_CHUNK = ChunkMode(causal=False, upsample_time=True)  # flag 2
+STANDALONE = ChunkMode(causal=True, upsample_time=True, standalone=True)  # flag 0
 
 
 def _stack_time(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -263,6 +340,8 @@ class CausalTime:
         """``x`` [B,C,T,H,W] with its temporal context in front (and behind, "same"); refreshes the cache."""
         if not mode.causal:
             return F.pad(x, (0, 0, 0, 0, 1, 1))  # zeros, one frame each side
+        if mode.standalone:  # the official replicate padding of an independent call; nothing carried over
+            return _stack_time([x[:, :, :1]] * self.time_pad + [x])
         # A single frame that owns its storage (the frame-by-frame decoder's case) is cached by
         # reference, without a copy; slices of anything larger are copied so they cannot pin it.
         owned = x.shape[2] == 1 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
@@ -457,6 +536,11 @@ class Upsampler3D(nn.Module):
     def double_time(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:  # [B,C,T,..] -> [B,C,2T,..]
         if not self.doubles_time(mode):
             return x
+        if mode.standalone:  # [B,C,T,..] -> [B,C,2T-1,..]: the chunk's first frame stays single
+            if x.shape[2] == 1:
+                return x
+            rest = F.interpolate(x[:, :, 1:], scale_factor=(2, 1, 1), mode=self.time_interpolation)
+            return torch.cat([x[:, :, :1], rest], dim=2)
         return F.interpolate(x, scale_factor=(2, 1, 1), mode=self.time_interpolation)
 
     def forward(self, x: torch.Tensor, mode: ChunkMode) -> torch.Tensor:
@@ -746,8 +830,11 @@ class MagvitVAE(nn.Module):
             yield 0, 1, MAG_FIRST
             start = 1
             mode = CAUSAL_NEXT
+        elif cfg.temporal_mode == "v2-magvit":  # the V2 pipeline's loop: independent calls of `chunk` frames
+            start = 0
+            mode = STANDALONE
         else:
-            start = frames % 2  # an odd count (only 1 passes validation) starts with frame 0 alone
+            start = frames % 2  # an odd count (slice: only 1 passes validation) starts with frame 0 alone
             if start:
                 yield 0, 1, SAME_SINGLE
             mode = SAME_CHUNK
@@ -772,14 +859,33 @@ class MagvitVAE(nn.Module):
         with linear blending of the moments.
         """
         chunk = self._check_video(video, chunk_frames, tile_latent_size, tile_overlap)
+        plan = list(self.encode_plan(video.shape[2], chunk))
+        tiles = self._latent_tiles(video, tile_latent_size, tile_overlap)
+        total, done = len(tiles) * len(plan), 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        moments = self._encode_moments(video, self.latent_frames(video.shape[2]), plan, tiles, tick)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def _latent_tiles(self, video: torch.Tensor, tile: int | None, overlap: int | None) -> list[_Tile]:
+        s = self.config.spatial_compression
+        return _tiles(video.shape[3] // s, video.shape[4] // s, 1, tile, overlap, video.device)
+
+    def _encode_moments(
+        self, video: torch.Tensor, frames: int, plan: list, tiles: list[_Tile], tick: Callable[[], None]
+    ) -> torch.Tensor:
+        """The quant_conv moments [B,2L,frames,h,w] (float32) of ``video`` encoded along ``plan``, tile by tile."""
         cfg = self.config
-        b, _, f, h, w = video.shape
+        b, _, _, h, w = video.shape
         s = cfg.spatial_compression
         lh, lw = h // s, w // s
-        moments = torch.zeros(b, 2 * cfg.latent_channels, self.latent_frames(f), lh, lw, device=video.device)
-        tiles = _tiles(lh, lw, 1, tile_latent_size, tile_overlap, video.device)
-        plan = list(self.encode_plan(f, chunk))
-        total, done = len(tiles) * len(plan), 0
+        moments = torch.zeros(b, 2 * cfg.latent_channels, frames, lh, lw, device=video.device)
         dtype = self._dtype()
         self.clear_caches()
         try:
@@ -798,9 +904,7 @@ class MagvitVAE(nn.Module):
                         moments[:, :, t0:t1, ys, xs] += m * tile.weight
                     t0 = t1
                     del x, m
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+                    tick()
                 if weight_sum is not None:
                     weight_sum[ys, xs] += tile.weight
                 self.clear_caches()
@@ -808,16 +912,27 @@ class MagvitVAE(nn.Module):
                 moments /= weight_sum
         finally:
             self.clear_caches()
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return moments
 
     # ---- decode ----------------------------------------------------------------------------------
 
     def decode_plan(self, latents: int, chunk: int) -> Iterator[tuple[int, int, ChunkMode]]:
         """(first latent, end latent, mode) of each decoder call."""
-        if self.config.temporal_mode == "mag":
+        temporal_mode = self.config.temporal_mode
+        if temporal_mode == "mag":
             yield 0, 1, MAG_FIRST
             start = 1
+        elif temporal_mode == "v2-magvit":  # the V2 pipeline's loop: independent calls of `chunk` latents
+            for s in range(0, latents, chunk):
+                yield s, min(s + chunk, latents), STANDALONE
+            return
+        elif temporal_mode == "v3-slice":
+            start = latents % 2  # an odd count decodes latent 0 alone first
+            if start:
+                yield 0, 1, SAME_SINGLE
+            for s in range(start, latents, chunk):
+                yield s, min(s + chunk, latents), SAME_CHUNK
+            return
         elif latents == 1:
             yield 0, 1, SAME_SINGLE
             return
@@ -825,6 +940,16 @@ class MagvitVAE(nn.Module):
             start = 0  # first pair: causal with empty caches (replicate padding), later pairs cached
         for s in range(start, latents, chunk):
             yield s, min(s + chunk, latents), CAUSAL_NEXT
+
+    def decoder_context(self, start: int, end: int, latents: int, mode: ChunkMode) -> tuple[int, int]:
+        """Latents ``conv_in`` and the mid block see for the chunk [start, end): the chunk itself, or (V3's
+        "features share") also the previous and the next chunk of pairs, whose outputs are then dropped."""
+        if self.config.temporal_mode != "v3-slice" or mode != SAME_CHUNK:
+            return start, end
+        m = self.config.mini_batch_decoder
+        lo = start - m if start - m >= latents % 2 else start  # no previous chunk before the first pair
+        hi = min(start + 2 * m, latents) if start + m < latents else end
+        return lo, hi
 
     def _run_decoder(
         self, x: torch.Tensor, mode: ChunkMode, emit: Callable[[torch.Tensor], None], frame_by_frame: bool, first=0
@@ -852,6 +977,17 @@ class MagvitVAE(nn.Module):
             x = stage(x, mode)
         emit(x)
 
+    @property
+    def smooths_output(self) -> bool:
+        """Whether ``decode`` ends with the official pipelines' clamp + ``smooth_output`` (V2, V3)."""
+        return self.config.temporal_mode in ("v2-magvit", "v3-slice")
+
+    def smoothed_frames(self, frames: int) -> tuple[int, int] | None:
+        """[first, end) of the frames ``smooth_output`` re-encodes in a decoded video, or None when it is
+        too short to be smoothed (at most one encoder chunk)."""
+        m = self.config.mini_batch_encoder
+        return None if frames <= m else (m // 2, frames - (m - m // 2))
+
     @torch.no_grad()
     def decode(
         self,
@@ -863,11 +999,17 @@ class MagvitVAE(nn.Module):
         frame_by_frame: bool | None = None,
         out: torch.Tensor | None = None,
         progress: ProgressFn | None = None,
+        smooth: bool = True,
+        smooth_generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Latents [B,L,T,h,w], ALREADY divided by ``config.scaling_factor`` -> video [B,3,F,8h,8w].
 
-        The output is unclamped (roughly [-1, 1]) and written into ``out`` (preallocated, any float
-        dtype) or a new float32 tensor on the latents' device; F = 4(T-1)+1 (mag) or 4T (slice, T>1).
+        The output is written into ``out`` (preallocated, any float dtype) or a new float32 tensor on the
+        latents' device; F = ``config.video_frames(T)``: 4(T-1)+1 (mag), 4T (slice, V3; T even), 3T (V2; T = 3k).
+        V4 / V5 / V5.1: unclamped (roughly [-1, 1]). V2 / V3: what the official ``decode_latents`` makes before
+        its [0, 1] mapping -- clamped to [-1, 1], then (``smooth``) ``smooth_output``'s re-encoded middle averaged
+        in and clamped again. The official re-encode draws a posterior sample from the global RNG; here it
+        takes the posterior mean unless ``smooth_generator`` is given, which then supplies that noise.
         ``chunk_latents``: latents per decoder call after latent 0 (mag with per-frame norm: any value
         >= 1, identical output; otherwise fixed by the model). ``frame_by_frame`` (default: whenever it
         is exact) runs the high-resolution stages one frame at a time. ``tile_latent_size`` and
@@ -895,15 +1037,87 @@ class MagvitVAE(nn.Module):
             out = torch.empty(shape, device=latents.device, dtype=torch.float32)
         elif tuple(out.shape) != shape or not out.dtype.is_floating_point:
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
-
-        tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
+        middle = self.smoothed_frames(shape[2]) if self.smooths_output and smooth else None
         plan = list(self.decode_plan(t, chunk))
-        total, done = len(tiles) * len(plan), 0
+        tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
+        steps = len(plan)
+        if middle is not None:
+            mid_frames = middle[1] - middle[0]
+            encode_plan = list(self.encode_plan(mid_frames, cfg.mini_batch_encoder))
+            mid_latents = sum(cfg.chunk_latents(end - start) for start, end, _ in encode_plan)
+            if self.video_frames(mid_latents) != mid_frames:
+                nearest = max(cfg.latent_frames(cfg.nearest_frames(shape[2])[0]), 1)
+                raise ValueError(
+                    f"latents: {t} latent frames decode to {shape[2]} frames, whose middle {mid_frames} frames "
+                    f"smooth_output cannot re-encode to the same length (the official pipeline fails there too); "
+                    f"use {cfg.latent_frames(1)} or {nearest} latent frames (videos of "
+                    f"{cfg.nearest_frames(shape[2])[1]} frames), or smooth=False"
+                )
+            decode_plan = list(self.decode_plan(mid_latents, chunk))
+            steps += len(encode_plan) + len(decode_plan)
+        total, done = len(tiles) * steps, 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        self._decode_into(latents, out, plan, tiles, frame_by_frame, tick)
+        if not self.smooths_output:
+            return out
+        out.clamp_(-1.0, 1.0)
+        if middle is None:
+            return out
+        # smooth_output: encode the middle (the official chunked loop), decode it, average it in.
+        span = out[:, :, middle[0] : middle[1]]
+        mid_tiles = self._latent_tiles(span, tile_latent_size, tile_overlap)
+        moments = self._encode_moments(span, mid_latents, encode_plan, mid_tiles, tick)
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean if smooth_generator is None else self._posterior_sample(mean, logvar, encode_plan, smooth_generator)
+        redecoded = torch.empty_like(span)
+        self._decode_into(z, redecoded, decode_plan, tiles, frame_by_frame, tick)
+        span.add_(redecoded).div_(2)
+        return out.clamp_(-1.0, 1.0)
+
+    def _posterior_sample(
+        self, mean: torch.Tensor, logvar: torch.Tensor, plan: list, generator: torch.Generator
+    ) -> torch.Tensor:
+        """mean + std * noise with one draw per official ``vae.encode`` call (V2: per chunk; V3: one call)."""
+        if self.config.temporal_mode == "v2-magvit":
+            sizes = [self.config.chunk_latents(end - start) for start, end, _ in plan]
+        else:
+            sizes = [mean.shape[2]]
+        noise = torch.cat(
+            [
+                torch.randn(
+                    (*mean.shape[:2], n, *mean.shape[3:]),
+                    generator=generator,
+                    device=generator.device,
+                    dtype=mean.dtype,
+                )
+                for n in sizes
+            ],
+            dim=2,
+        ).to(mean.device)
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+    def _decode_into(
+        self,
+        latents: torch.Tensor,
+        out: torch.Tensor,
+        plan: list,
+        tiles: list[_Tile],
+        frame_by_frame: bool,
+        tick: Callable[[], None],
+    ) -> None:
+        """Decode ``latents`` along ``plan``, tile by tile, writing (blending) the frames into ``out``."""
+        t = latents.shape[2]
         dtype = self._dtype()
         weight_sum = None
         if len(tiles) > 1:
             out.zero_()
-            weight_sum = torch.zeros(shape[3:], device=out.device)
+            weight_sum = torch.zeros(out.shape[3:], device=out.device)
         self.clear_caches()
         try:
             for tile in tiles:
@@ -919,12 +1133,16 @@ class MagvitVAE(nn.Module):
                     frame += n
 
                 for start, end, mode in plan:
-                    z = latents[:, :, start:end, tile.lat[0], tile.lat[1]].to(dtype)
-                    self._run_decoder(self.post_quant_conv(z), mode, emit, frame_by_frame)
+                    lo, hi = self.decoder_context(start, end, t, mode)
+                    z = self.post_quant_conv(latents[:, :, lo:hi, tile.lat[0], tile.lat[1]].to(dtype))
+                    if (lo, hi) == (start, end):
+                        self._run_decoder(z, mode, emit, frame_by_frame)
+                    else:  # V3: conv_in and the mid block see the neighbours, the rest the chunk alone
+                        h = self.decoder.mid_block(self.decoder.conv_in(z, mode), mode)
+                        self._run_decoder(h[:, :, start - lo : end - lo], mode, emit, frame_by_frame, first=2)
+                        del h
                     del z
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+                    tick()
                 if weight_sum is not None:
                     weight_sum[tile.pix[0], tile.pix[1]] += tile.weight
                 self.clear_caches()
@@ -932,7 +1150,6 @@ class MagvitVAE(nn.Module):
                 out /= weight_sum.to(out.dtype)
         finally:
             self.clear_caches()
-        return out
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``video`` through the posterior mean (a convenience for checks)."""
