@@ -45,6 +45,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _backend(q, k, v)
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention with an additive score ``bias`` broadcastable to [B, heads, Lq, Lk] (a model's key mask given as
+    the bias its official code adds). The backends take no bias, so this is PyTorch's SDPA always."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+
 def _sage_attention() -> AttentionFn:
     from sageattention import sageattn  # optional: pip install sageattention (CUDA)
 

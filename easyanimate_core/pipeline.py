@@ -48,7 +48,7 @@ from .sampling import Sampler
 from .step_cache import StepCache
 from .text_encoders import PromptEmbeds, PromptPair
 from .transformer import EasyAnimateTransformer3D
-from .transformer_v3 import CLIP_TOKENS, EasyAnimateV3Transformer3D
+from .transformer_v3 import CLIP_EMBED_DIM, CLIP_TOKENS, EasyAnimateV3Transformer3D
 from .transformer_v4 import EasyAnimateV4Transformer3D
 from .vae import MagvitVAE
 
@@ -286,17 +286,22 @@ def clip_active(i: int, num_steps: int, ratio: float = V4_CLIP_APPLY_RATIO) -> b
     return i >= num_steps * (1 - ratio)
 
 
-def clip_step_inputs(features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float) -> StepInputsFn:
+def clip_step_inputs(
+    features: torch.Tensor | None, n_query: int, num_steps: int, ratio: float, absent: torch.Tensor | None = None
+) -> StepInputsFn:
     """Per-step CLIP inputs of the V4 / V3 pipelines: the image features for the conditional branch during the last
-    ``ratio`` of the steps (the unconditional one gets zeros, masked out); otherwise none (V4 then reads its learned
-    image padding; V3's official all-masked tokens contribute nothing, exactly as no tokens)."""
+    ``ratio`` of the steps (the unconditional one gets zeros, masked out). Elsewhere, ``absent`` None gives no
+    inputs (V4 then reads its learned image padding); V3 passes the zero features its official pipeline feeds there,
+    masked out (with the additive -10000 mask bias that is not always exactly nothing)."""
+
+    def masked(x: torch.Tensor) -> dict:
+        return {"clip_encoder_hidden_states": x, "clip_attention_mask": x.new_zeros(x.shape[0], n_query)}
 
     def inputs(i: int) -> tuple[dict, dict]:
         if features is None or not clip_active(i, num_steps, ratio):
-            return {}, {}
-        ones = torch.ones(features.shape[0], n_query, device=features.device)
-        uncond = {"clip_encoder_hidden_states": torch.zeros_like(features), "clip_attention_mask": ones * 0}
-        return uncond, {"clip_encoder_hidden_states": features, "clip_attention_mask": ones}
+            return ({}, {}) if absent is None else (masked(absent), masked(absent))
+        ones = torch.ones(features.shape[0], n_query, device=features.device, dtype=features.dtype)
+        return masked(torch.zeros_like(features)), {"clip_encoder_hidden_states": features, "clip_attention_mask": ones}
 
     return inputs
 
@@ -577,6 +582,9 @@ def generate(
     x0 = None
     extra = {}
     step_inputs = None
+    if pixart and transformer.config.has_clip and not clip_needed:  # V3 InP, text-to-video: masked zero features
+        absent = torch.zeros(1, CLIP_EMBED_DIM, device=device, dtype=dtype)
+        step_inputs = clip_step_inputs(None, CLIP_TOKENS, sampler.num_steps, 0.0, absent)
     if clip_needed:
         # V3's official pipeline hands CLIP the start image as given; V4's, the image resized to the video.
         clip_image = start_image if pixart else resized_image(start_image, size)
@@ -584,7 +592,8 @@ def generate(
             features = image_encoder.encode(clip_image).to(device, dtype)
         tokens = CLIP_TOKENS if pixart else transformer.config.n_query
         ratio = CLIP_APPLY_RATIO[version] if clip_apply_ratio is None else clip_apply_ratio
-        step_inputs = clip_step_inputs(features, tokens, sampler.num_steps, ratio)
+        absent = torch.zeros_like(features) if pixart else None
+        step_inputs = clip_step_inputs(features, tokens, sampler.num_steps, ratio, absent)
     encodes = any(t is not None for t in (video, start_image, end_image, control_video, ref_image))
     with stage("vae", vae) if encodes else contextlib.nullcontext():
         if video is not None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import attention, biased_attention
 from .ops import cast_param, default_operations, layer_norm_fp32
 from .transformer import FeedForward, TimestepEmbedding, fp16_safe, timestep_sinusoid
 from .transformer_v4 import TemporalPositionEncoding, merge_heads, split_heads, temporal_table
@@ -264,22 +264,15 @@ class FrameTable(TemporalPositionEncoding):
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Attention with a key mask [B, S] (True = keep) equal to the official -10000 additive bias.
+    """Attention with a key mask [B, S] (True = keep), given as the official additive -10000 bias.
 
-    exp(-10000) underflows to 0, so a masked key contributes nothing, unless every key of a row is masked,
-    where the uniform bias cancels and all keys count. Each sample attends over its kept keys through the
-    shared :func:`attention` backend (no mask argument needed).
+    Not a hard mask: where scores spread over more than ~10^4 a "masked" key still counts, and a row whose keys
+    are all masked attends to all of them uniformly, exactly as the official model does.
     """
     if keep is None or bool(keep.all()):
         return attention(q, k, v)
-    out = []
-    for i in range(q.shape[0]):
-        idx = keep[i].nonzero().flatten()
-        if idx.numel() == 0:
-            out.append(attention(q[i : i + 1], k[i : i + 1], v[i : i + 1]))
-        else:
-            out.append(attention(q[i : i + 1], k[i : i + 1, :, idx], v[i : i + 1, :, idx]))
-    return torch.cat(out, dim=0)
+    bias = (~keep.bool()).to(q.dtype)[:, None, None, :] * MASK_BIAS  # [B, 1, 1, S]
+    return biased_attention(q, k, v, bias)
 
 
 class Attention(nn.Module):

@@ -2,7 +2,8 @@
 
 It is KSampler (``comfy.sample.sample``: same noise, CFG guider, samplers, progress bar and latent previews) with
 "default" choices resolved from the MODEL's version: the released sampler (V5.1 Flow -> ComfyUI's euler, V5 DDIM
--> ComfyUI's ddim, V4 Euler -> ComfyUI's euler, V1-V3 DPM++ -> ComfyUI's dpmpp_2m) on the released schedule (``latents.released_sigmas``), where
+-> ComfyUI's ddim, V4 Euler -> ComfyUI's euler, V1-V3 DPM++ -> ComfyUI's dpmpp_2m) on the released schedule
+(``latents.released_sigmas``), where
 ``denoise`` is the official strength. With a ComfyUI scheduler chosen it samples exactly as the stock KSampler
 with the same settings.
 The conditioning is checked against the model before the model is loaded.

@@ -153,13 +153,15 @@ def _write_tiny_v4(root: Path, variant: str) -> Path:
     return root
 
 
-# V1-V3 (PixArt-motion): 16 blocks keep one U-ViT long skip (blocks 0..12 push, 15.. pop); T5 32 wide.
+# V1-V3 (PixArt-motion): 28 blocks as released (the official class always builds its 13 long skips); T5 32 wide.
+# 64 wide: the motion modules' GroupNorm has 32 groups, and one channel a group over a few tokens is so
+# ill-conditioned (1e-7 in, 0.3 out) that float rounding alone would make runs incomparable.
 PIXART_RELEASES = {"V3": V3_XL_INP, "V2": V2_XL, "V1": V1_XL}
 T5_HIDDEN = 32
 PIXART_TINY = dict(
     num_attention_heads=2,
-    attention_head_dim=16,
-    num_layers=16,
+    attention_head_dim=32,
+    num_layers=28,
     caption_channels=T5_HIDDEN,
     sample_size=8,
     motion_heads_even=2,
@@ -229,8 +231,10 @@ def _write_tiny_pixart(root: Path, version: str) -> Path:
     transformer = EasyAnimateV3Transformer3D(config)
     with torch.no_grad():
         for p in transformer.parameters():
-            # The zero-initialised output layers (motion proj_out, long skips) get weights too: they must matter.
-            p.add_(torch.randn_like(p) * 0.05)
+            # The zero-initialised layers (motion proj_out, long skips, adaLN tables) get small weights: they must
+            # matter, yet 28 blocks must not blow the prediction up (a chaotic model hides real differences).
+            if not p.any():
+                p.add_(torch.randn_like(p) * 0.02)
     _save(root / "transformer", transformer.state_dict(), pixart_motion_config(version))
     if version == "V1":
         vae = ImageVAE(ImageVAEConfig.from_dict(IMAGE_VAE_CONFIG))
@@ -244,4 +248,21 @@ def _write_tiny_pixart(root: Path, version: str) -> Path:
     return root
 
 
-PIXART_VAE_CONFIGS: dict[str, dict] = {}  # V2 / V3 MagViT configs: filled below once their modes exist
+# V2 / V3 MagViT VAEs: config.json in the V2/V3-era class's own form (ch / ch_mult, slice_compression_vae), V4's
+# tiny graph (widths 8, 16, 32, 32).
+_PIXART_VAE = {
+    "ch": 8,
+    "ch_mult": [1, 2, 4, 4],
+    "block_out_channels": [8, 16, 32, 32],  # not a constructor argument; the official pipelines read it
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "layers_per_block": 2,
+    "mid_block_use_attention": True,
+    "mid_block_attention_type": "3d",
+    "down_block_types": ["SpatialDownBlock3D"] + ["SpatialTemporalDownBlock3D"] * 3,
+    "up_block_types": ["SpatialUpBlock3D"] + ["SpatialTemporalUpBlock3D"] * 3,
+}
+PIXART_VAE_CONFIGS = {
+    "V3": {**_PIXART_VAE, "slice_compression_vae": True, "mini_batch_encoder": 8, "mini_batch_decoder": 2},
+    "V2": {**_PIXART_VAE, "slice_compression_vae": False, "mini_batch_encoder": 9, "mini_batch_decoder": 3},
+}
