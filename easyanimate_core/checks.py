@@ -136,11 +136,14 @@ def io_error_message(e: OSError, hint: str = "") -> str:
 def transformer_skeleton(info) -> torch.nn.Module:
     """The transformer of ``info`` on the meta device: its layers and shapes without memory or weights."""
     from .transformer import EasyAnimateTransformer3D
+    from .transformer_v3 import EasyAnimateV3Transformer3D, TransformerV3Config
     from .transformer_v4 import EasyAnimateV4Transformer3D
 
     with torch.device("meta"):
         if info.version == "V4":
             return EasyAnimateV4Transformer3D(info.config)
+        if isinstance(info.config, TransformerV3Config):
+            return EasyAnimateV3Transformer3D(info.config)
         return EasyAnimateTransformer3D(info.config)
 
 

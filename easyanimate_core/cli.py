@@ -52,14 +52,7 @@ def info(path: str) -> int:
             if not (root / part).is_dir():
                 print(f"{part}: missing ({root / part})")
                 continue
-            try:
-                part_info = inspect_checkpoint(root / part, kind=part)
-            except ValueError as e:
-                if part != "vae" or version not in V3_FAMILY:
-                    raise
-                # V1's per-frame image VAE and the V2 / V3 VAE files are not read yet; still describe the rest.
-                print(f"vae: present, not recognised (VAEs of V1-V3 models are not supported yet): {e}")
-                continue
+            part_info = inspect_checkpoint(root / part, kind=part)
             version = version or part_info.version
             print(part_info.summary())
         for part in PIPELINE_PARTS.get(version, []):

@@ -44,7 +44,7 @@ PROMPT, NEGATIVE = "a dog walks on the beach", "blurry, low quality"
 STEPS, GUIDANCE, SEED = 3, 6.0, 11
 # (version, case): frames and pixel size of each run (the VAEs' frame rules: V1 any, V2 9k, V3 8k).
 CASES = {
-    ("V1", "t2v"): (3, 16, 24),
+    ("V1", "t2v"): (3, 16, 32),
     ("V2", "t2v"): (9, 32, 32),
     ("V3", "t2v"): (8, 32, 32),
     ("V3", "i2v"): (8, 32, 32),
