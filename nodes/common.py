@@ -11,12 +11,13 @@ from pathlib import Path, PureWindowsPath
 import folder_paths
 
 from easyanimate_core import micro
-from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51, VAEConfig
+from easyanimate_core.image_vae import IMAGE_VAE_SD
+from easyanimate_core.vae import VAE_V2, VAE_V3, VAE_V4, VAE_V5, VAE_V51, VAEConfig
 
 CATEGORY = "EasyAnimate"
 FOLDER = "EasyAnimate"
 # The versions the nodes run, newest first, with the VAE each one's latents come from.
-VAE_CONFIGS = {"V5.1": VAE_V51, "V5": VAE_V5, "V4": VAE_V4}
+VAE_CONFIGS = {"V5.1": VAE_V51, "V5": VAE_V5, "V4": VAE_V4, "V3": VAE_V3, "V2": VAE_V2, "V1": IMAGE_VAE_SD}
 NATIVE_VERSIONS = tuple(VAE_CONFIGS)
 # The micro model shipped inside the pack: listed first by every loader (so a new node defaults to it) and its
 # LoRAs in ComfyUI's loras/ list; both stay out of the lists while its weights are absent.
@@ -35,10 +36,13 @@ def sampling_step(sample_sigmas, sigma) -> tuple[int, int] | None:
 
 def frame_rule(vae: VAEConfig) -> tuple[int, int]:
     """Valid frame counts as (step, offset): frames = step * k + offset >= 1 (and 1 itself: a still image)."""
-    # As MagvitVAE checks them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
-    # slice VAE, whole encoder chunks -> multiples of mini_batch_encoder (8).
+    # As the VAEs check them: mag VAE, frame 0 alone then chunks of temporal_compression frames -> 4k + 1;
+    # V4 / V3 slice and V2 MagViT VAEs, whole encoder chunks -> multiples of mini_batch_encoder (8, 8, 9); V1's
+    # image VAE, any count.
     if vae.temporal_mode == "mag":
         return vae.temporal_compression, 1
+    if vae.temporal_mode == "image":
+        return 1, 0
     return vae.mini_batch_encoder, 0
 
 

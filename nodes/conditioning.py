@@ -27,7 +27,7 @@ from easyanimate_core.pipeline import (
 )
 from easyanimate_core.vae import VAE_V51, MagvitVAE
 
-from .common import CATEGORY, frame_rule
+from .common import CATEGORY, NATIVE_VERSIONS, frame_rule
 from .latents import empty_video_latent, video_size_error
 from .vae_nodes import easyanimate_vae
 
@@ -69,10 +69,14 @@ def _common_inputs(video_tooltip: str | None = None) -> dict:
 def _validate_size(width, height, frames, versions=("V5.1",)) -> bool | str:
     """VALIDATE_INPUTS for width / height / frames: valid for one of ``versions`` (the VAE, unknown here, decides at
     run time: ``_checked_size``). V5 shares V5.1's rules."""
-    errors = [video_size_error(width, height, frames, [version]) for version in versions]
-    if not all(errors):
+    errors = {version: video_size_error(width, height, frames, [version]) for version in versions}
+    if not all(errors.values()):
         return True
-    return "; ".join(dict.fromkeys(errors))
+    # Versions sharing a rule (V4 and V3: multiples of 8) are named together: "for V4 / V3".
+    by_rule: dict[str, list[str]] = {}
+    for version, error in errors.items():
+        by_rule.setdefault(error.replace(f" for {version};", " for {versions};"), []).append(version)
+    return "; ".join(rule.replace("{versions}", " / ".join(names)) for rule, names in by_rule.items())
 
 
 def _checked_size(core: MagvitVAE, width: int, height: int, frames: int) -> VideoSize:
@@ -125,7 +129,10 @@ def _attach(positive, negative, values: dict) -> tuple:
 
 
 class EasyAnimateImageToVideo:
-    """Start and/or end image for an EasyAnimate InP model: mask + masked-video latents on the conditioning."""
+    """Start and/or end image for an EasyAnimate InP model: mask + masked-video latents on the conditioning.
+
+    With a V4 / V3 VAE and no image it gives those models' official text-to-video conditioning: the all-generate
+    mask and video encoded through the VAE (an Empty Latent leaves the model zeros there instead)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -161,7 +168,7 @@ class EasyAnimateImageToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, frames):
-        return _validate_size(width, height, frames, ("V5.1", "V4"))
+        return _validate_size(width, height, frames, ("V5.1", "V4", "V3"))  # the versions with InP models
 
     def encode(
         self,
@@ -177,13 +184,13 @@ class EasyAnimateImageToVideo:
         end_image=None,
         image_encoder=None,
     ):
-        if start_image is None and end_image is None:
-            raise ValueError(
-                "connect a start_image and/or an end_image (for text-to-video use EasyAnimate Empty Latent Video)"
-            )
         core = easyanimate_vae(vae)
         # V1-V4 pipelines encode the mask itself through the VAE (posterior samples); V4 and V3 also read CLIP.
         encoded_mask = core.config.temporal_mode != "mag"
+        if start_image is None and end_image is None and not encoded_mask:
+            raise ValueError(
+                "connect a start_image and/or an end_image (for text-to-video use EasyAnimate Empty Latent Video)"
+            )
         version = vae_version(core)
         if version in CLIP_VERSIONS and start_image is not None and image_encoder is None:
             raise ValueError(
@@ -247,7 +254,7 @@ class EasyAnimateVideoToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, frames):
-        return _validate_size(width, height, frames, ("V5.1", "V4"))
+        return _validate_size(width, height, frames, NATIVE_VERSIONS)  # any model re-noises a video
 
     def encode(self, positive, negative, vae, video, width, height, frames, batch_size, mask=None):
         core = easyanimate_vae(vae)

@@ -1,4 +1,4 @@
-"""Latent nodes: the empty video latent (V5.1, V5, V4) and the V5.1 Flow sigmas."""
+"""Latent nodes: the empty video latent (V5.1 ... V1) and the V5.1 Flow sigmas."""
 
 from __future__ import annotations
 
@@ -38,14 +38,18 @@ def empty_video_latent(vae, width: int, height: int, frames: int, batch_size: in
 
 class EasyAnimateEmptyLatentVideo:
     """An empty video LATENT for the EasyAnimate MODEL: [B, 16, (frames - 1) / 4 + 1, H / 8, W / 8] for V5 / V5.1,
-    [B, 4, frames / 4, H / 8, W / 8] for V4 (slice VAE)."""
+    [B, 4, frames / 4, H / 8, W / 8] for V4 / V3 (slice VAE), [B, 4, frames / 3, ...] for V2, [B, 4, frames, ...]
+    for V1."""
 
     @classmethod
     def INPUT_TYPES(cls):
         vae = VAE_V51
         step, multiple = vae.temporal_compression, vae.pixel_multiple
         size = f"Pixels, a multiple of {multiple}."
-        frames = f"Video frames: V5.1 / V5 {step}k+1 (1, 5, 9, ..., 49); V4 a multiple of 8 (8, 16, ..., 144)."
+        frames = (
+            f"Video frames: V5.1 / V5 {step}k+1 (1, 5, 9, ..., 49); V4 / V3 a multiple of 8 (8, 16, ..., 144); "
+            "V2 a multiple of 9; V1 any."
+        )
         return {
             "required": {
                 "version": (list(VAE_CONFIGS), {"tooltip": "The model version (sets the size and frame rules)."}),

@@ -32,7 +32,7 @@ from easyanimate_core.pipeline import CLIP_APPLY_RATIO, PIXART_VERSIONS, clip_ac
 from easyanimate_core.preview import LatentRGB, latent_rgb_for_checkpoint
 from easyanimate_core.sampling import SCHEDULES, FlowSchedule
 from easyanimate_core.transformer import EasyAnimateTransformer3D
-from easyanimate_core.transformer_v3 import CLIP_TOKENS, EasyAnimateV3Transformer3D
+from easyanimate_core.transformer_v3 import CLIP_EMBED_DIM, CLIP_TOKENS, EasyAnimateV3Transformer3D
 from easyanimate_core.transformer_v4 import EasyAnimateV4Transformer3D
 from easyanimate_core.vae import VAE_V4, VAE_V51
 
@@ -247,6 +247,10 @@ class EasyAnimateNet(torch.nn.Module):
         if clip is not None and self.clip_step(transformer_options, CLIP_APPLY_RATIO.get(self.version, 0.0)):
             extra["clip_encoder_hidden_states"] = clip
             extra["clip_attention_mask"] = clip_weight.to(clip)[:, None].expand(clip.shape[0], self.clip_tokens)
+        elif self.version in PIXART_VERSIONS and self.transformer.config.has_clip:
+            # V3 InP: where no features are read, the official pipeline feeds zero features with a zero mask.
+            extra["clip_encoder_hidden_states"] = x.new_zeros(x.shape[0], CLIP_EMBED_DIM)
+            extra["clip_attention_mask"] = x.new_zeros(x.shape[0], CLIP_TOKENS)
         if self.version in PIXART_VERSIONS and "text_embedding_mask" in extra:  # V1-V3: the T5 mask, so named
             extra["encoder_attention_mask"] = extra.pop("text_embedding_mask")
         # Without images / a control video the official pipelines feed zeros (text-to-video on InP / Control models).

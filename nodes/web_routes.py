@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import sys
 
-from easyanimate_core.vae import VAE_V4, VAE_V5, VAE_V51
-
-from .common import frame_rule
+from .common import VAE_CONFIGS, frame_rule
 
 RULES_ROUTE = "/easyanimate/video_rules"
 
 # Frame rates the released models were trained at (spec easyanimate_arch.md 4.3): what a duration is shown in.
-TRAINED_FPS = {"V4": 24, "V5": 8, "V5.1": 8}
-VAE_BY_VERSION = {"V4": VAE_V4, "V5": VAE_V5, "V5.1": VAE_V51}
+TRAINED_FPS = {"V1": 12, "V2": 24, "V3": 24, "V4": 24, "V5": 8, "V5.1": 8}
+# Versions with InP / Control models, which the conditioning nodes (Image To Video, ...) serve; V1 and V2 released
+# text-to-video models only, so their rules (V1: any frame count) must not loosen those nodes' snapping.
+CONDITIONED_VERSIONS = ("V5.1", "V5", "V4", "V3")
 
 
 def video_rules() -> dict[str, dict[str, int]]:
     """Per version: frame rule, pixel multiple, latent compression and trained fps, as the frontend needs them."""
     rules = {}
-    for version, vae in VAE_BY_VERSION.items():
+    for version, vae in VAE_CONFIGS.items():
         step, offset = frame_rule(vae)
         rules[version] = {
             "frame_step": step,
@@ -31,6 +31,7 @@ def video_rules() -> dict[str, dict[str, int]]:
             "spatial_compression": vae.spatial_compression,
             "temporal_compression": vae.temporal_compression,
             "fps": TRAINED_FPS[version],
+            "conditioning_nodes": version in CONDITIONED_VERSIONS,
         }
     return rules
 

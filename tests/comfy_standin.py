@@ -351,11 +351,15 @@ def sampling_standins() -> types.SimpleNamespace:
         def sigma(self, timestep):
             return time_snr_shift(self.shift, timestep / self.multiplier)
 
-    class ModelSamplingDiscrete:  # with V_PREDICTION
+    class ModelSamplingDiscrete:  # with V_PREDICTION or EPS
         def __init__(self, model_config=None):
             s = model_config.sampling_settings
-            assert s.get("beta_schedule", "linear") == "linear"  # comfy's "linear": sqrt-space betas
-            betas = torch.linspace(s["linear_start"] ** 0.5, s["linear_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+            schedule = s.get("beta_schedule", "linear")
+            assert schedule in ("linear", "sqrt_linear")  # comfy.ldm.modules.diffusionmodules.util.make_beta_schedule
+            if schedule == "sqrt_linear":  # comfy's name for plain linear betas
+                betas = torch.linspace(s["linear_start"], s["linear_end"], 1000, dtype=torch.float64)
+            else:  # comfy's "linear": linear in sqrt space
+                betas = torch.linspace(s["linear_start"] ** 0.5, s["linear_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
             abar = torch.cumprod(1.0 - betas, dim=0)
             sigmas = ((1 - abar) / abar) ** 0.5
             if s.get("zsnr", False):  # comfy.model_sampling.rescale_zero_terminal_snr_sigmas
@@ -469,11 +473,24 @@ def nodes(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
+class TinyFolders(dict):
+    """Tiny random checkpoints by version, each written on first use: InP for V5.1, V5, V4 and V3 (V2 and V1
+    released text-to-video models only)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, version: str) -> Path:
+        variant = "T2V" if version in ("V2", "V1") else "InP"
+        self[version] = write_tiny_checkpoint(self.root / version.replace(".", ""), variant, version=version)
+        return self[version]
+
+
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
-    """Tiny random InP checkpoints for V5.1, V5 and V4 (written once, hard-linked into each test's models folder)."""
-    root = tmp_path_factory.mktemp("tiny")
-    return {v: write_tiny_checkpoint(root / v.replace(".", ""), "InP", version=v) for v in ("V5.1", "V5", "V4")}
+    """Tiny random checkpoints (written once, hard-linked into each test's models folder)."""
+    return TinyFolders(tmp_path_factory.mktemp("tiny"))
 
 
 def link_tree(source: Path, target: Path) -> Path:

@@ -60,10 +60,13 @@ def test_sizes_and_frames_are_validated_with_the_nearest_values(nodes, node):
     cls = nodes.package.NODE_CLASS_MAPPINGS[node]
     assert cls.VALIDATE_INPUTS(width=672, height=384, frames=49) is True
     takes_v4 = node in ("EasyAnimateImageToVideo", "EasyAnimateVideoToVideo")
-    v4 = "; frames 50 must be a multiple of 8 for V4; nearest valid: 48 or 56" if takes_v4 else ""
-    assert cls.VALIDATE_INPUTS(width=672, height=384, frames=50) == (
-        "frames 50 must be 4k+1 for V5.1; nearest valid: 49 or 53" + v4
-    )
+    v4 = "; frames 50 must be a multiple of 8 for V4 / V3; nearest valid: 48 or 56" if takes_v4 else ""
+    if node == "EasyAnimateVideoToVideo":  # every version re-noises a video, V1 (any frame count) too
+        assert cls.VALIDATE_INPUTS(width=672, height=384, frames=50) is True
+    else:
+        assert cls.VALIDATE_INPUTS(width=672, height=384, frames=50) == (
+            "frames 50 must be 4k+1 for V5.1; nearest valid: 49 or 53" + v4
+        )
     assert (cls.VALIDATE_INPUTS(width=672, height=384, frames=48) is True) == takes_v4
     assert cls.VALIDATE_INPUTS(width=100, height=384, frames=49) == (
         "width 100 is not a multiple of 16; nearest valid: 96 or 112"

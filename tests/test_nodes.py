@@ -190,9 +190,14 @@ def test_video_rules_route_serves_the_vae_frame_and_size_rules(nodes):
         "spatial_compression": 8,
         "temporal_compression": 4,
         "fps": 8,
+        "conditioning_nodes": True,
     }
     assert rules["V5"]["frame_step"] == 4 and rules["V4"]["frame_step"] == 8 and rules["V4"]["frame_offset"] == 0
     assert rules["V4"]["fps"] == 24
+    assert (rules["V3"]["frame_step"], rules["V2"]["frame_step"], rules["V1"]["frame_step"]) == (8, 9, 1)
+    assert (rules["V3"]["fps"], rules["V2"]["fps"], rules["V1"]["fps"]) == (24, 24, 12)
+    # V1 / V2 released text-to-video models only: the conditioning nodes' snapping ignores their rules.
+    assert [v for v in rules if not rules[v]["conditioning_nodes"]] == ["V2", "V1"]
 
 
 def test_the_model_refuses_an_empty_patch_set_a_stock_lora_loader_passes_when_no_key_maps(nodes, tiny_folders):

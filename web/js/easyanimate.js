@@ -3,7 +3,7 @@
 // to reach the app shim.
 //
 // On every EasyAnimate node with frames / width / height widgets it snaps typed values to the
-// version's rules (frames 4k+1 for the V5 / V5.1 mag VAE, multiples of 8 for the V4 slice VAE,
+// version's rules (frames 4k+1 for the V5 / V5.1 mag VAE, multiples of 8 for the V4 / V3 slice VAE, 9 for V2's,
 // sizes multiples of 16) and shows what the settings mean: duration at the trained frame rate
 // and the latent grid. The rules come from the server (nodes/web_routes.py), which reads them
 // from the same VAE configs the nodes validate with. Nothing here is needed to run a prompt:
@@ -59,13 +59,14 @@ function validFrames(frames, rule) {
 }
 
 // The rules that may hold for a node: its version widget's, or (a conditioning node, whose version is that of
-// the VAE it is given) every version's, newest first.
+// the VAE it is given) those of every version with InP / Control models, newest first.
 function rulesFor(node) {
   if (!rules) return [];
   const version = widget(node, "version")?.value;
   if (version !== undefined) return rules[version] ? [rules[version]] : [];
   const preferred = rules[DEFAULT_VERSION];
-  return [preferred, ...Object.values(rules).filter((r) => r !== preferred)].filter(Boolean);
+  const others = Object.values(rules).filter((r) => r !== preferred && r.conditioning_nodes !== false);
+  return [preferred, ...others].filter(Boolean);
 }
 
 // Snap every rule-bound widget of the node to the nearest valid value and refresh the info line. Without a
