@@ -1,6 +1,8 @@
 """Regenerate workflows/*.json and their .jpg thumbnails from workflow_specs.py with the real frontend.
 
-    COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=...] .venv/bin/python tests/integration/build_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=...] .venv/bin/python tests/integration/build_workflows.py [TITLE ...]
+
+(only the workflows with these titles when titles are given, e.g. "EasyAnimate V3 · Image to Video")
 
 Starts a ComfyUI server with this pack (comfy_harness), builds each graph in headless Chromium with the
 frontend's own node classes, saves ``app.graph.serialize()`` (UI format) and a schematic thumbnail: the title and
@@ -210,8 +212,11 @@ def main() -> int:
         server.start()
         try:
             with open_frontend(sync_api, server.url) as page:
+                wanted = set(sys.argv[1:])
                 for make in WORKFLOWS:
                     spec = make()
+                    if wanted and spec.name not in wanted:
+                        continue
                     built = page.evaluate(BUILD, spec.as_js())
                     workflow = json.loads(built["workflow"])
                     write_atomically(OUT / f"{spec.name}.json", (json.dumps(workflow, indent=2) + "\n").encode())

@@ -35,9 +35,9 @@ MICRO_PROMPTS = {
     f"{MICRO_PREFIX}Image to Video": MICRO_I2V_ATTRIBUTES,
     f"{MICRO_PREFIX}LoRA (a new colour)": Attributes("circle", "cyan", "right", "slowly", "navy"),
 }
-# Small enough for a CPU run; each still a valid size / frame count for V5.1 (V4: frames in multiples of 8).
+# Small enough for a CPU run; each still a valid size / frame count for V5.1 (V4 / V3: frames in multiples of 8, V2 9).
 SMALL = {"width": 64, "height": 32, "frames": 9, "steps": 2}
-SMALL_FRAMES = {"V5.1": 9, "V5": 9, "V4": 8}
+SMALL_FRAMES = {"V5.1": 9, "V5": 9, "V4": 8, "V3": 8, "V2": 9}
 
 
 def workflow_version(output: dict) -> str:
@@ -193,9 +193,10 @@ def test_workflow_loads_converts_and_runs_to_a_video(comfy_server, page, tiny_mo
     output = load_and_convert(page, json.loads(path.read_text()))
     # The frontend extension's snapping on load keeps the saved frame counts (V4's 144 is not 4k+1).
     saved = {n["inputs"]["frames"] for n in output.values() if isinstance(n["inputs"].get("frames"), int)}
-    assert saved <= {49, 144, 145} and saved, saved  # 145: the long-video workflow
-    if workflow_version(output) == "V4":
-        assert saved == {144}, saved
+    assert saved <= {49, 72, 144, 145} and saved, saved  # 145: the long-video workflow; 72: V3's
+    version = workflow_version(output)
+    if version in ("V4", "V2", "V3"):
+        assert saved == {72 if version == "V3" else 144}, saved
     for node in output.values():  # the official augmentation strength survives the widget's rounding
         if node["class_type"] == "EasyAnimateImageToVideo":
             assert node["inputs"]["noise_aug_strength"] == 0.0563, node["inputs"]

@@ -18,6 +18,8 @@ V51_INP = "EasyAnimateV5.1-12b-zh-InP"
 V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
 V4_INP = "EasyAnimateV4-XL-2-InP"
 V51_CAMERA = "EasyAnimateV5.1-12b-zh-Control-Camera"
+V3_INP = "EasyAnimateV3-XL-2-InP-768x768"
+V2_T2V = "EasyAnimateV2-XL-2-768x768"
 # nodes.common.BUNDLED_MICRO: the micro model shipped in the pack; its workflows run as saved, on its weights.
 MICRO = "EasyAnimate-Micro (bundled)"
 # Titles (= file names, which the template browser shows) of the micro model's workflows start with this.
@@ -29,6 +31,8 @@ TINY_STAND_INS = {
     V51_CONTROL: ("tiny-v51-control", "Control", "V5.1"),
     V51_CAMERA: ("tiny-v51-camera", "Camera", "V5.1"),
     V4_INP: ("tiny-v4-inp", "InP", "V4"),
+    V3_INP: ("tiny-v3-inp", "InP", "V3"),
+    V2_T2V: ("tiny-v2-t2v", "T2V", "V2"),
 }
 NEGATIVE = (
     "Twisted body, limb deformities, text captions, comic, static, ugly, error, messy code, blurred, "
@@ -314,6 +318,37 @@ def v4_v2v() -> Workflow:
     return released("EasyAnimate V4 · Video to Video (strength 0.7)", nodes, links)
 
 
+V3_SIZE = {"width": 1008, "height": 576, "frames": 72, "batch_size": 1}  # the official V3 ComfyUI workflow's
+
+
+def v3_i2v() -> Workflow:
+    """V3 image to video: the start image through the slice VAE and, on the last half of the steps, its CLIP image
+    embedding; 72 frames at 1008 x 576 (the official V3 ComfyUI workflow's), DPM++ 25 steps at guidance 7
+    (predict_i2v.py, the Sampler's "default"), T5 prompts, 24 fps."""
+    conditioning = Node("i2v", "EasyAnimateImageToVideo", {**V3_SIZE, "noise_aug_strength": 0.0563}, 2)
+    inputs = [
+        Node("image_encoder", "EasyAnimateImageEncoderLoader", {"model_folder": V3_INP}, 0),
+        Node("start", "LoadImage", {"image": "easyanimate_start.png"}, 1, "Start image"),
+    ]
+    prompt = "A dog running across a meadow towards the camera, sunny day"
+    nodes, links = conditioned_nodes(V3_INP, prompt, conditioning, inputs, steps=25, cfg=7.0, fps=24.0)
+    links += [("start", "IMAGE", "i2v", "start_image"), ("image_encoder", "image_encoder", "i2v", "image_encoder")]
+    return released("EasyAnimate V3 · Image to Video", nodes, links)
+
+
+def v2_t2v() -> Workflow:
+    """V2 text to video: 144 frames (multiples of 9 for its MagViT VAE) at 672 x 384, DPM++ 30 steps at guidance 6
+    (its predict_t2v.py, the Sampler's "default"), T5 prompts, 24 fps."""
+    nodes, links = text_to_video_nodes(V2_T2V, "A young woman with beautiful clear eyes and blonde hair, smiling")
+    nodes = [n for n in nodes if n.key != "sampler"]
+    latent = next(n for n in nodes if n.key == "latent")
+    latent.widgets = {**latent.widgets, "version": "V2", "frames": 144}
+    next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
+    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=30, cfg=6.0, column=2))
+    links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
+    return released("EasyAnimate V2 · Text to Video (144 frames)", nodes, links)
+
+
 def micro_t2v() -> Workflow:
     """The bundled micro model: a 64 x 64 clip of 17 frames in seconds on a CPU, at its own generation defaults."""
     nodes, links = text_to_video_nodes(MICRO, "a red circle moving right slowly on a navy background")
@@ -371,6 +406,6 @@ def _micro_settings(workflow: Workflow) -> Workflow:
 MICRO_WORKFLOWS = [micro_t2v, micro_i2v, micro_lora]
 # The micro model's workflows exist (and are built) once its weights are in the repository: before that no
 # loader lists the bundled model, and a workflow naming it could not run.
-WORKFLOWS = [t2v, i2v, v2v, control, camera, trajectory, lora, long_video, v4_t2v, v4_i2v, v4_v2v]
+WORKFLOWS = [t2v, i2v, v2v, control, camera, trajectory, lora, long_video, v4_t2v, v4_i2v, v4_v2v, v3_i2v, v2_t2v]
 if shipped_micro_model() is not None:
     WORKFLOWS += MICRO_WORKFLOWS
