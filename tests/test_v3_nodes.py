@@ -177,3 +177,25 @@ def test_v3_image_to_video_without_images_is_the_official_text_to_video_conditio
     inpaint = positive[0][1]["easyanimate_inpaint_latents"]
     torch.testing.assert_close(inpaint, expected, rtol=0, atol=0)
     assert inpaint.abs().sum() > 0 and "easyanimate_clip" not in positive[0][1]
+
+
+def test_lora_loader_patches_a_v3_model_from_an_official_format_lora(nodes, tiny_folders, tmp_path):
+    """Official V1-V3 LoRAs name every Linear, motion modules included (lora_unet__<path>)."""
+    from safetensors.torch import save_file
+
+    model = nodes.nodes.EasyAnimateModelLoader().load(install(nodes, tiny_folders, "V3"), "default")[0]
+    transformer = model.model.diffusion_model.transformer
+    paths = ["transformer_blocks.1.attn_temporal.temporal_transformer.proj_in", "transformer_blocks.0.attn2.to_k"]
+    tensors = {}
+    for path in paths:
+        weight = transformer.get_submodule(path).weight
+        name = "lora_unet__" + path.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, weight.shape[1])
+        tensors[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], 2)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(tensors, loras / "v3_style.safetensors")
+    sys.modules["folder_paths"].add_model_folder_path("loras", str(loras))
+    patched = nodes.nodes.EasyAnimateLoraLoader().apply(model, "v3_style.safetensors", 0.5)[0]
+    assert set(patched.patches) == {f"diffusion_model.transformer.{p}.weight" for p in paths}
