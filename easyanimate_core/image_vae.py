@@ -34,14 +34,14 @@ from .ops import default_operations
 from .vae import (
     MIN_TILE_LATENTS,
     ChunkTile,
-    _check_tiling,
-    _largest_tile,
-    _nearest_multiples,
-    _tile_area,
-    _tiles,
-    _width_scale,
+    check_tiling,
+    largest_tile,
+    nearest_multiples,
     retry_on_oom,
     smaller_settings,
+    spatial_tiles,
+    tile_area,
+    width_scale,
 )
 
 ProgressFn = Callable[[int, int], None]
@@ -126,7 +126,7 @@ class ImageVAEConfig:
             if size % self.pixel_multiple != 0 or size <= 0:
                 raise ValueError(
                     f"{name} {size} is not a multiple of {self.pixel_multiple}; "
-                    f"nearest valid: {_nearest_multiples(size, self.pixel_multiple)}"
+                    f"nearest valid: {nearest_multiples(size, self.pixel_multiple)}"
                 )
 
     @classmethod
@@ -460,14 +460,14 @@ class ImageVAE(nn.Module):
         (latent pixels) encode overlapping spatial tiles and blend the moments linearly.
         """
         self.check_video_shape(video.shape)
-        _check_tiling(tile_latent_size, tile_overlap)
+        check_tiling(tile_latent_size, tile_overlap)
         chunk = _check_chunk(chunk_frames, DEFAULT_ENCODE_FRAMES, "chunk_frames")
         cfg = self.config
         b, _, f, h, w = video.shape
         s = cfg.spatial_compression
         lh, lw = h // s, w // s
         moments = torch.zeros(b, 2 * cfg.latent_channels, f, lh, lw, device=video.device)
-        tiles = _tiles(lh, lw, 1, tile_latent_size, tile_overlap, video.device)
+        tiles = spatial_tiles(lh, lw, 1, tile_latent_size, tile_overlap, video.device)
         starts = range(0, f, chunk)
         total, done = len(tiles) * len(starts), 0
         dtype = self._dtype()
@@ -526,7 +526,7 @@ class ImageVAE(nn.Module):
             raise ValueError(f"latents have {c} channels, expected latent_channels={cfg.latent_channels}")
         if t < 1 or lh < 1 or lw < 1:
             raise ValueError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
-        _check_tiling(tile_latent_size, tile_overlap)
+        check_tiling(tile_latent_size, tile_overlap)
         chunk = _check_chunk(chunk_latents, DEFAULT_DECODE_LATENTS, "chunk_latents")
         s = cfg.spatial_compression
         shape = (b, cfg.out_channels, t, lh * s, lw * s)
@@ -534,7 +534,7 @@ class ImageVAE(nn.Module):
             out = torch.empty(shape, device=latents.device, dtype=torch.float32)
         elif tuple(out.shape) != shape or not out.dtype.is_floating_point:
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
-        tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
+        tiles = spatial_tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
         starts = range(0, t, chunk)
         total, done = len(tiles) * len(starts), 0
         dtype = self._dtype()
@@ -594,7 +594,7 @@ def decode_memory(
     """Bytes of working memory ``ImageVAE.decode`` needs for latents of ``latent_shape`` (output excluded)."""
     b, _, t, h, w = latent_shape
     chunk = min(chunk_latents or DEFAULT_DECODE_LATENTS, max(t, 1))
-    return int(b * chunk * _tile_area(h, w, tile) * DECODE_PER_LATENT_PIXEL * _width_scale(config) * dtype.itemsize)
+    return int(b * chunk * tile_area(h, w, tile) * DECODE_PER_LATENT_PIXEL * width_scale(config) * dtype.itemsize)
 
 
 def encode_memory(
@@ -604,8 +604,8 @@ def encode_memory(
     b, _, f, h, w = video_shape
     s = config.spatial_compression
     chunk = min(chunk_frames or DEFAULT_ENCODE_FRAMES, max(f, 1))
-    pixels = _tile_area(h // s, w // s, tile) * s * s
-    return int(b * chunk * pixels * ENCODE_PER_PIXEL * _width_scale(config) * dtype.itemsize)
+    pixels = tile_area(h // s, w // s, tile) * s * s
+    return int(b * chunk * pixels * ENCODE_PER_PIXEL * width_scale(config) * dtype.itemsize)
 
 
 def _plan(
@@ -628,7 +628,7 @@ def _plan(
         chunk = fits[-1] if fits else 1
     tile = requested.tile
     if tile is None:
-        tile = _largest_tile(*latent_hw, memory(one_latent_pixel, chunk, None), budget, min_tile)
+        tile = largest_tile(*latent_hw, memory(one_latent_pixel, chunk, None), budget, min_tile)
     return ChunkTile(chunk, tile, requested.overlap)
 
 

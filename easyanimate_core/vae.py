@@ -146,19 +146,19 @@ class VAEConfig:
             tc = self.temporal_compression
             raise ValueError(
                 f"{frames} frames: the mag VAE expects {tc}k+1 frames; "
-                f"nearest valid: {_nearest_multiples(frames, tc, 1)}"
+                f"nearest valid: {nearest_multiples(frames, tc, 1)}"
             )
         if self.temporal_mode != "mag" and frames != 1 and (frames < 1 or frames % self.mini_batch_encoder != 0):
             m = self.mini_batch_encoder
             raise ValueError(
                 f"{frames} frames: the {self.temporal_mode} VAE expects a multiple of {m} frames (or 1); "
-                f"nearest valid: {_nearest_multiples(frames, m)}"
+                f"nearest valid: {nearest_multiples(frames, m)}"
             )
         for name, size in (("height", height), ("width", width)):
             if size % self.pixel_multiple != 0 or size <= 0:
                 raise ValueError(
                     f"{name} {size} is not a multiple of {self.pixel_multiple}; "
-                    f"nearest valid: {_nearest_multiples(size, self.pixel_multiple)}"
+                    f"nearest valid: {nearest_multiples(size, self.pixel_multiple)}"
                 )
 
     def __post_init__(self):
@@ -662,7 +662,7 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _nearest_multiples(value: int, step: int, offset: int = 0) -> str:
+def nearest_multiples(value: int, step: int, offset: int = 0) -> str:
     """'a or b': the valid values ``offset + k*step`` nearest ``value`` (just ``a`` when valid)."""
     lo = max(offset + ((value - offset) // step) * step, offset if offset > 0 else step)
     return str(lo) if lo == value else f"{lo} or {lo + step}"
@@ -698,7 +698,7 @@ class _Tile:
     weight: torch.Tensor | None = field(default=None)  # [H_tile, W_tile] or None when untiled
 
 
-def _check_tiling(tile: int | None, overlap: int | None) -> None:
+def check_tiling(tile: int | None, overlap: int | None) -> None:
     """Tile side >= 1 latent and 0 <= overlap < tile (ValueError otherwise)."""
     if tile is None:
         return
@@ -708,7 +708,7 @@ def _check_tiling(tile: int | None, overlap: int | None) -> None:
         raise ValueError(f"tile_overlap must be in [0, tile_latent_size={tile}), got {overlap}")
 
 
-def _tiles(h: int, w: int, scale: int, tile: int | None, overlap: int | None, device) -> list[_Tile]:
+def spatial_tiles(h: int, w: int, scale: int, tile: int | None, overlap: int | None, device) -> list[_Tile]:
     """Overlapping latent tiles of side ``tile`` (``None``: one tile), with pixel blend weights."""
     if tile is None or (h <= tile and w <= tile):
         return [_Tile((slice(0, h), slice(0, w)), (slice(0, h * scale), slice(0, w * scale)))]
@@ -805,7 +805,7 @@ class MagvitVAE(nn.Module):
     def _check_video(self, video: torch.Tensor, chunk_frames: int | None, tile: int | None, overlap: int | None) -> int:
         self.check_video_shape(video.shape)
         cfg = self.config
-        _check_tiling(tile, overlap)
+        check_tiling(tile, overlap)
         return self.chunk_length(chunk_frames, cfg.mini_batch_encoder, "chunk_frames", cfg.temporal_compression)
 
     def chunk_length(self, chunk: int | None, released: int, name: str, multiple: int) -> int:
@@ -875,7 +875,7 @@ class MagvitVAE(nn.Module):
 
     def _latent_tiles(self, video: torch.Tensor, tile: int | None, overlap: int | None) -> list[_Tile]:
         s = self.config.spatial_compression
-        return _tiles(video.shape[3] // s, video.shape[4] // s, 1, tile, overlap, video.device)
+        return spatial_tiles(video.shape[3] // s, video.shape[4] // s, 1, tile, overlap, video.device)
 
     def _encode_moments(
         self, video: torch.Tensor, frames: int, plan: list, tiles: list[_Tile], tick: Callable[[], None]
@@ -1025,7 +1025,7 @@ class MagvitVAE(nn.Module):
             raise ValueError(f"latents have {c} channels, expected latent_channels={cfg.latent_channels}")
         if t < 1 or lh < 1 or lw < 1:
             raise ValueError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
-        _check_tiling(tile_latent_size, tile_overlap)
+        check_tiling(tile_latent_size, tile_overlap)
         chunk = self.chunk_length(chunk_latents, cfg.mini_batch_decoder, "chunk_latents", 1)
         if frame_by_frame is None:
             frame_by_frame = self.frame_local
@@ -1039,7 +1039,7 @@ class MagvitVAE(nn.Module):
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
         middle = self.smoothed_frames(shape[2]) if self.smooths_output and smooth else None
         plan = list(self.decode_plan(t, chunk))
-        tiles = _tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
+        tiles = spatial_tiles(lh, lw, s, tile_latent_size, tile_overlap, out.device)
         steps = len(plan)
         if middle is not None:
             mid_frames = middle[1] - middle[0]
@@ -1179,11 +1179,13 @@ ENCODE_PER_CHUNK_PIXEL = 400
 MIN_TILE_LATENTS = 8
 
 
-def _width_scale(config: VAEConfig) -> float:
+def width_scale(config: VAEConfig) -> float:
+    """Activation memory of ``config`` relative to the released width (first block 128 channels)."""
     return config.block_out_channels[0] / 128
 
 
-def _tile_area(h: int, w: int, tile: int | None) -> int:
+def tile_area(h: int, w: int, tile: int | None) -> int:
+    """Latent pixels of one tile of side ``tile`` (``None``: the whole h x w grid) on an h x w grid."""
     return (min(tile, h) * min(tile, w)) if tile else h * w
 
 
@@ -1197,7 +1199,7 @@ def decode_memory(
     # Without frame-by-frame decoding every stage holds the chunk's frames at once.
     frames = 1 if frame_local else chunk * config.temporal_compression
     per_pixel = DECODE_PER_LATENT_PIXEL * frames + DECODE_PER_CHUNK_LATENT_PIXEL * chunk
-    return int(b * _tile_area(h, w, tile) * per_pixel * _width_scale(config) * dtype.itemsize)
+    return int(b * tile_area(h, w, tile) * per_pixel * width_scale(config) * dtype.itemsize)
 
 
 def encode_memory(
@@ -1207,9 +1209,9 @@ def encode_memory(
     b, _, f, h, w = video_shape
     s = config.spatial_compression
     chunk = min(chunk_frames or config.mini_batch_encoder, max(f - 1, 1))
-    pixels = _tile_area(h // s, w // s, tile) * s * s
+    pixels = tile_area(h // s, w // s, tile) * s * s
     per_pixel = ENCODE_PER_PIXEL + ENCODE_PER_CHUNK_PIXEL * chunk
-    return int(b * pixels * per_pixel * _width_scale(config) * dtype.itemsize)
+    return int(b * pixels * per_pixel * width_scale(config) * dtype.itemsize)
 
 
 @dataclass(frozen=True)
@@ -1226,7 +1228,7 @@ class ChunkTile:
 MAX_AUTO_DECODE_CHUNK = 8
 
 
-def _largest_tile(h: int, w: int, per_latent_pixel_bytes: float, budget: float, min_tile: int) -> int | None:
+def largest_tile(h: int, w: int, per_latent_pixel_bytes: float, budget: float, min_tile: int) -> int | None:
     """Largest square tile (latent pixels) whose working memory fits ``budget``; None when no tiling is needed."""
     if h * w * per_latent_pixel_bytes <= budget:
         return None
@@ -1256,7 +1258,7 @@ def plan_decode(
     tile = requested.tile
     if tile is None:
         per_pixel = decode_memory(cfg, (b, 0, t, 1, 1), dtype, chunk)
-        tile = _largest_tile(h, w, per_pixel, budget_bytes, min_tile)
+        tile = largest_tile(h, w, per_pixel, budget_bytes, min_tile)
     return ChunkTile(chunk, tile, requested.overlap)
 
 
@@ -1281,7 +1283,7 @@ def plan_encode(
     if tile is None:
         s = cfg.spatial_compression
         per_pixel = encode_memory(cfg, (b, 0, f, s, s), dtype, chunk)
-        tile = _largest_tile(h // s, w // s, per_pixel, budget_bytes, min_tile)
+        tile = largest_tile(h // s, w // s, per_pixel, budget_bytes, min_tile)
     return ChunkTile(chunk, tile, requested.overlap)
 
 
