@@ -761,6 +761,23 @@ def quantize(args) -> int:
     return 0
 
 
+def assemble_v1_command(args) -> int:
+    """Write a V1 model folder from PixArt's folder and the motion module (easyanimate_core.assemble_v1)."""
+    from tqdm import tqdm
+
+    from .assemble_v1 import assemble_v1
+
+    with tqdm(total=1, desc="assembling", unit="part") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        out = assemble_v1(args.base, args.motion_module, args.out, progress)
+    print(f"wrote {out}: an EasyAnimate V1 model folder (easyanimate info {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``--help`` of each shows all defaults)."""
     parser = argparse.ArgumentParser(prog="easyanimate", description="EasyAnimate video models on plain PyTorch.")
@@ -783,6 +800,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="block format of the Linear weights (the rest stays F32)",
     )
     p_quant.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p_v1 = commands.add_parser(
+        "assemble-v1",
+        help="make an EasyAnimate V1 model folder from PixArt-alpha's folder and the V1 motion-module file",
+        **formatter,
+    )
+    p_v1.add_argument("--base", required=True, help="PixArt-XL-2-512x512's model folder (transformer/, vae/, ...)")
+    p_v1.add_argument("--motion-module", required=True, help="the release's easyanimate_v1_mm.safetensors")
+    p_v1.add_argument("--out", required=True, help="the new V1 model folder (must not exist)")
     from .training.trainer import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a LoRA or fine-tune the transformer", **formatter))
@@ -809,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             return train_main(args)
         if args.command == "quantize":
             return quantize(args)
+        if args.command == "assemble-v1":
+            return assemble_v1_command(args)
         if args.command == "train-vae":
             from .training.vae_trainer import train_vae_main
 

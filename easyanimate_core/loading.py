@@ -445,8 +445,8 @@ def detect_transformer_v3(shapes: dict[str, tuple], files: list[Path], config: d
     if has_motion and not has_base:
         raise ValueError(
             f"{where}: holds only motion-module weights (like easyanimate_v1_mm.safetensors), which go on top of "
-            "the PixArt-XL-2 base transformer; loading a separate motion module is not supported: load a full "
-            "EasyAnimate V2 / V3 transformer, or one V1 file with the base and the motion module merged"
+            "the PixArt-XL-2 base transformer: make a V1 model folder of both once with easyanimate assemble-v1 "
+            "--base <PixArt-XL-2-512x512 folder> --motion-module <this file> --out <new folder>, and load that"
         )
     if not has_motion:
         raise ValueError(
