@@ -34,13 +34,11 @@ from .checks import (
 )
 from .loading import PIPELINE_PARTS, V3_FAMILY, inspect_checkpoint
 from .offload import MEMORY_MODES, ModelPlacement
-from .pipeline import RESOLUTIONS
+from .pipeline import CLIP_VERSIONS, RESOLUTIONS
 
 # Frames and fps of the official predict scripts per version (V4: 144 frames at 24 fps; V1: 80 at 12).
 VIDEO_DEFAULTS = {"V5.1": (49, 8.0), "V5": (49, 8.0), "V4": (144, 24.0), "V3": (144, 24.0), "V2": (144, 24.0)}
 VIDEO_DEFAULTS["V1"] = (80, 12.0)
-# Versions that take CLIP features of the start image for image-to-video (their InP models).
-CLIP_VERSIONS = ("V4", "V3")
 
 
 def info(path: str) -> int:

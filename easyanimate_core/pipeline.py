@@ -62,6 +62,7 @@ Transformer = EasyAnimateTransformer3D | EasyAnimateV4Transformer3D | EasyAnimat
 NOISE_AUG_STRENGTH = 0.0563  # σ of the noise added to kept pixels of InP inputs (official default)
 # The share of the last steps whose conditional branch sees the start image's CLIP features (official defaults).
 CLIP_APPLY_RATIO = {"V3": 0.5, "V4": 0.4}
+CLIP_VERSIONS = tuple(CLIP_APPLY_RATIO)  # whose InP models also read the start image's CLIP features
 V4_CLIP_APPLY_RATIO = CLIP_APPLY_RATIO["V4"]
 PIXART_VERSIONS = ("V1", "V2", "V3")
 # Versions whose pipelines draw encoded latents from the VAE posterior (V5 / V5.1 take its mean).

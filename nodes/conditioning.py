@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from easyanimate_core.pipeline import (
+    CLIP_VERSIONS,
     NOISE_AUG_STRENGTH,
     VideoSize,
     control_latents,
@@ -103,15 +104,14 @@ def _load(vae, size: VideoSize) -> torch.device:
     return vae.patcher.load_device
 
 
-CLIP_VERSIONS = ("V4", "V3")  # whose InP models also read the start image's CLIP features
+# A VAE built without a loader has no detected version: its chunking mode names the newest release using it.
+VERSION_OF_TEMPORAL_MODE = {"mag": "V5.1", "slice": "V4", "v3-slice": "V3", "v2-magvit": "V2", "image": "V1"}
 
 
 def vae_version(core) -> str:
     """The EasyAnimate version of a core VAE: what its loader detected, else what its chunking mode says."""
     info = getattr(core, "info", None)
-    if info is not None:
-        return info.version
-    return {"mag": "V5.1", "slice": "V4", "image": "V1"}.get(core.config.temporal_mode, core.config.temporal_mode)
+    return info.version if info is not None else VERSION_OF_TEMPORAL_MODE[core.config.temporal_mode]
 
 
 def _latent_shape(latent: dict) -> tuple[int, ...]:
