@@ -282,3 +282,18 @@ def test_v4_runs_cfg_parallel_and_refuses_sequence_parallel(tmp_path):
     assert (read_video(tmp_path / "two") - read_video(tmp_path / "one")).abs().max() <= 1 / 255 + 1e-6
     refused = cli_generate(model, tmp_path / "three", *size, "--ulysses-degree", "2", processes=2)
     assert refused.returncode != 0 and "V4 takes --cfg-parallel only" in refused.stderr
+
+
+def test_v3_image_to_video_runs_cfg_parallel_and_refuses_sequence_parallel(tmp_path):
+    from easyanimate_core.video_io import read_video
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "v3", "InP", version="V3")
+    size = ["--frames", "8", "--image", str(_start_image(tmp_path))]  # V3: frames 8k; CLIP on the positive branch
+    one = cli_generate(model, tmp_path / "one", *size)
+    assert one.returncode == 0, one.stderr
+    two = cli_generate(model, tmp_path / "two", *size, "--cfg-parallel", processes=2)
+    assert two.returncode == 0, two.stderr
+    assert (read_video(tmp_path / "two") - read_video(tmp_path / "one")).abs().max() <= 1 / 255 + 1e-6
+    refused = cli_generate(model, tmp_path / "three", *size, "--ring-degree", "2", processes=2)
+    assert refused.returncode != 0 and "V3 takes --cfg-parallel only" in refused.stderr
