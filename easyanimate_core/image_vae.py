@@ -37,8 +37,6 @@ from .vae import (
     check_tiling,
     largest_tile,
     nearest_multiples,
-    retry_on_oom,
-    smaller_settings,
     spatial_tiles,
     tile_area,
     width_scale,
@@ -375,6 +373,9 @@ def _check_chunk(chunk: int | None, default: int, name: str) -> int:
 class ImageVAE(nn.Module):
     """The SD image VAE with MagvitVAE's video interface; state-dict names equal diffusers' AutoencoderKL."""
 
+    # Out of memory, fewer frames per call come before tiles: they lower the peak and never change the output.
+    decode_shrinks_chunk_first = True
+
     def __init__(
         self,
         config: ImageVAEConfig | None = None,
@@ -569,7 +570,8 @@ class ImageVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory planning and out-of-memory retry (vae.py's contract; the ComfyUI nodes dispatch on the VAE type)
+# Memory planning (vae.py's contract; the ComfyUI nodes dispatch on the VAE type). The out-of-memory retries are
+# vae.py's decode_with_retry / encode_with_retry, re-exported here for that dispatch.
 # --------------------------------------------------------------------------------------------------
 
 # Working memory of decode / encode in elements of the compute dtype, for the SD geometry (block_out_channels
@@ -668,54 +670,3 @@ def plan_encode(
         return encode_memory(vae.config, shape, dtype, chunk, tile)
 
     return _plan(memory, video_shape, (h // s, w // s), (b, 0, f, s, s), budget_bytes, requested, min_tile)
-
-
-def _frames_then_tiles(vae: ImageVAE, latent_hw: tuple[int, int], min_tile: int):
-    """Out-of-memory shrinking: halve the frames per call down to one, then halve the tile side."""
-    return lambda current: smaller_settings(vae, latent_hw, current, 1, True, min_tile)
-
-
-def decode_with_retry(
-    vae: ImageVAE,
-    latents: torch.Tensor,
-    settings: ChunkTile = AUTO,
-    *,
-    out: torch.Tensor | None = None,
-    progress: ProgressFn | None = None,
-    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
-    on_retry: Callable[[ChunkTile, str], None] | None = None,
-    min_tile: int = MIN_TILE_LATENTS,
-) -> torch.Tensor:
-    """``vae.decode`` with ``settings``; out of memory, it retries with fewer frames per call, then smaller tiles."""
-
-    def run(s: ChunkTile) -> torch.Tensor:
-        return vae.decode(
-            latents, chunk_latents=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, out=out, progress=progress
-        )
-
-    shrink = _frames_then_tiles(vae, tuple(latents.shape[3:]), min_tile)
-    return retry_on_oom(run, settings, shrink, oom_errors, on_retry)
-
-
-def encode_with_retry(
-    vae: ImageVAE,
-    video: torch.Tensor,
-    settings: ChunkTile = AUTO,
-    *,
-    progress: ProgressFn | None = None,
-    oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
-    on_retry: Callable[[ChunkTile, str], None] | None = None,
-    min_tile: int = MIN_TILE_LATENTS,
-) -> torch.Tensor:
-    """The posterior mean of ``vae.encode`` with ``settings``; out of memory, retried with fewer frames per call,
-    then smaller tiles."""
-
-    def run(s: ChunkTile) -> torch.Tensor:
-        mean, _ = vae.encode(
-            video, chunk_frames=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, progress=progress
-        )
-        return mean
-
-    s = vae.config.spatial_compression
-    shrink = _frames_then_tiles(vae, (video.shape[3] // s, video.shape[4] // s), min_tile)
-    return retry_on_oom(run, settings, shrink, oom_errors, on_retry)

@@ -762,6 +762,10 @@ class MagvitVAE(nn.Module):
 
     # ---- helpers ---------------------------------------------------------------------------------
 
+    # Out of memory, decode drops the chunk to one latent together with the first tiling: with per-frame decoding
+    # the chunk hardly changes the peak (V1's image VAE, whose peak grows with it, halves it first instead).
+    decode_shrinks_chunk_first = False
+
     @property
     def frame_local(self) -> bool:
         """Whether every decoder op depends on its own frame plus cached past frames only.
@@ -1353,15 +1357,17 @@ def decode_with_retry(
     on_retry: Callable[[ChunkTile, str], None] | None = None,
     min_tile: int = MIN_TILE_LATENTS,
 ) -> torch.Tensor:
-    """``vae.decode`` with ``settings``; out of memory, it retries with smaller chunks, then smaller tiles."""
+    """``vae.decode`` (a MagvitVAE or V1's ImageVAE) with ``settings``; out of memory, it retries with smaller
+    chunks, then smaller tiles (``decode_shrinks_chunk_first``)."""
 
     def run(s: ChunkTile) -> torch.Tensor:
         return vae.decode(
             latents, chunk_latents=s.chunk, tile_latent_size=s.tile, tile_overlap=s.overlap, out=out, progress=progress
         )
 
-    hw = tuple(latents.shape[3:])
-    return retry_on_oom(run, settings, lambda s: smaller_settings(vae, hw, s, 1, False, min_tile), oom_errors, on_retry)
+    hw, chunk_first = tuple(latents.shape[3:]), vae.decode_shrinks_chunk_first
+    shrink = lambda s: smaller_settings(vae, hw, s, 1, chunk_first, min_tile)  # noqa: E731
+    return retry_on_oom(run, settings, shrink, oom_errors, on_retry)
 
 
 def encode_with_retry(
@@ -1374,7 +1380,8 @@ def encode_with_retry(
     on_retry: Callable[[ChunkTile, str], None] | None = None,
     min_tile: int = MIN_TILE_LATENTS,
 ) -> torch.Tensor:
-    """The posterior mean of ``vae.encode`` with ``settings``, retried smaller after out-of-memory errors."""
+    """The posterior mean of ``vae.encode`` (a MagvitVAE or V1's ImageVAE) with ``settings``, retried with smaller
+    chunks, then smaller tiles, after out-of-memory errors."""
 
     def run(s: ChunkTile) -> torch.Tensor:
         mean, _ = vae.encode(

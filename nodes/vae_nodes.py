@@ -28,7 +28,7 @@ import easyanimate_core.image_vae as image_vae_memory
 import easyanimate_core.vae as video_vae_memory
 from easyanimate_core.image_vae import ImageVAE
 from easyanimate_core.loading import inspect_checkpoint, load_vae
-from easyanimate_core.vae import MIN_TILE_LATENTS, ChunkTile, MagvitVAE
+from easyanimate_core.vae import MIN_TILE_LATENTS, ChunkTile, MagvitVAE, decode_with_retry, encode_with_retry
 
 from .common import (
     BUNDLED_TOOLTIP,
@@ -55,8 +55,8 @@ def easyanimate_vae(vae) -> MagvitVAE | ImageVAE:
 
 
 def memory_model(core: MagvitVAE | ImageVAE):
-    """The module with ``core``'s memory estimates, planners and out-of-memory retries (the same functions in
-    each): image_vae's work per frame, vae's per causal chunk."""
+    """The module with ``core``'s memory estimates and planners (the same functions in each): image_vae's work per
+    frame, vae's per causal chunk. The out-of-memory retries (vae.py) serve both."""
     return image_vae_memory if isinstance(core, ImageVAE) else video_vae_memory
 
 
@@ -171,7 +171,7 @@ class EasyAnimateVAE(comfy.sd.VAE):
         if torch.device(self.output_device) == torch.device(device):
             budget -= frames.numel() * frames.element_size()
         settings = memory.plan_decode(vae, shape, dtype, budget, requested)
-        memory.decode_with_retry(
+        decode_with_retry(
             vae,
             latents.to(device),
             settings,
@@ -226,7 +226,7 @@ class EasyAnimateVAE(comfy.sd.VAE):
         pixels = self.process_input(video.to(device, dtype))
         budget = mm.get_free_memory(device)
         settings = memory.plan_encode(vae, shape, dtype, budget, requested)
-        mean = memory.encode_with_retry(
+        mean = encode_with_retry(
             vae, pixels, settings, progress=_progress(), oom_errors=_oom_errors(), on_retry=_on_retry("encode")
         )
         return mean.to(self.output_device)
