@@ -18,11 +18,9 @@ Bound: max|ours - official| <= 1e-4 of the video range after 3 DPM++ steps with 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from easyanimate_core.loading import load_transformer, load_vae
 from easyanimate_core.pipeline import generate
 from easyanimate_core.sampling import make_sampler
 from easyanimate_core.text_encoders import load_text_encoders
+from tests.official_code import official_module
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "v3_generate_reference.npz"
@@ -107,34 +106,13 @@ def ours(folder: Path, version: str, case: str, monkeypatch) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ official
 
 
-def official_modules(root: str, monkeypatch=None):
-    """The official pipeline and model modules of a V2- or V3-era checkout, imported without its __init__.py."""
-    root = Path(root).resolve()
-    loaders = importlib.import_module("diffusers.loaders")
-    if monkeypatch is not None and not hasattr(loaders, "FromOriginalVAEMixin"):
-        # The V2-era VAE file imports FromOriginalVAEMixin, which newer diffusers renamed (V3's falls back).
-        monkeypatch.setattr(loaders, "FromOriginalVAEMixin", loaders.FromOriginalModelMixin, raising=False)
-    try:
-        import pkg_resources  # noqa: F401  (the official attention modules import it for a version check)
-    except ImportError:
-        from packaging.version import parse
-
-        stub = types.ModuleType("pkg_resources")
-        stub.parse_version = parse
-        sys.modules["pkg_resources"] = stub
-    for name in [m for m in sys.modules if m == "easyanimate" or m.startswith("easyanimate.")]:
-        del sys.modules[name]
-    for sub in ("", ".models", ".pipeline", ".utils", ".vae", ".vae.ldm", ".vae.ldm.models", ".vae.ldm.modules"):
-        name = "easyanimate" + sub
-        package = types.ModuleType(name)
-        package.__path__ = [str(root / name.replace(".", "/"))]
-        sys.modules[name] = package
-    load = importlib.import_module
+def official_modules(root: str) -> types.SimpleNamespace:
+    """The official pipeline and model classes of a V2- or V3-era checkout."""
     return types.SimpleNamespace(
-        transformer=load("easyanimate.models.transformer3d").Transformer3DModel,
-        magvit=load("easyanimate.models.autoencoder_magvit").AutoencoderKLMagvit,
-        t2v=load("easyanimate.pipeline.pipeline_easyanimate").EasyAnimatePipeline,
-        inpaint=load("easyanimate.pipeline.pipeline_easyanimate_inpaint"),
+        transformer=official_module(root, "easyanimate.models.transformer3d").Transformer3DModel,
+        magvit=official_module(root, "easyanimate.models.autoencoder_magvit").AutoencoderKLMagvit,
+        t2v=official_module(root, "easyanimate.pipeline.pipeline_easyanimate").EasyAnimatePipeline,
+        inpaint=official_module(root, "easyanimate.pipeline.pipeline_easyanimate_inpaint"),
     )
 
 
@@ -153,7 +131,7 @@ def official(folder: Path, version: str, case: str, root: str, monkeypatch) -> t
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from transformers import T5EncoderModel, T5Tokenizer
 
-    modules = official_modules(root, monkeypatch)
+    modules = official_modules(root)
     monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)  # the inpaint pipeline calls it, CUDA or not
     frames, height, width = CASES[(version, case)]
     # Each VAE through its own from_pretrained, as the official tools load them (the MagViT one reads config.json

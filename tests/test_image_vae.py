@@ -10,10 +10,8 @@ of that commit to run the official methods themselves. Bound: max|ours - referen
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from easyanimate_core.image_vae import (
 )
 from easyanimate_core.loading import inspect_checkpoint, load_vae
 from easyanimate_core.ops import manual_cast
+from tests.official_code import official_module
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install -e '.[test]')")
 
@@ -375,26 +374,9 @@ def test_detection_errors_are_clear(tmp_path):
 
 
 def official_pipelines(root: str):
-    """The official V3-era pipeline module classes, imported without easyanimate/__init__.py."""
-    root = Path(root).resolve()
-    if not (root / "easyanimate" / "pipeline" / "pipeline_easyanimate_inpaint.py").is_file():
-        pytest.fail(f"{root} has no easyanimate/pipeline/pipeline_easyanimate_inpaint.py")
-    try:
-        import pkg_resources  # noqa: F401  (the official attention modules import it for a version check)
-    except ImportError:
-        from packaging.version import parse
-
-        stub = types.ModuleType("pkg_resources")
-        stub.parse_version = parse
-        sys.modules["pkg_resources"] = stub
-    for name in [m for m in sys.modules if m == "easyanimate" or m.startswith("easyanimate.")]:
-        del sys.modules[name]
-    for name in ("easyanimate", "easyanimate.models", "easyanimate.pipeline"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(root.joinpath(*name.split(".")))]
-        sys.modules[name] = package
-    t2v = importlib.import_module("easyanimate.pipeline.pipeline_easyanimate").EasyAnimatePipeline
-    inpaint = importlib.import_module("easyanimate.pipeline.pipeline_easyanimate_inpaint").EasyAnimateInpaintPipeline
+    """The official V3-era pipeline classes (text-to-video, inpaint)."""
+    t2v = official_module(root, "easyanimate.pipeline.pipeline_easyanimate").EasyAnimatePipeline
+    inpaint = official_module(root, "easyanimate.pipeline.pipeline_easyanimate_inpaint").EasyAnimateInpaintPipeline
     return t2v, inpaint
 
 

@@ -10,11 +10,8 @@ Bound: max|ours - official| <= 1e-5 * max|official| in float32.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ from easyanimate_core.transformer_v3 import (
     temporal_table,
 )
 from tests.manifest import manifest
+from tests.official_code import official_module
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "v3_reference.npz"
 
@@ -111,25 +109,8 @@ def ours_for(variant: str) -> EasyAnimateV3Transformer3D:
 
 
 def official_class(root: str):
-    """The official Transformer3DModel of a V1-V3-era checkout, imported without easyanimate/__init__.py."""
-    root = Path(root).resolve()
-    if not (root / "easyanimate" / "models" / "transformer3d.py").is_file():
-        pytest.fail(f"{root} has no easyanimate/models/transformer3d.py")
-    try:
-        import pkg_resources  # noqa: F401  (the official attention modules import it for a version check)
-    except ImportError:
-        from packaging.version import parse
-
-        stub = types.ModuleType("pkg_resources")
-        stub.parse_version = parse
-        sys.modules["pkg_resources"] = stub
-    for name in [m for m in sys.modules if m == "easyanimate" or m.startswith("easyanimate.")]:
-        del sys.modules[name]  # another checkout may have been imported first
-    for name, path in (("easyanimate", root / "easyanimate"), ("easyanimate.models", root / "easyanimate/models")):
-        package = types.ModuleType(name)
-        package.__path__ = [str(path)]
-        sys.modules[name] = package
-    return importlib.import_module("easyanimate.models.transformer3d").Transformer3DModel
+    """The official Transformer3DModel of a V1-V3-era checkout."""
+    return official_module(root, "easyanimate.models.transformer3d").Transformer3DModel
 
 
 def official_forward(cls, variant: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from easyanimate_core.loading import VAE_TRAINING_LOSS_TENSORS, inspect_checkpoint, load_vae
 from easyanimate_core.vae import VAE_V2, VAE_V3, VAE_V4, VAE_V51, MagvitVAE, VAEConfig
 from tests.manifest import MANIFEST_PATH
+from tests.official_code import install_official_packages
 from tests.vae_fixtures import rel_diff
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "v2v3_vae_reference.npz"
@@ -113,27 +114,15 @@ def seeded_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]
 
 @contextmanager
 def official_modules(root: str):
-    """Import official modules from ``root`` without easyanimate/__init__.py; sys.modules is restored after."""
+    """Import official modules from ``root`` (tests/official_code.py); its easyanimate.* modules are dropped after."""
     saved = {name: m for name, m in sys.modules.items() if name == "easyanimate" or name.startswith("easyanimate.")}
-    for name in saved:
-        del sys.modules[name]
-    loaders = importlib.import_module("diffusers.loaders")
-    # The V2-era file imports FromOriginalVAEMixin, which newer diffusers renamed (the V3-era file falls back).
-    shim = not hasattr(loaders, "FromOriginalVAEMixin")
-    if shim:
-        loaders.FromOriginalVAEMixin = loaders.FromOriginalModelMixin
     try:
-        for name, sub in (("easyanimate", "easyanimate"), ("easyanimate.models", "easyanimate/models")):
-            package = types.ModuleType(name)
-            package.__path__ = [str(Path(root) / sub)]
-            sys.modules[name] = package
+        install_official_packages(root)
         yield
     finally:
         for name in [n for n in sys.modules if n == "easyanimate" or n.startswith("easyanimate.")]:
             del sys.modules[name]
         sys.modules.update(saved)
-        if shim:
-            del loaders.FromOriginalVAEMixin
 
 
 def official_vae(release: str, root: str) -> torch.nn.Module:
