@@ -275,17 +275,21 @@ def long_video() -> Workflow:
     return released("EasyAnimate V5.1 · Long Video (145 frames)", nodes, links)
 
 
-def v4_t2v() -> Workflow:
-    """V4 text to video: its released 25 Euler steps at guidance 7 (EasyAnimate Sampler "default"), 144 frames at
-    24 fps (multiples of 8), BERT + mT5 prompts."""
-    nodes, links = text_to_video_nodes(V4_INP, "A young woman with beautiful clear eyes and blonde hair, smiling")
+def released_text_to_video(title: str, model: str, version: str, steps: int, cfg: float) -> Workflow:
+    """Text to video with EasyAnimate Sampler (the version's released sampler at "default"), 144 frames at 24 fps."""
+    nodes, links = text_to_video_nodes(model, "A young woman with beautiful clear eyes and blonde hair, smiling")
     nodes = [n for n in nodes if n.key != "sampler"]
     latent = next(n for n in nodes if n.key == "latent")
-    latent.widgets = {**latent.widgets, "version": "V4", "frames": 144}
+    latent.widgets = {**latent.widgets, "version": version, "frames": 144}
     next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
-    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=25, cfg=7.0, column=2))
+    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=steps, cfg=cfg, column=2))
     links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
-    return released("EasyAnimate V4 · Text to Video (144 frames)", nodes, links)
+    return released(title, nodes, links)
+
+
+def v4_t2v() -> Workflow:
+    """V4 text to video: its released 25 Euler steps at guidance 7, 144 frames (multiples of 8), BERT + mT5."""
+    return released_text_to_video("EasyAnimate V4 · Text to Video (144 frames)", V4_INP, "V4", 25, 7.0)
 
 
 V4_SIZE = {"width": 672, "height": 384, "frames": 144, "batch_size": 1}
@@ -339,14 +343,7 @@ def v3_i2v() -> Workflow:
 def v2_t2v() -> Workflow:
     """V2 text to video: 144 frames (multiples of 9 for its MagViT VAE) at 672 x 384, DPM++ 30 steps at guidance 6
     (its predict_t2v.py, the Sampler's "default"), T5 prompts, 24 fps."""
-    nodes, links = text_to_video_nodes(V2_T2V, "A young woman with beautiful clear eyes and blonde hair, smiling")
-    nodes = [n for n in nodes if n.key != "sampler"]
-    latent = next(n for n in nodes if n.key == "latent")
-    latent.widgets = {**latent.widgets, "version": "V2", "frames": 144}
-    next(n for n in nodes if n.key == "create").widgets = {"fps": 24.0}
-    nodes.insert(nodes.index(latent) + 1, sampler_node(steps=30, cfg=6.0, column=2))
-    links = [(a, b, c, "latent" if d == "latent_image" else d) for a, b, c, d in links]
-    return released("EasyAnimate V2 · Text to Video (144 frames)", nodes, links)
+    return released_text_to_video("EasyAnimate V2 · Text to Video (144 frames)", V2_T2V, "V2", 30, 6.0)
 
 
 def micro_t2v() -> Workflow:
