@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=sorted(data.SPEEDS),
         default=sorted(data.SPEEDS),
-        help="long modes: only prompts at these speeds (a 64-pixel frame holds 47 pixels of travel: 48 frames at "
-        "'slowly', 21 at 'quickly')",
+        help="long modes: only prompts at these speeds (the frame wraps around: a 49-frame clip moves 48 pixels "
+        "'slowly', 108 'quickly' across a 64-pixel frame)",
     )
     p.add_argument("--context-frames", type=int, default=17, help="long modes: frames per context window")
     p.add_argument("--context-overlap", type=int, default=8, help="long modes: frames shared by neighbouring windows")

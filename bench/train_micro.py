@@ -14,6 +14,9 @@ Stages (each is skipped when its output exists, so the script continues where a 
            cached once, so a step costs one transformer pass
     inp    the text-to-video run goes on in inpaint mode: random start / start-end / box / frame masks and
            20% text-to-video; the masked clips' latents are cached once per drawn mask (--cache-inpaint)
+    wrap   the inpaint model fine-tuned (inpaint mode, fresh optimizer) on clips of the wrapping world
+           (data.Clip.wrap): a shape leaving one edge comes back at the other, so a long clip can keep one shape
+           moving one way. The stages before it train on the bounded world, as the shipped weights were made
     lora   easyanimate train --mode lora --train-mode normal on the InP model: clips of a colour no base caption
            names (cyan)
     ship   easyanimate_core/micro_model/: the InP transformer (fp16), VAE, text encoder, tokenizer, LoRA
@@ -47,7 +50,7 @@ from easyanimate_core.atomic import atomic_dir  # noqa: E402
 from easyanimate_core.micro import constructed_vae, data, model, train_vae  # noqa: E402
 from easyanimate_core.training.files import STATE_FILE, list_checkpoints  # noqa: E402
 
-STAGES = ("init", "vae", "data", "t2v", "inp", "lora", "ship", "eval")
+STAGES = ("init", "vae", "data", "t2v", "inp", "wrap", "lora", "ship", "eval")
 PER_COMBINATION = 4  # clips per caption combination: 384 combinations -> 1536 videos
 # The model's shape: latent pixels per transformer token side (model.PATCH_SIZE unless set).
 INIT = {"patch": model.PATCH_SIZE}
@@ -62,6 +65,8 @@ TRANSFORMER = [
 T2V = {"steps": 3625, "lr": "3e-4"}
 # "masks": --cache-inpaint (masks drawn once per clip and their latents cached: no VAE work per step).
 INP = {"steps": 1800, "lr": "1e-4", "masks": 2}
+# Fine-tuning on the wrapping world (a new data set, so a new latent cache and optimizer).
+WRAP = {"steps": 1500, "lr": "2e-4", "masks": 2}
 SHIP = REPO / "easyanimate_core" / "micro_model"
 LORA_CONCEPT = "cyan"  # data.EXTRA_COLOURS: in the vocabulary, never in a base caption
 LORA_NAME = f"micro_{LORA_CONCEPT}"
@@ -75,6 +80,7 @@ SMOKE = {
     "clips": 12,
     "t2v": {**T2V, "steps": 3},
     "inp": {**INP, "steps": 3, "masks": 2},
+    "wrap": {**WRAP, "steps": 3, "masks": 2},
     "batch": "2",
 }
 
@@ -92,15 +98,18 @@ class Recipe:
         self.deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         self.init_settings, self.t2v_settings, self.inp_settings = dict(INIT), dict(T2V), dict(INP)
+        self.wrap_settings = dict(WRAP)
         self.lora_settings = dict(LORA)
         self.transformer_args = list(TRANSFORMER)
         if args.smoke:
             self.t2v_settings = dict(SMOKE["t2v"])
             self.inp_settings = dict(SMOKE["inp"])
+            self.wrap_settings = dict(SMOKE["wrap"])
             self.lora_settings = {**LORA, "steps": SMOKE["inp"]["steps"]}
             batch = self.transformer_args.index("--batch-size") + 1
             self.transformer_args[batch] = SMOKE["batch"]
         stages = {"init": self.init_settings, "t2v": self.t2v_settings, "inp": self.inp_settings}
+        stages["wrap"] = self.wrap_settings
         stages["lora"] = self.lora_settings
         for override in args.set:
             stage, _, rest = override.partition(".")
@@ -145,9 +154,15 @@ class Recipe:
         print("VAE reconstructions:", json.dumps(scores), flush=True)
 
     def data(self) -> None:
+        """The bounded world's training set (the first stages'); ``wrap`` writes the wrapping world's."""
         if not (self.work / "data" / "metadata.json").is_file():
             data.write_dataset(
-                self.work / "data", self.training_attributes(), PER_COMBINATION, seed=self.args.seed, video_format="png"
+                self.work / "data",
+                self.training_attributes(),
+                PER_COMBINATION,
+                seed=self.args.seed,
+                video_format="png",
+                wrap=False,
             )
 
     def base(self, name: str, transformer_state: dict | None, config: dict | None) -> Path:
@@ -235,6 +250,25 @@ class Recipe:
         base = self.work / "base_t2v"
         self.train_transformer("inp_run", base, self.inp_settings, extra=extra, continue_run="t2v_run")
 
+    def wrap(self) -> None:
+        """The inpaint model fine-tuned on the wrapping world (inpaint mode: 20% of the draws are text-to-video)."""
+        from safetensors.torch import load_file
+
+        if not (self.work / "data_wrap" / "metadata.json").is_file():
+            data.write_dataset(
+                self.work / "data_wrap",
+                self.training_attributes(),
+                PER_COMBINATION,
+                seed=self.args.seed + 1,
+                video_format="png",
+                wrap=True,
+            )
+        trained = self.work / "inp_run" / "transformer"
+        config = json.loads((trained / "config.json").read_text())
+        base = self.base("base_wrap", load_file(trained / model.WEIGHTS_NAME), config)
+        extra = ["--train-mode", "inpaint", "--cache-inpaint", str(self.wrap_settings["masks"])]
+        self.train_transformer("wrap_run", base, self.wrap_settings, "data_wrap", extra)
+
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the trained InP model."""
         from safetensors.torch import load_file
@@ -244,7 +278,12 @@ class Recipe:
             if self.args.smoke:
                 attributes = attributes[:: len(attributes) // SMOKE["clips"]]
             data.write_dataset(
-                self.work / "data_lora", attributes, LORA_PER_COMBINATION, seed=self.args.seed, video_format="png"
+                self.work / "data_lora",
+                attributes,
+                LORA_PER_COMBINATION,
+                seed=self.args.seed,
+                video_format="png",
+                wrap=False,
             )
         trained = self.work / "inp_run" / "transformer"
         config = json.loads((trained / "config.json").read_text())
@@ -258,7 +297,7 @@ class Recipe:
         from safetensors.torch import load_file
 
         target = Path(self.args.ship_to)
-        trained = self.work / "inp_run" / "transformer"
+        trained = self.work / "wrap_run" / "transformer"
         for part, source in (("text_encoder", "init"), ("tokenizer", "init"), ("vae", "vae_run")):
             with atomic_dir(target / part) as tmp:
                 shutil.copytree(self.work / source / part, tmp, dirs_exist_ok=True)

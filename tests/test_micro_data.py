@@ -35,17 +35,41 @@ def test_held_out_pairs_never_in_training_but_every_value_is():
     assert not {a.colour for a in train} & set(data.EXTRA_COLOURS)
 
 
-def test_clips_stay_inside_the_frame():
-    for clip in data.sample_clips(data.all_attributes(), 2, seed=3):
+def test_bounded_clips_stay_inside_the_frame():
+    for clip in data.sample_clips(data.all_attributes(), 2, seed=3, wrap=False):
         for t in (0, clip.frames - 1):
             x, y = clip.centre(t)
             reach = clip.radius * 1.25
             assert reach <= x <= clip.size - reach and reach <= y <= clip.size - reach
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_scorers_get_rendered_videos_right(seed):
-    clips = data.sample_clips(_spread(data.all_attributes(data.ALL_COLOURS), 72), 1, seed)
+def test_wrapping_clips_come_back_at_the_opposite_edge():
+    clips = data.sample_clips(data.all_attributes(), 2, seed=3)
+    for clip in clips:
+        reach = clip.radius * 1.25
+        dx, dy = data.DIRECTIONS[clip.attributes.direction]
+        for t in range(clip.frames):
+            x, y = clip.centre(t)
+            assert 0 <= x < clip.size and 0 <= y < clip.size
+            across = y if dx else x  # across the motion the shape is always wholly inside
+            assert reach <= across <= clip.size - reach
+    # Starts anywhere along the motion: some clips cross an edge within their 17 frames.
+    crossing = [c for c in clips if abs(c.centre(c.frames - 1)[0] - c.centre(0)[0]) > 40]
+    assert crossing
+    clip = crossing[0]
+    t = next(t for t in range(clip.frames) if min(clip.centre(t)[0], clip.size - clip.centre(t)[0]) < 3)
+    frame = data.render_frame(clip, t).astype(int)
+    background = np.array(data.BACKGROUNDS[clip.attributes.background])
+    shown = np.abs(frame - background).sum(-1) > 60
+    assert shown[:, :3].any() and shown[:, -3:].any()  # half the shape at each side
+    assert scoring.analyse(frame[None].astype(np.uint8)).counts == [1]  # one object on the torus
+
+
+@pytest.mark.parametrize(("seed", "frames", "wrap"), [(0, 17, True), (1, 17, False), (2, 49, True)])
+def test_scorers_get_rendered_videos_right(seed, frames, wrap):
+    rng = np.random.default_rng(seed)
+    attributes = _spread(data.all_attributes(data.ALL_COLOURS), 72)
+    clips = [data.sample_clip(a, rng, frames=frames, wrap=wrap) for a in attributes]
     scores = [scoring.score(data.render(clip), clip.attributes) for clip in clips]
     rates = scoring.summarise(scores)
     assert rates == {
@@ -89,6 +113,9 @@ def test_scorers_catch_wrong_videos():
 
     static = np.repeat(video[:1], len(video), axis=0)
     assert scoring.analyse(static).direction == "static"
+
+    far = np.roll(video, video.shape[2] // 2, axis=2)
+    assert scoring.analyse(np.maximum(video, far)).counts[0] == 2  # two shapes half a frame apart
 
     twins = video.copy()
     twins[:, :, 40:] = np.flip(video, axis=2)[:, :, 40:]  # a mirrored copy of the shape on the right

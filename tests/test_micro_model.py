@@ -157,10 +157,10 @@ def _recipe_module():
 def test_recipe_settings_change_from_the_command_line_and_zero_inpaint_steps_pass_the_t2v_weights_on(tmp_path):
     recipe_module = _recipe_module()
     argv = ["--work", str(tmp_path), "--set", "init.patch=1", "t2v.steps=40", "inp.steps=0", "lora.lr=5e-4"]
-    argv += ["inp.masks=2"]
+    argv += ["inp.masks=2", "wrap.steps=7"]
     recipe = recipe_module.Recipe(recipe_module.parse_args(argv))
     assert recipe.init_settings["patch"] == 1 and recipe.t2v_settings["steps"] == 40
-    assert recipe.inp_settings["masks"] == 2
+    assert recipe.inp_settings["masks"] == 2 and recipe.wrap_settings["steps"] == 7
     assert recipe.lora_settings["lr"] == "5e-4" and recipe_module.LORA["lr"] == "2e-3"  # the module's stay
     for bad in ("t2v.stpes=3", "vea.steps=3", "t2v.steps="):
         with pytest.raises(SystemExit, match="STAGE.KEY=VALUE"):

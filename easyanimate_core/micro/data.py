@@ -3,10 +3,18 @@
     Attributes(shape, colour, direction, speed, background).caption
         "a red circle moving right slowly on a navy background"
     training_attributes() / held_out_attributes()   every caption combination, split by HELD_OUT_PAIRS
-    sample_clip(attributes, rng) -> Clip             random size and start position that keep the shape in frame
+    sample_clip(attributes, rng) -> Clip             random size and start position (wrapping world, or one that
+                                                     keeps the shape in frame)
     render(clip) -> uint8 [F, H, W, 3]              anti-aliased frames (drawn 4x larger, area-downsampled)
     write_dataset(root, attributes, per_combination, seed) -> metadata.json path
         the official dataset JSON (a list of {file_path, text, type}) + one mp4 per clip
+
+The frame wraps around (``Clip.wrap``): a shape leaving one edge comes back at the opposite one, so a
+shape keeps its direction and stays one object for any number of frames. A 64-pixel frame holds 47 pixels
+of travel, which "quickly" uses up in 21 frames: in a bounded world a clip longer than that cannot show one
+shape moving one way (it must leave the frame, turn or jump), and long-clip generation could not be judged.
+The first training stages of the shipped weights used the bounded world (``wrap=False``: start positions that
+keep the whole shape inside for all frames); see the model card.
 
 Held out of training: every clip whose (colour, shape) pair is in HELD_OUT_PAIRS. Each colour, shape,
 direction, speed and background on its own is still seen in training, so a held-out prompt asks the
@@ -97,12 +105,14 @@ class Clip:
     y0: float
     frames: int = FRAMES
     size: int = SIZE
+    wrap: bool = True  # the frame wraps around (positions modulo the size)
 
     def centre(self, t: int) -> tuple[float, float]:
-        """The shape's centre (x, y) at frame ``t``."""
+        """The shape's centre (x, y) at frame ``t`` (inside the frame when it wraps)."""
         dx, dy = DIRECTIONS[self.attributes.direction]
         step = SPEEDS[self.attributes.speed]
-        return self.x0 + dx * step * t, self.y0 + dy * step * t
+        x, y = self.x0 + dx * step * t, self.y0 + dy * step * t
+        return (x % self.size, y % self.size) if self.wrap else (x, y)
 
     def to_json(self) -> dict:
         """Attributes and geometry as a flat JSON object (``clip_from_json`` reads it back)."""
@@ -113,6 +123,7 @@ class Clip:
             "y0": self.y0,
             "frames": self.frames,
             "size": self.size,
+            "wrap": self.wrap,
         }
 
 
@@ -136,23 +147,28 @@ def held_out_attributes() -> list[Attributes]:
     return [a for a in all_attributes() if a.held_out]
 
 
-def sample_clip(attributes: Attributes, rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE) -> Clip:
-    """A random half-size and start that keep the whole shape inside the frame for all ``frames``."""
+def sample_clip(
+    attributes: Attributes, rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE, wrap: bool = True
+) -> Clip:
+    """A random half-size and start: anywhere along the motion when the frame wraps, else one that keeps the whole
+    shape inside the frame for all ``frames``; across the motion the shape is always wholly inside."""
     radius = float(rng.uniform(*RADIUS_RANGE))
     travel = SPEEDS[attributes.speed] * (frames - 1)
     low, high = radius * 1.25 + MARGIN, size - radius * 1.25 - MARGIN  # 1.25: the triangle's circumradius
-    if high - low < travel:
+    if not wrap and high - low < travel:
         raise ValueError(f"a {size}-pixel frame is too small for {frames} frames moving {attributes.speed}")
     dx, dy = DIRECTIONS[attributes.direction]
     start = []
     for d in (dx, dy):
-        if d > 0:
+        if d and wrap:
+            start.append(float(rng.uniform(0, size)))
+        elif d > 0:
             start.append(float(rng.uniform(low, high - travel)))
         elif d < 0:
             start.append(float(rng.uniform(low + travel, high)))
         else:
             start.append(float(rng.uniform(low, high)))
-    return Clip(attributes, radius, start[0], start[1], frames, size)
+    return Clip(attributes, radius, start[0], start[1], frames, size, wrap)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> np.ndarray:
@@ -180,9 +196,13 @@ def render_frame(
     canvas = np.empty((big, big, 3), np.uint8)
     canvas[:] = background_rgb
     cx, cy = clip.centre(t)
-    # Pixel i covers [i, i+1): the supersampled polygon is scaled about the origin.
-    points = shape_polygon(clip.attributes.shape, cx, cy, clip.radius) * SUPERSAMPLE
-    cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], tuple(map(int, shape_rgb)), cv2.LINE_8, 4)
+    # A wrapping frame shows the shape once more one frame-width away on each side (fillPoly clips what is outside).
+    offsets = (-clip.size, 0, clip.size) if clip.wrap else (0,)
+    for ox in offsets:
+        for oy in offsets:
+            # Pixel i covers [i, i+1): the supersampled polygon is scaled about the origin.
+            points = shape_polygon(clip.attributes.shape, cx + ox, cy + oy, clip.radius) * SUPERSAMPLE
+            cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], tuple(map(int, shape_rgb)), cv2.LINE_8, 4)
     return cv2.resize(canvas, (clip.size, clip.size), interpolation=cv2.INTER_AREA)
 
 
@@ -191,10 +211,10 @@ def render(clip: Clip, colours: tuple[tuple[int, int, int], tuple[int, int, int]
     return np.stack([render_frame(clip, t, colours) for t in range(clip.frames)])
 
 
-def sample_clips(attributes: list[Attributes], per_combination: int, seed: int) -> list[Clip]:
+def sample_clips(attributes: list[Attributes], per_combination: int, seed: int, wrap: bool = True) -> list[Clip]:
     """``per_combination`` random clips of each combination, in order, from one seeded generator."""
     rng = np.random.default_rng(seed)
-    return [sample_clip(a, rng) for a in attributes for _ in range(per_combination)]
+    return [sample_clip(a, rng, wrap=wrap) for a in attributes for _ in range(per_combination)]
 
 
 def write_dataset(
@@ -206,13 +226,15 @@ def write_dataset(
     fps: float = 8.0,
     progress=None,
     video_format: str = "mp4",
+    wrap: bool = True,
 ) -> Path:
     """Render clips of ``attributes`` to ``root/videos/`` and write ``root/name``; return its path.
 
     ``video_format`` "mp4" writes H.264 files; "png" writes a folder of lossless PNG frames per clip (the
     training recipe's choice: exact pixels, and no ffmpeg needed on the training machine). Entries are the
     official {file_path, text, type} plus "clip" (attributes and geometry, for scoring); the same seed writes
-    the same clips. The metadata file is written last, atomically, so it only exists once every video does.
+    the same clips; ``wrap``: the world the clips move in (``Clip.wrap``). The metadata file is written last,
+    atomically, so it only exists once every video does.
     """
     import torch
 
@@ -222,7 +244,7 @@ def write_dataset(
     if video_format not in ("mp4", "png"):
         raise ValueError(f"video_format must be 'mp4' or 'png', got {video_format!r}")
     root = Path(root)
-    clips = sample_clips(attributes, per_combination, seed)
+    clips = sample_clips(attributes, per_combination, seed, wrap)
     entries = []
     for i, clip in enumerate(clips):
         file_path = f"videos/{i:05d}" + (".mp4" if video_format == "mp4" else "")
@@ -242,5 +264,6 @@ def write_dataset(
 def clip_from_json(d: dict) -> Clip:
     """The Clip a dataset entry's "clip" field describes."""
     names = ("shape", "colour", "direction", "speed", "background")
-    geometry = (d["radius"], d["x0"], d["y0"], d.get("frames", FRAMES), d.get("size", SIZE))
+    # Datasets written before the world wrapped have no "wrap": theirs was bounded.
+    geometry = (d["radius"], d["x0"], d["y0"], d.get("frames", FRAMES), d.get("size", SIZE), d.get("wrap", False))
     return Clip(Attributes(*(d[n] for n in names)), *geometry)

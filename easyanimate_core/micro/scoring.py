@@ -7,14 +7,15 @@
 A pixel is foreground when its RGB distance from the background colour (the median colour of the whole
 video: the shape covers a few percent of it) exceeds FOREGROUND_DISTANCE. Objects are the 8-connected
 foreground components of at least MIN_OBJECT_AREA pixels (smaller specks are noise, not objects; the
-smallest shape the generator draws covers about 60 pixels). The object colour is the median of the
+smallest shape the generator draws covers about 60 pixels), found on a torus: the micro world wraps around,
+so a shape split by the frame's edge is one object. The object colour is the median of the
 objects' interior pixels (eroded by one pixel, so anti-aliased edges do not pull it towards the
 background), named by the palette colour whose mixes with the background come nearest to it: a decoder
 that averages 8 x 8 blocks shows a small shape partly blended with the background (cyan half over black
 is nearer to green than to cyan, but it lies on the black-cyan line), and naming the plain nearest
-colour would score that blur, not the colour the model drew. Motion is a least-squares line through the centroids
-of the largest object per frame: the dominant axis and sign give the direction; less than
-MIN_TRAVEL pixels over the clip is "static".
+colour would score that blur, not the colour the model drew. Motion is a least-squares line through the
+centroids of the largest object per frame, followed the short way round the wrapping frame: the dominant axis
+and sign give the direction; less than MIN_TRAVEL pixels over the clip is "static".
 """
 
 from __future__ import annotations
@@ -88,14 +89,61 @@ def mixed_colour(
     return min(palette, key=distance)
 
 
+def _torus_labels(mask: np.ndarray) -> np.ndarray:
+    """8-connected component labels [H, W] of ``mask`` on a torus (the micro world wraps around): components
+    touching across opposite edges share a label; 0 is background."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for first, last in ((labels[:, 0], labels[:, -1]), (labels[0], labels[-1])):
+        for shift in (-1, 0, 1):  # 8-connectivity: the diagonal neighbours across the edge too
+            across = np.roll(last, shift)
+            for a, b in zip(first[(first > 0) & (across > 0)], across[(first > 0) & (across > 0)], strict=True):
+                parent[root(int(a))] = root(int(b))
+    roots = np.array([root(i) for i in range(n)])
+    return roots[labels]
+
+
+def _unwrapped(coordinates: np.ndarray, size: int) -> np.ndarray:
+    """``coordinates`` of one object on a circle of ``size`` moved next to each other (around their circular mean)."""
+    angles = coordinates * (2 * np.pi / size)
+    centre = np.angle(np.exp(1j * angles).mean()) * size / (2 * np.pi)
+    return centre + (coordinates - centre + size / 2) % size - size / 2
+
+
 def _objects(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Labels [H, W], and per kept component (largest first): labels, areas, centroids [K, 2] and extents."""
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= MIN_OBJECT_AREA]
-    keep.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])
-    areas = stats[keep, cv2.CC_STAT_AREA].astype(np.float64)
-    boxes = stats[keep, cv2.CC_STAT_WIDTH] * stats[keep, cv2.CC_STAT_HEIGHT]
-    return labels, np.array(keep, dtype=np.int64), centroids[keep].reshape(-1, 2), areas / np.maximum(boxes, 1)
+    """Labels [H, W], and per kept component (largest first): labels, areas, centroids [K, 2] and extents.
+
+    Components are found on a torus, so a shape split by a frame edge counts once; its centroid and bounding box
+    are measured with its pieces put together (the centroid then taken back inside the frame)."""
+    labels = _torus_labels(mask)
+    height, width = mask.shape
+    found = []
+    for label in np.unique(labels[labels > 0]):
+        ys, xs = np.nonzero(labels == label)
+        if len(xs) < MIN_OBJECT_AREA:
+            continue
+        xs, ys = _unwrapped(xs.astype(np.float64), width), _unwrapped(ys.astype(np.float64), height)
+        box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+        found.append((len(xs), label, (xs.mean() % width, ys.mean() % height), len(xs) / box))
+    found.sort(key=lambda f: -f[0])
+    keep = np.array([f[1] for f in found], dtype=np.int64)
+    centroids = np.array([f[2] for f in found], dtype=np.float64).reshape(-1, 2)
+    return labels, keep, centroids, np.array([f[3] for f in found])
+
+
+def _track(centroids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Centroids [N, 2] of consecutive sightings as one continuous path: each step is the shortest way round the
+    wrapping frame (a shape moves far less than half a frame between sightings)."""
+    steps = np.diff(centroids, axis=0)
+    steps = (steps + np.array(size) / 2) % np.array(size) - np.array(size) / 2
+    return centroids[0] + np.concatenate([np.zeros((1, 2)), np.cumsum(steps, axis=0)])
 
 
 def _direction(velocity: np.ndarray, frames: int) -> str:
@@ -132,7 +180,8 @@ def analyse(video) -> Analysis:
     velocity = np.full(2, np.nan)
     if seen.sum() >= 2:
         t = np.arange(len(frames))[seen]
-        velocity = np.array([np.polyfit(t, centroids[seen, axis], 1)[0] for axis in (0, 1)])
+        path = _track(centroids[seen], (frames.shape[2], frames.shape[1]))
+        velocity = np.array([np.polyfit(t, path[:, axis], 1)[0] for axis in (0, 1)])
     median_extent = np.nanmedian(extents) if seen.any() else float("nan")
     shape = next((name for name, limit in SHAPE_EXTENT if median_extent < limit), None) if seen.any() else None
     return Analysis(
