@@ -181,10 +181,14 @@ def constructed_vae(dtype: torch.dtype = torch.float32) -> MagvitVAE:
 
 
 def scaling_factor(clips: int = 32, seed: int = 12345) -> float:
-    """1 / std of the latents of ``clips`` palette clips (the trained VAE's rule, on the closed form it equals)."""
+    """1 / std of the latents of ``clips`` palette clips (the trained VAE's rule, on the closed form it equals).
+
+    The clips are of the bounded world (``data.Clip.wrap`` False), the one the VAE was built in: the shipped
+    transformer was trained on latents scaled by this factor."""
     from .train_vae import training_batch
 
-    return float(1.0 / torch.cat([closed_form_encode(training_batch(seed, i, 1, 17)) for i in range(clips)]).std())
+    batches = [training_batch(seed, i, 1, 17, wrap=False) for i in range(clips)]
+    return float(1.0 / torch.cat([closed_form_encode(batch) for batch in batches]).std())
 
 
 def write_vae_folder(folder) -> None:

@@ -45,8 +45,11 @@ KL_WEIGHT = 1e-5
 STATE = "state"
 
 
-def training_batch(seed: int, step: int, batch: int, frames: int, crop: int | None = None) -> torch.Tensor:
-    """Clips [B, 3, F, H, W] in [-1, 1] for ``step``: any palette colour, shape, motion and background.
+def training_batch(
+    seed: int, step: int, batch: int, frames: int, crop: int | None = None, wrap: bool = True
+) -> torch.Tensor:
+    """Clips [B, 3, F, H, W] in [-1, 1] for ``step``: any palette colour, shape, motion and background
+    (``wrap``: the world the clips move in, ``data.Clip.wrap``).
 
     ``crop`` (a multiple of 16): a crop x crop window around the shape's middle position (shifted at random
     by up to a quarter window), instead of the whole 64 x 64 frame: the same pixels per shape, 4x cheaper.
@@ -55,7 +58,7 @@ def training_batch(seed: int, step: int, batch: int, frames: int, crop: int | No
     combinations = all_attributes(ALL_COLOURS)
     clips = []
     for _ in range(batch):
-        clip = sample_clip(combinations[int(rng.integers(len(combinations)))], rng, frames=frames)
+        clip = sample_clip(combinations[int(rng.integers(len(combinations)))], rng, frames=frames, wrap=wrap)
         video = render(clip)
         if crop:
             centre = np.array(clip.centre(frames // 2)) + rng.uniform(-crop / 4, crop / 4, 2)
