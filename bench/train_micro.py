@@ -156,17 +156,22 @@ class Recipe:
         (run / "scores.json").write_text(json.dumps(scores) + "\n")
         print("VAE reconstructions:", json.dumps(scores), flush=True)
 
+    def write_data(self, name: str, attributes, per_combination: int, seed: int, wrap: bool) -> None:
+        """work/<name>: PNG clips of ``attributes`` and their dataset JSON (kept if written already)."""
+        if not (self.work / name / "metadata.json").is_file():
+            data.write_dataset(self.work / name, attributes, per_combination, seed, video_format="png", wrap=wrap)
+
     def data(self) -> None:
         """The bounded world's training set (the first stages'); ``wrap`` writes the wrapping world's."""
-        if not (self.work / "data" / "metadata.json").is_file():
-            data.write_dataset(
-                self.work / "data",
-                self.training_attributes(),
-                PER_COMBINATION,
-                seed=self.args.seed,
-                video_format="png",
-                wrap=False,
-            )
+        self.write_data("data", self.training_attributes(), PER_COMBINATION, self.args.seed, wrap=False)
+
+    def base_from_run(self, name: str, run: Path) -> Path:
+        """A model folder ``name`` (as ``base``) whose transformer is ``run``'s trained one."""
+        from safetensors.torch import load_file
+
+        trained = run / "transformer"
+        config = json.loads((trained / "config.json").read_text())
+        return self.base(name, load_file(trained / model.WEIGHTS_NAME), config)
 
     def base(self, name: str, transformer_state: dict | None, config: dict | None) -> Path:
         """A model folder ``name``: init's text encoder and tokenizer, the trained VAE, and a transformer."""
@@ -255,20 +260,8 @@ class Recipe:
 
     def wrap(self) -> None:
         """The inpaint model fine-tuned on the wrapping world (inpaint mode: 20% of the draws are text-to-video)."""
-        from safetensors.torch import load_file
-
-        if not (self.work / "data_wrap" / "metadata.json").is_file():
-            data.write_dataset(
-                self.work / "data_wrap",
-                self.training_attributes(),
-                PER_COMBINATION,
-                seed=self.args.seed + 1,
-                video_format="png",
-                wrap=True,
-            )
-        trained = self.work / "inp_run" / "transformer"
-        config = json.loads((trained / "config.json").read_text())
-        base = self.base("base_wrap", load_file(trained / model.WEIGHTS_NAME), config)
+        self.write_data("data_wrap", self.training_attributes(), PER_COMBINATION, self.args.seed + 1, wrap=True)
+        base = self.base_from_run("base_wrap", self.work / "inp_run")
         settings = self.wrap_settings
         extra = ["--train-mode", "inpaint", "--cache-inpaint", str(settings["masks"])]
         self.train_transformer("wrap_run", base, settings, "data_wrap", extra)
@@ -282,18 +275,11 @@ class Recipe:
 
     def lora(self) -> None:
         """A LoRA teaching LORA_CONCEPT (a colour no base caption names) on the shipped InP model (wrapping world)."""
-        from safetensors.torch import load_file
-
-        if not (self.work / "data_lora" / "metadata.json").is_file():
-            attributes = data.all_attributes([LORA_CONCEPT])
-            if self.args.smoke:
-                attributes = attributes[:: len(attributes) // SMOKE["clips"]]
-            data.write_dataset(
-                self.work / "data_lora", attributes, LORA_PER_COMBINATION, seed=self.args.seed, video_format="png"
-            )
-        trained = self.final_run() / "transformer"
-        config = json.loads((trained / "config.json").read_text())
-        base = self.base("base_lora", load_file(trained / model.WEIGHTS_NAME), config)
+        attributes = data.all_attributes([LORA_CONCEPT])
+        if self.args.smoke:
+            attributes = attributes[:: len(attributes) // SMOKE["clips"]]
+        self.write_data("data_lora", attributes, LORA_PER_COMBINATION, self.args.seed, wrap=True)
+        base = self.base_from_run("base_lora", self.final_run())
         rank = str(self.lora_settings["rank"])
         extra = ["--mode", "lora", "--rank", rank, "--alpha", rank, "--name", LORA_NAME]
         extra += ["--train-mode", self.lora_settings["train-mode"]]
